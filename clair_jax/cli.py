@@ -1,0 +1,48 @@
+"""Command line: ``clair <command>`` (also ``python -m clair_jax <command>``).
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so
+``clair --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command → (module, one-line help)
+COMMANDS = {
+    "demo": ("clair_jax.demo", "synthetic federation: CLAIR against local, FedAvg and robust baselines"),
+    "regression": ("clair_jax.experiments.regression", "multi-response linear regression clients, end to end"),
+    "mlp": ("clair_jax.experiments.mlp", "MLP clients fine-tuned with optax, end to end"),
+    "copy-task": ("clair_jax.experiments.copy_task", "Transformer LoRA text-copying experiment"),
+}
+
+
+def build_parser(argv=None):
+    parser = argparse.ArgumentParser(prog="clair", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == wanted:  # only import the module whose options we need
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Proximal maps of the two CLAIR penalties.
+
+Both maps act on the trailing two axes and broadcast over any leading ones, are
+exact (zeros are exact zeros, not small numbers) and have finite gradients at zero.
+
+* ``svt(x, tau)``            = argmin_Z ½‖Z − X‖_F² + τ‖Z‖_*
+* ``block_soft_threshold``   = argmin_C ½‖C − X‖_F² + τ Σ_k ‖C_k‖_F
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+__all__ = ["svt", "svt_with_spectrum", "block_soft_threshold", "safe_frobenius_norm"]
+
+
+def safe_frobenius_norm(x, axis=(-2, -1)):
+    """‖x‖_F over ``axis`` with a finite (zero) gradient at x = 0."""
+    sumsq = jnp.sum(jnp.square(x), axis=axis)
+    positive = sumsq > 0
+    # Double-where: the sqrt never sees 0, so its gradient never sees 1/0.
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sumsq, 1.0)), 0.0)
+
+
+def svt_with_spectrum(x, tau):
+    """SVT that also returns the shrunk singular values (used by the solvers).
+
+    Returns:
+        (svt(x, tau), shrunk singular values of shape (..., min(m, n))).
+    """
+    tau = jnp.asarray(tau, x.dtype)
+    # ‖X‖_2 ≤ ‖X‖_F ≤ τ means the answer is exactly 0. Feeding the SVD a fixed,
+    # well-conditioned matrix there keeps its derivative (1/(s_i² − s_j²) terms)
+    # away from the degenerate spectrum of X = 0: no NaN gradients at zero.
+    below = safe_frobenius_norm(x) <= tau
+    m, n = x.shape[-2:]
+    anchor = jnp.eye(m, n, dtype=x.dtype) * (1.0 + jnp.arange(n, dtype=x.dtype))
+    x_safe = jnp.where(below[..., None, None], anchor, x)
+    u, s, vt = jnp.linalg.svd(x_safe, full_matrices=False)
+    s_shrunk = jnp.maximum(s - tau[..., None], 0.0)
+    s_shrunk = jnp.where(below[..., None], 0.0, s_shrunk)
+    return (u * s_shrunk[..., None, :]) @ vt, s_shrunk
+
+
+def svt(x, tau):
+    r"""Singular-value soft-thresholding, the proximal map of τ‖·‖_*.
+
+    .. math:: \operatorname{svt}(X, τ) = U \max(Σ − τ, 0) V^T
+              = \arg\min_Z \tfrac12\|Z − X\|_F^2 + τ\|Z\|_*
+
+    Args:
+        x: array of shape (..., m, n).
+        tau: threshold τ ≥ 0, a scalar or an array broadcasting to x.shape[:-2].
+
+    Returns:
+        Array of the shape and dtype of ``x``; singular values ≤ τ become exact zeros.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> cj.prox.svt(jnp.diag(jnp.array([3.0, 1.0])), 2.0)
+        Array([[1., 0.],
+               [0., 0.]], dtype=float32)
+    """
+    return svt_with_spectrum(x, tau)[0]
+
+
+def block_soft_threshold(blocks, tau):
+    r"""Group soft-thresholding of each block by its Frobenius norm.
+
+    .. math:: C_k = \max(0, 1 − τ/\|X_k\|_F)\, X_k
+              = \arg\min_C \tfrac12\|C − X\|_F^2 + τ\sum_k \|C_k\|_F
+
+    Args:
+        blocks: array of shape (..., K, p, q); each trailing (p, q) matrix is a block.
+        tau: threshold τ ≥ 0, a scalar or an array broadcasting to blocks.shape[:-2].
+
+    Returns:
+        Array like ``blocks``; blocks with ‖X_k‖_F ≤ τ are exact zeros. The
+        gradient is finite everywhere, including at a zero block.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> x = jnp.stack([jnp.full((2, 2), 1.0), jnp.full((2, 2), 0.1)])
+        >>> cj.prox.block_soft_threshold(x, 1.0)[:, 0, 0]
+        Array([0.5, 0. ], dtype=float32)
+    """
+    norms = safe_frobenius_norm(blocks)
+    tau = jnp.asarray(tau, blocks.dtype)
+    keep = norms > tau
+    scale = jnp.where(keep, 1.0 - tau / jnp.where(keep, norms, 1.0), 0.0)
+    return blocks * scale[..., None, None]

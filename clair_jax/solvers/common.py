@@ -1,0 +1,33 @@
+"""What every solver returns, and the objective both programs share."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from clair_jax.prox import safe_frobenius_norm
+
+
+class SolverOutput(NamedTuple):
+    """Per-problem solution of one decomposition (all in the solver's scaling)."""
+
+    low_rank: jax.Array          # (K, p, q)
+    sparse: jax.Array            # (K, p, q)
+    singular_values: jax.Array   # (min(p, K q),) of low_rank, descending
+    iterations: jax.Array        # int32
+    converged: jax.Array         # bool
+    primal_residual: jax.Array   # relative: ‖M − L − C‖_F/‖M‖_F (ALM) or prox-gradient step (APG)
+    dual_residual: jax.Array     # relative change of the iterates at the last step
+    objective: jax.Array
+
+
+def regularizer(singular_values, sparse, lam):
+    """‖L‖_* + λ Σ_k ‖C_k‖_F."""
+    return jnp.sum(singular_values) + lam * jnp.sum(safe_frobenius_norm(sparse))
+
+
+def default_tolerance(dtype):
+    """Relative stopping tolerance keyed by dtype: tight in float64, realistic in float32."""
+    return 1e-9 if jnp.dtype(dtype) == jnp.float64 else 3e-6
