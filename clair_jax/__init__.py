@@ -1,0 +1,33 @@
+"""clair_jax: CLAIR, robust collaborative low-rank aggregation of client updates, in JAX.
+
+Pipeline: estimators → stack → decompose → detect → refine → report.
+
+>>> import clair_jax as cj
+>>> fed = cj.data.make_federation(0, num_clients=20, p=16, q=8, rank=2)
+>>> result = cj.clair(fed.updates)
+>>> result.client_benign.shape
+(20,)
+"""
+
+from clair_jax import baselines, data, detect, metrics, prox, refine, solvers, tuning
+from clair_jax.decompose import Decomposition, decompose
+from clair_jax.lora import LoRAFactors
+from clair_jax.pipeline import ClairResult, clair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClairResult",
+    "Decomposition",
+    "LoRAFactors",
+    "baselines",
+    "clair",
+    "data",
+    "decompose",
+    "detect",
+    "metrics",
+    "prox",
+    "refine",
+    "solvers",
+    "tuning",
+]

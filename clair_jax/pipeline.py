@@ -1,0 +1,319 @@
+"""The CLAIR pipeline: stack → decompose → detect → subspace → refine → report.
+
+:func:`clair` is the one entry point. Each problem (a layer, a LoRA module) is
+handled by functions written for a single (K, p, q) stack and vmapped over the
+leading axes; the client-level verdict then pools the evidence of all problems.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clair_jax import _checks, detect, refine, tuning
+from clair_jax.decompose import Decomposition, spectral_scale
+from clair_jax.lora import LoRAFactors, reduce_factors
+from clair_jax.prox import safe_frobenius_norm
+from clair_jax.solvers import solve_penalized
+from clair_jax.solvers.common import default_tolerance
+from clair_jax.stack import orient
+
+__all__ = ["ClairResult", "clair", "NORM_CLIP"]
+
+#: Blocks larger than NORM_CLIP × the median client norm are scaled down to it
+#: before the decomposition. Scaling a block keeps its column space, so the
+#: low-rank + block-sparse structure is unchanged, but one huge update can no
+#: longer dominate ‖M‖_2 and hide everyone else below the solver tolerance.
+NORM_CLIP = 2.0
+
+
+class ClairResult(NamedTuple):
+    """What CLAIR found. ``...`` are the input's leading (layer / module) axes.
+
+    Attributes:
+        benign: (..., K) bool, the collaborative set of each problem.
+        scores: (..., K) contamination scores ‖Ĉ_k‖_F/‖Θ̂_k‖_F in [0, 1].
+        client_benign: (K,) bool verdict pooled over all problems (what the
+            refinement uses when there are leading axes).
+        client_scores: (K,) mean score over problems.
+        nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).
+        subspace: (..., p, r_max) Û, orthonormal columns; columns ≥ ``rank`` are 0.
+        rank: (...,) r̂.
+        refined: refined updates, the same kind as the input (array or LoRAFactors).
+        decomposition: :class:`Decomposition` at the chosen λ (for LoRA input, of the
+            reduced problem).
+        lam: (...,) λ chosen. noise_level: (...,) σ̂ per entry, in the input's units.
+        converged: (...,) bool, whether the chosen decomposition converged.
+    """
+
+    benign: jax.Array
+    scores: jax.Array
+    client_benign: jax.Array
+    client_scores: jax.Array
+    nonfinite: jax.Array
+    subspace: jax.Array
+    rank: jax.Array
+    refined: Union[jax.Array, LoRAFactors]
+    decomposition: Decomposition
+    lam: jax.Array
+    noise_level: jax.Array
+    converged: jax.Array
+
+    def summary(self) -> str:
+        """A short human-readable report."""
+        flagged = np.flatnonzero(~np.asarray(self.client_benign))
+        lines = [
+            f"clients: {self.client_benign.shape[-1]}, flagged contaminated: {len(flagged)} {flagged.tolist()}",
+            f"rank r̂: {np.unique(np.asarray(self.rank)).tolist()}, λ: {np.round(np.unique(np.asarray(self.lam)), 3).tolist()}",
+            f"converged: {int(np.sum(self.converged))}/{np.size(self.converged)} problems",
+        ]
+        if np.any(self.nonfinite):
+            lines.append(f"non-finite updates (excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- one problem
+
+
+def _equalise(blocks, usable):
+    """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP)."""
+    norms = safe_frobenius_norm(blocks)
+    ordered = jnp.sort(jnp.where(usable, norms, jnp.inf))
+    median = ordered[(jnp.maximum(jnp.sum(usable), 1) - 1) // 2]
+    cap = NORM_CLIP * median
+    return jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
+
+
+def _mu_floor(dtype):
+    # Noiseless data: a μ this small makes the penalised program the exact one
+    # for detection purposes (benign residuals ≪ μλ), while FISTA still converges fast.
+    return 1e-4 if jnp.dtype(dtype) == jnp.float64 else 1e-3
+
+
+def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap):
+    """Decompose one (K, p, q) problem on a λ grid and keep the clearest split."""
+    k, p, q = blocks.shape
+    blocks = jnp.where(usable[:, None, None], blocks, 0.0)
+    weights = _equalise(blocks, usable)
+    x = blocks * weights[:, None, None]
+    scale = spectral_scale(x)
+    x = x / scale
+    if sigma is None:
+        sigma_n = tuning.noise_level(x, usable)
+    else:  # user's σ, in the input's units; equalisation only shrinks outliers
+        sigma_n = jnp.asarray(sigma, x.dtype) / scale
+    mu = jnp.maximum(sigma_n * (np.sqrt(p) + np.sqrt(k * q)), _mu_floor(x.dtype))
+
+    sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter))(lams)
+    scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
+    splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
+    # The λ whose scores split most clearly; with no split anywhere, the grid's
+    # middle (no contamination found, and the middle λ is the safest fit).
+    best = jnp.where(jnp.any(splits.gap > 0), jnp.argmax(splits.gap), lams.shape[0] // 2)
+    pick = lambda a: a[best]  # noqa: E731
+    sol = jax.tree_util.tree_map(pick, sols)
+    score = scores[best]
+    benign = splits.benign[best] if threshold is None else usable & (score <= threshold)
+    unweight = (scale / weights)[:, None, None]
+    dec = Decomposition(
+        low_rank=sol.low_rank * unweight,
+        sparse=sol.sparse * unweight,
+        block_norms=safe_frobenius_norm(sol.sparse * unweight),
+        singular_values=sol.singular_values * scale,
+        iterations=sol.iterations,
+        converged=sol.converged,
+        objective=sol.objective * scale**2,
+        primal_residual=sol.primal_residual,
+        dual_residual=sol.dual_residual,
+        lam=lams[best],
+        mu=mu * scale,
+    )
+    return benign, score, dec, sigma_n * scale
+
+
+@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold"))
+def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, has_sigma, has_threshold):
+    fn = lambda b, u, s: _detect_one(  # noqa: E731
+        b, u, lams, s if has_sigma else None, threshold if has_threshold else None,
+        tol=tol, max_iter=max_iter, min_gap=min_gap,
+    )
+    return jax.vmap(fn)(blocks, usable, sigma)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "margin"))
+def _spectrum_all(blocks, benign, *, rank, margin):
+    def one(b, s):
+        u, sv = refine.benign_spectrum(b, s)
+        _, p, q = b.shape
+        r = refine.select_rank(sv, s, p, q, margin)[0] if rank is None else jnp.asarray(rank)
+        return u, jnp.minimum(r, jnp.sum(sv > 0)).astype(jnp.int32)
+
+    return jax.vmap(one)(blocks, benign)
+
+
+# ------------------------------------------------------------------ public API
+
+
+def _check_updates(updates):
+    if isinstance(updates, LoRAFactors):
+        b = _checks.as_float_array(updates.B, "updates.B", min_ndim=3)
+        a = _checks.as_float_array(updates.A, "updates.A", min_ndim=3)
+        if b.shape[:-2] != a.shape[:-2]:
+            raise ValueError(f"updates.B and updates.A must share leading (…, K) axes, got {b.shape} and {a.shape}")
+        if b.shape[-1] != a.shape[-2]:
+            raise ValueError(f"LoRA rank mismatch: updates.B is (…, p, {b.shape[-1]}) but updates.A is (…, {a.shape[-2]}, q)")
+        if b.dtype != a.dtype:
+            raise TypeError(f"updates.B and updates.A must have the same dtype, got {b.dtype} and {a.dtype}")
+        if b.shape[-3] < 2:
+            raise ValueError(f"updates must hold at least 2 clients (axis -3), got K = {b.shape[-3]}")
+        return LoRAFactors(b, a)
+    return _checks.check_blocks(updates, "updates")
+
+
+def clair(
+    updates,
+    *,
+    rank: int | None = None,
+    lam=None,
+    noise="auto",
+    side: str = "left",
+    threshold: float | None = None,
+    tol: float | None = None,
+    max_iter: int = 3000,
+    min_gap: float = detect.MIN_GAP,
+) -> ClairResult:
+    r"""Find the contaminated clients and refine every benign client's update.
+
+    Steps, per problem (leading axes are layers/modules, solved in one vmapped call):
+
+    1. clients whose update holds NaN/Inf are flagged and zeroed; blocks far above
+       the median norm are scaled down (their column space is kept);
+    2. the penalised decomposition ½‖M − L − C‖² + μ(‖L‖_* + λΣ‖C_k‖_F) is solved for
+       a grid of λ at μ = σ̂(√p + √(Kq)), σ̂ the robust noise level of
+       :func:`clair_jax.tuning.noise_level`;
+    3. scores s_k = ‖Ĉ_k‖_F/‖Θ̂_k‖_F; the λ whose scores split most clearly (widest
+       gap leaving a benign majority) gives the collaborative set Ŝ;
+    4. the verdict is pooled over problems (mean score, same split rule);
+    5. Û = leading r̂ left singular vectors of the stacked benign updates, r̂ from
+       the noise edge of their spectrum; Θ̃_k = Û Ûᵀ Θ̂_k for benign k.
+
+    Args:
+        updates: (..., K, p, q) array of client updates, or :class:`LoRAFactors`
+            with B (..., K, p, r) and A (..., K, r, q) (reduced exactly, never densified).
+        rank: r̂; default chosen from the spectrum.
+        lam: λ; default chosen from a grid by the block scores. A float fixes it.
+        noise: ``"auto"`` (estimate σ) or σ ≥ 0, the per-entry noise std in the
+            input's units (0 means noiseless).
+        side: ``"left"`` shares the column space (span of the B's), ``"right"`` the row space.
+        threshold: fixed score threshold τ (Ŝ = {s_k ≤ τ}); default: widest gap.
+        tol: solver tolerance (default by dtype). max_iter: solver iteration cap.
+        min_gap: smallest score gap read as contamination (see :mod:`clair_jax.detect`).
+
+    Returns:
+        :class:`ClairResult`.
+
+    Example:
+        >>> import clair_jax as cj
+        >>> fed = cj.data.make_federation(0, num_clients=20, p=16, q=8, rank=2, contamination=0.25)
+        >>> res = cj.clair(fed.updates)
+        >>> bool((res.benign == fed.benign).all())
+        True
+    """
+    updates = _check_updates(updates)
+    _checks.check_side(side)
+    rank = _checks.check_int(rank, "rank", low=1, allow_none=True)
+    if lam is not None:
+        _checks.check_positive(lam, "lam")
+    if not (isinstance(noise, str) and noise == "auto"):
+        if isinstance(noise, str):
+            raise ValueError(f"noise must be 'auto' or a number >= 0, got {noise!r}")
+        if not np.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise must be 'auto' or a finite number >= 0, got {noise}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1] (scores are shares of an update), got {threshold}")
+    max_iter = _checks.check_int(max_iter, "max_iter", low=1)
+    min_gap = float(min_gap)
+    if not 0 < min_gap < 1:
+        raise ValueError(f"min_gap must be in (0, 1), got {min_gap}")
+
+    factored = isinstance(updates, LoRAFactors)
+    if factored:
+        oriented = updates if side == "left" else updates.transpose()
+        b, a = oriented.B, oriented.A
+        dtype, lead = b.dtype, b.shape[:-3]
+        k = b.shape[-3]
+        b_flat = b.reshape((-1,) + b.shape[-3:])
+        a_flat = a.reshape((-1,) + a.shape[-3:])
+        usable = jnp.all(jnp.isfinite(b_flat), axis=(-2, -1)) & jnp.all(jnp.isfinite(a_flat), axis=(-2, -1))
+        b_flat = jnp.where(usable[..., None, None], b_flat, 0.0)
+        a_flat = jnp.where(usable[..., None, None], a_flat, 0.0)
+        reduced = jax.jit(jax.vmap(reduce_factors))(b_flat, a_flat)
+        blocks = reduced.blocks
+    else:
+        oriented = orient(updates, side)
+        dtype, lead = oriented.dtype, oriented.shape[:-3]
+        k = oriented.shape[-3]
+        blocks = oriented.reshape((-1,) + oriented.shape[-3:])
+        usable = jnp.all(jnp.isfinite(blocks), axis=(-2, -1))
+        blocks = jnp.where(usable[..., None, None], blocks, 0.0)
+    n_problems, _, p, q = blocks.shape
+
+    if tol is None:
+        tol = default_tolerance(dtype)
+    lams = jnp.asarray(tuning.lambda_grid(k, p, q) if lam is None else [lam], dtype)
+    has_sigma = not isinstance(noise, str)
+    sigma = jnp.full((n_problems,), float(noise) if has_sigma else 0.0, dtype)
+    benign, scores, dec, sigma_hat = _detect_all(
+        blocks, usable, lams, sigma, jnp.asarray(threshold or 0.0, dtype),
+        tol=float(tol), max_iter=max_iter, min_gap=min_gap,
+        has_sigma=has_sigma, has_threshold=threshold is not None,
+    )
+
+    # Client-level verdict: mean score over problems, split by the same rule.
+    client_usable = jnp.all(usable, axis=0)
+    client_scores = jnp.mean(scores, axis=0)
+    if threshold is not None:
+        client_benign = client_usable & (client_scores <= threshold)
+    else:
+        client_benign = detect.split_scores(client_scores, client_usable, min_gap).benign
+    used = jnp.broadcast_to(client_benign, benign.shape) if n_problems > 1 else benign
+
+    u, ranks = _spectrum_all(blocks, used, rank=rank, margin=1.2)
+    r_max = max(int(jnp.max(ranks)), 1)
+    basis = jax.vmap(refine.subspace)(u[..., :r_max], ranks)
+
+    if factored:
+        full_basis = jnp.einsum("npd,ndr->npr", reduced.basis, basis)
+        proj_b = jnp.einsum("npr,nkpl->nkrl", full_basis, b_flat)
+        refined_b = jnp.where(used[..., None, None], jnp.einsum("npr,nkrl->nkpl", full_basis, proj_b), b_flat)
+        refined = LoRAFactors(refined_b.reshape(b.shape), a_flat.reshape(a.shape))
+        if side == "right":
+            refined = refined.transpose()
+        subspace_out = full_basis
+    else:
+        refined = jax.vmap(refine.project)(basis, blocks, used)
+        refined = orient(refined.reshape(oriented.shape), side)
+        subspace_out = basis
+
+    reshape = lambda x: x.reshape(lead + x.shape[1:])  # noqa: E731
+    dec = jax.tree_util.tree_map(reshape, dec)
+    if not factored:
+        dec = dec._replace(low_rank=orient(dec.low_rank, side), sparse=orient(dec.sparse, side))
+    return ClairResult(
+        benign=reshape(benign),
+        scores=reshape(scores),
+        client_benign=client_benign,
+        client_scores=client_scores,
+        nonfinite=~client_usable,
+        subspace=reshape(subspace_out),
+        rank=reshape(ranks),
+        refined=refined,
+        decomposition=dec,
+        lam=dec.lam,
+        noise_level=reshape(sigma_hat),
+        converged=dec.converged,
+    )

@@ -1,0 +1,94 @@
+"""Scale-free defaults: noise level from the spectrum, the λ grid, the μ rule.
+
+Everything here works on one problem already scaled to ‖M‖_2 = 1 with block norms
+equalised (see :func:`clair_jax.pipeline.clair`), so the numbers below are
+dimensionless.
+
+Why these rules (DESIGN.md §2):
+
+* Noise. For an m × n matrix of iid N(0, σ²) entries the squared singular values
+  divided by n follow the Marchenko–Pastur law with ratio β = m/n, so the median
+  singular value is √(n μ_β) σ (Gavish & Donoho, 2014). Taking it per client block and
+  then the median over clients is insensitive to contamination (fewer than half
+  the clients) and to a shared rank below half the block's smaller side.
+* μ = σ̂ (√p + √(Kq)) is the spectral norm of the noise: singular values of M
+  below it are noise and SVT removes them.
+* λ. A benign block leaves C exactly when its residual ‖E_k‖_F ≈ σ√(pq) is below
+  μλ, i.e. λ ≳ √(pq)/(√p + √(Kq)); a contaminated block stays out of L while λ is
+  below its nuclear-to-Frobenius ratio (1 for rank one, up to √q for full rank).
+  The window moves with the data, so rather than trusting one formula we solve a
+  geometric grid around the noise floor in one vmapped call and let the block
+  scores choose (:mod:`clair_jax.detect`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["marchenko_pastur_median", "noise_level", "lambda_grid", "noise_lambda"]
+
+
+@functools.lru_cache(maxsize=None)
+def marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko–Pastur law with ratio β = m/n ∈ (0, 1] (variance 1)."""
+    beta = float(min(max(beta, 1e-6), 1.0))
+    lo, hi = (1 - np.sqrt(beta)) ** 2, (1 + np.sqrt(beta)) ** 2
+    # t = lo + (hi − lo) u² removes the 1/√t singularity at lo = 0 (β = 1).
+    u = np.linspace(0.0, 1.0, 200001)[1:-1]
+    t = lo + (hi - lo) * u**2
+    density = np.sqrt((hi - t) * (t - lo)) / (2 * np.pi * beta * t) * 2 * (hi - lo) * u
+    cdf = np.cumsum(density)
+    return float(t[np.searchsorted(cdf / cdf[-1], 0.5)])
+
+
+def _gavish_donoho(singular_values, m, n):
+    """σ̂ from the median singular value of an m × n matrix (m ≤ n after sorting)."""
+    m, n = min(m, n), max(m, n)
+    return jnp.median(singular_values, axis=-1) / np.sqrt(n * marchenko_pastur_median(m / n))
+
+
+def noise_level(blocks, usable=None):
+    """Robust per-entry noise level σ̂ of one (K, p, q) problem.
+
+    Per-client Gavish–Donoho estimates, then the median over ``usable`` clients.
+    Blocks whose smaller side is below 4 carry no usable noise spectrum; the whole
+    stacked matrix is used instead.
+
+    Args:
+        blocks: (K, p, q).
+        usable: optional (K,) bool, clients to pool (e.g. those with finite updates).
+
+    Returns:
+        scalar σ̂ ≥ 0.
+    """
+    k, p, q = blocks.shape
+    if min(p, q) >= 4:
+        sv = jnp.linalg.svd(blocks, compute_uv=False)
+        per_client = _gavish_donoho(sv, p, q)
+        if usable is None:
+            return jnp.median(per_client)
+        # Median over usable clients: push the others to +inf and take the
+        # median of the lower ⌈n/2⌉ order statistics.
+        masked = jnp.sort(jnp.where(usable, per_client, jnp.inf))
+        count = jnp.maximum(jnp.sum(usable), 1)
+        return masked[(count - 1) // 2]
+    stacked = jnp.transpose(blocks, (1, 0, 2)).reshape(p, k * q)
+    return _gavish_donoho(jnp.linalg.svd(stacked, compute_uv=False), p, k * q)
+
+
+def noise_lambda(num_clients, p, q):
+    """λ at which a pure-noise block is exactly at the block threshold μλ: √(pq)/(√p + √(Kq))."""
+    return float(np.sqrt(p * q) / (np.sqrt(p) + np.sqrt(num_clients * q)))
+
+
+def lambda_grid(num_clients, p, q, num=9):
+    """Geometric λ grid covering the window of DESIGN.md §2 for a (K, p, q) problem.
+
+    From 0.3 (below it the low-rank part empties) to max(3, 2·noise λ) (above it
+    every block is absorbed into L), dimensionless after normalisation.
+    """
+    top = max(3.0, 2.0 * noise_lambda(num_clients, p, q))
+    return np.geomspace(0.3, top, num)
