@@ -21,6 +21,7 @@ noise, sign-flipped responses) on top of any coefficient matrices Θ_k.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple, Sequence
 
 import jax
@@ -303,7 +304,7 @@ def simulate_regression(
     if np.any(n < 1):
         raise ValueError(f"num_samples must be ≥ 1 for every client; got {n.tolist()}")
     n_max = int(n.max())
-    mask = jnp.arange(n_max)[None, :] < jnp.asarray(n)[:, None]
+    theta = theta.astype(dtype)
     if poisoned is None:
         poisoned = np.zeros(k, bool)
     poisoned = np.asarray(poisoned, bool)
@@ -315,6 +316,14 @@ def simulate_regression(
     kinds = [kd if bad else "none" for kd, bad in zip(kinds, poisoned)]
     code = jnp.asarray([POISON_KINDS.index(kd) for kd in kinds])
 
+    return _simulate(key, theta, jnp.asarray(n), code, noise, heavy_noise_factor, n_max, int(num_test))
+
+
+@partial(jax.jit, static_argnums=(6, 7))
+def _simulate(key, theta, n, code, noise, heavy_noise_factor, n_max, num_test):
+    k, p, q = theta.shape
+    dtype = theta.dtype
+    mask = jnp.arange(n_max)[None, :] < n[:, None]
     kx, ke, kp, ko, kt = jax.random.split(key, 5)
     x = jax.random.normal(kx, (k, n_max, p), dtype)
     eps = noise * jax.random.normal(ke, (k, n_max, q), dtype)
@@ -322,7 +331,7 @@ def simulate_regression(
     other = scale * jax.random.normal(ko, theta.shape, dtype)
     task = jnp.where((code == POISON_KINDS.index("other_task"))[:, None, None], other, theta)
     sigma = jnp.where(code == POISON_KINDS.index("heavy_noise"), heavy_noise_factor, 1.0)
-    y = jnp.einsum("knp,kpq->knq", x, task) + sigma[:, None, None] * eps
+    y = jnp.einsum("knp,kpq->knq", x, task) + sigma[:, None, None].astype(dtype) * eps
     y = jnp.where((code == POISON_KINDS.index("sign_flip"))[:, None, None], -y, y)
 
     # Shuffle real rows only: a random permutation of the first n_k indices.
@@ -331,7 +340,7 @@ def simulate_regression(
         keys = jnp.where(jnp.arange(n_max) < nk, keys, 2.0 + jnp.arange(n_max))
         return yk[jnp.argsort(keys)]
 
-    shuffled = jax.vmap(permute)(jax.random.split(kp, k), y, jnp.asarray(n))
+    shuffled = jax.vmap(permute)(jax.random.split(kp, k), y, n)
     y = jnp.where((code == POISON_KINDS.index("shuffled"))[:, None, None], shuffled, y)
     m = mask[..., None].astype(dtype)
     train = RegressionData(x * m, y * m, mask)
