@@ -44,10 +44,7 @@ FULL_SIZES = [
     ("medium", None, 40, 64, 16, 4, True),
     ("32 layers", 32, 32, 64, 16, 4, False),
 ]
-QUICK_SIZES = [
-    ("tiny", None, 8, 8, 4, 2, True),
-    ("tiny x4 layers", 4, 8, 8, 4, 2, False),
-]
+QUICK_SIZES = [("tiny", None, 8, 8, 4, 2, True)]
 LAM_EXACT = 0.7     # inside the exact-recovery window for these federations (checked)
 LAM_PENALIZED = 1.2  # DESIGN §2 default check
 NOISE = 0.05

@@ -1,0 +1,61 @@
+"""Every benchmark runs end to end at a tiny size and writes its JSON (timings are
+not asserted here: targets live in the benchmarks). Also checks the NumPy
+reference still runs the same iterations as the JAX solvers."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _run(module, tmp_path, *extra):
+    import importlib
+
+    bench = importlib.import_module(f"benchmarks.{module}")
+    out = tmp_path / f"{module}.json"
+    result = bench.main(["--quick", "--json", str(out), *extra])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == module
+    assert payload["machine"]["cpu_count"] >= 1
+    return result, payload
+
+
+def test_bench_solver_quick(tmp_path):
+    rows, _ = _run("bench_solver", tmp_path)
+    assert {r["program"] for r in rows} == {"exact", "penalized"}
+    for r in rows:
+        assert r["jax_converged"] and r["numpy_converged"]
+        # Same iterations ⇒ same objective: guards the NumPy reference against drift.
+        assert r["numpy_vs_jax_objective"] < 1e-4
+        assert abs(r["numpy_iters"] - r["jax_iters"]) <= 2
+        assert r["cvxpy_s"] is not None and abs(r["gap_vs_cvxpy"]) < 1e-3
+
+
+def test_bench_svt_quick(tmp_path):
+    rows, _ = _run("bench_svt", tmp_path)
+    for r in rows:
+        assert r["same_verdicts"] == "yes" and r["verdicts_correct"]
+        assert r["objective_rel_diff"] < 1e-4
+
+
+def test_bench_llm_quick(tmp_path):
+    (model, dense), _ = _run("bench_llm", tmp_path, "--engine", "reference")
+    assert model["verdicts_correct"]
+    assert dense and dense[0]["dense_s"] is not None
+
+
+def test_bench_scaling_quick(tmp_path):
+    (rows, dev_rows), _ = _run("bench_scaling", tmp_path)
+    assert all(r["converged"] for r in rows)
+    assert dev_rows[0]["devices"] == 2
+
+
+def test_bench_lambda_path_quick(tmp_path):
+    pytest.importorskip("clair_jax.decompose")
+    rows, _ = _run("bench_lambda_path", tmp_path)
+    assert rows[0]["grid"] > 1 and np.isfinite(rows[0]["batch_ms"])
