@@ -63,7 +63,7 @@ def _unit(x):
 def _contaminated_block(kind, key, u, other, p, q, r, dtype, separation):
     ks = jax.random.split(key, 4)
     if kind == "full_rank":
-        norm = jnp.exp(jax.random.uniform(ks[0], (), dtype, np.log(0.5), np.log(2.0)))
+        norm = jnp.exp(jax.random.uniform(ks[0], (), dtype, float(np.log(0.5)), float(np.log(2.0))))
         return norm * _unit(jax.random.normal(ks[1], (p, q), dtype))
     if kind == "huge":
         return 1e3 * _unit(jax.random.normal(ks[1], (p, q), dtype))
@@ -71,10 +71,10 @@ def _contaminated_block(kind, key, u, other, p, q, r, dtype, separation):
         a, b = jax.random.normal(ks[1], (p,), dtype), jax.random.normal(ks[2], (q,), dtype)
         return 1.5 * jnp.outer(_unit(a), _unit(b))
     if kind == "other_task":
-        v = jax.random.normal(ks[1], (q, r), dtype) / np.sqrt(q * r)
+        v = jax.random.normal(ks[1], (q, r), dtype) / float(np.sqrt(q * r))
         return other @ v.T
     if kind in ("off_subspace", "sign_flip"):
-        v = jax.random.normal(ks[1], (q, r), dtype) / np.sqrt(q * r)
+        v = jax.random.normal(ks[1], (q, r), dtype) / float(np.sqrt(q * r))
         g = jax.random.normal(ks[2], (p, q), dtype)
         off = _unit(g - u @ (u.T @ g))
         sign = -1.0 if kind == "sign_flip" else 1.0
@@ -87,7 +87,7 @@ def _layer(key, benign, kinds, *, p, q, r, noise, heterogeneity, client_spread, 
     k_u, k_other, k_v, k_s, k_h, k_c, k_e = jax.random.split(key, 7)
     u = _orthonormal(k_u, p, r, dtype)
     other = _orthonormal(k_other, p, r, dtype)
-    v = jax.random.normal(k_v, (num_clients, q, r), dtype) / np.sqrt(q * r)
+    v = jax.random.normal(k_v, (num_clients, q, r), dtype) / float(np.sqrt(q * r))
     client_scale = jnp.exp(client_spread * jax.random.normal(k_s, (num_clients,), dtype))
     shared = client_scale[:, None, None] * jnp.einsum("pr,kqr->kpq", u, v)
     g = jax.random.normal(k_h, (num_clients, p, q), dtype)
@@ -100,7 +100,7 @@ def _layer(key, benign, kinds, *, p, q, r, noise, heterogeneity, client_spread, 
     blocks = jnp.stack([blocks[k] if bad[k] is None else bad[k] for k in range(num_clients)])
     signal = jnp.where(jnp.asarray(benign)[:, None, None], shared, 0.0)
     signal_norm = jnp.linalg.norm(jnp.transpose(signal, (1, 0, 2)).reshape(p, -1), ord=2)
-    sigma = noise * signal_norm / (np.sqrt(p) + np.sqrt(num_clients * q))
+    sigma = noise * signal_norm / float(np.sqrt(p) + np.sqrt(num_clients * q))
     noisy = blocks + sigma * jax.random.normal(k_e, blocks.shape, dtype)
     return noisy, blocks, u, sigma
 
@@ -174,7 +174,8 @@ def make_federation(
     else:
         outs = [layer(k) for k in jax.random.split(key, num_layers)]
         noisy, clean, u, sigma = (jnp.stack(x) for x in zip(*outs))
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731  (numpy scalars promote under x64)
     return Federation(
-        updates=noisy * scale, clean=clean * scale, subspace=u,
+        updates=cast(noisy * scale), clean=cast(clean * scale), subspace=cast(u),
         benign=jnp.asarray(benign), sigma=jnp.asarray(sigma * scale, dtype),
     )

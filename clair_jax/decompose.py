@@ -101,7 +101,7 @@ def _decompose_flat(blocks, lam, mu, *, exact, auto_mu, tol, max_iter):
     def one(b, l, m):
         if auto_mu:
             k, p, q = b.shape
-            m = noise_level(b) * (np.sqrt(p) + np.sqrt(k * q))
+            m = noise_level(b) * float(np.sqrt(p) + np.sqrt(k * q))
         return solve_one(b, l, m, exact=exact, tol=tol, max_iter=max_iter)
 
     return jax.vmap(one)(blocks, lam, mu)

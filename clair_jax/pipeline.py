@@ -106,7 +106,7 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         sigma_n = tuning.noise_level(x, usable)
     else:  # user's σ, in the input's units; equalisation only shrinks outliers
         sigma_n = jnp.asarray(sigma, x.dtype) / scale
-    mu = jnp.maximum(sigma_n * (np.sqrt(p) + np.sqrt(k * q)), _mu_floor(x.dtype))
+    mu = jnp.maximum(sigma_n * float(np.sqrt(p) + np.sqrt(k * q)), _mu_floor(x.dtype))
 
     sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter))(lams)
     scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)

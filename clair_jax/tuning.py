@@ -47,7 +47,7 @@ def marchenko_pastur_median(beta: float) -> float:
 def _gavish_donoho(singular_values, m, n):
     """σ̂ from the median singular value of an m × n matrix (m ≤ n after sorting)."""
     m, n = min(m, n), max(m, n)
-    return jnp.median(singular_values, axis=-1) / np.sqrt(n * marchenko_pastur_median(m / n))
+    return jnp.median(singular_values, axis=-1) / float(np.sqrt(n * marchenko_pastur_median(m / n)))
 
 
 def noise_level(blocks, usable=None):
@@ -81,7 +81,7 @@ def noise_level(blocks, usable=None):
 
 def noise_lambda(num_clients, p, q):
     """λ at which a pure-noise block is exactly at the block threshold μλ: √(pq)/(√p + √(Kq))."""
-    return float(np.sqrt(p * q) / (np.sqrt(p) + np.sqrt(num_clients * q)))
+    return float(np.sqrt(p * q) / float(np.sqrt(p) + np.sqrt(num_clients * q)))
 
 
 def lambda_grid(num_clients, p, q, num=9):

@@ -1,0 +1,122 @@
+import cvxpy as cp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clair_jax as cj
+from clair_jax.decompose import _decompose_flat
+
+
+def _problem(seed=0, k=10, p=8, q=3, r=2, n_bad=3, noise=0.0):
+    fed = cj.data.make_federation(seed, num_clients=k, p=p, q=q, rank=r, contamination=n_bad / k,
+                                  noise=noise, dtype=jnp.float64)
+    return fed
+
+
+def _cvxpy_optimum(m_blocks, lam, mu):
+    k, p, q = m_blocks.shape
+    m = np.transpose(m_blocks, (1, 0, 2)).reshape(p, k * q)
+    L, C = cp.Variable((p, k * q)), cp.Variable((p, k * q))
+    block = cp.sum(cp.hstack([cp.norm(C[:, i * q:(i + 1) * q], "fro") for i in range(k)]))
+    if mu is None:
+        prob = cp.Problem(cp.Minimize(cp.normNuc(L) + lam * block), [L + C == m])
+    else:
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(m - L - C) + mu * (cp.normNuc(L) + lam * block)))
+    prob.solve(solver="CLARABEL")
+    return prob.value
+
+
+@pytest.mark.parametrize("mu", [None, 0.05])
+@pytest.mark.parametrize("lam", [0.6, 1.0])
+def test_reaches_cvxpy_optimum(mu, lam):
+    fed = _problem(noise=0.1)
+    m = np.asarray(fed.updates)
+    dec = cj.decompose(fed.updates, lam=lam, mu=mu)
+    ref = _cvxpy_optimum(m, lam, mu)
+    assert bool(dec.converged)
+    assert abs(float(dec.objective) - ref) / abs(ref) <= 1e-5
+
+
+def test_exact_program_optimality_conditions():
+    fed = _problem(noise=0.05)
+    lam = 0.8
+    dec = cj.decompose(fed.updates, lam=lam)
+    m = fed.updates
+    np.testing.assert_allclose(np.asarray(dec.low_rank + dec.sparse), np.asarray(m), atol=1e-7)
+    # C_k ≠ 0 blocks get the same objective from moving mass into L: compare with CVXPY value
+    assert float(dec.objective) == pytest.approx(
+        float(jnp.linalg.norm(cj.stack.to_stacked(dec.low_rank), "nuc") + lam * dec.block_norms.sum()), rel=1e-9)
+
+
+def test_penalised_program_optimality_conditions():
+    fed = _problem(noise=0.1)
+    lam, mu = 0.8, 0.05
+    dec = cj.decompose(fed.updates, lam=lam, mu=mu)
+    r = np.asarray(fed.updates - dec.low_rank - dec.sparse)
+    l = np.asarray(cj.stack.to_stacked(dec.low_rank))
+    rs = np.transpose(r, (1, 0, 2)).reshape(l.shape)
+    # R/μ ∈ ∂‖L‖_*: spectral norm ≤ 1 and alignment with L.
+    assert np.linalg.norm(rs, 2) <= mu * (1 + 1e-6)
+    assert np.sum(rs * l) == pytest.approx(mu * np.linalg.norm(l, "nuc"), rel=1e-6)
+    # R_k/μ ∈ λ ∂‖C_k‖_F block by block.
+    for rk, ck in zip(r, np.asarray(dec.sparse)):
+        if np.linalg.norm(ck) > 0:
+            np.testing.assert_allclose(rk, mu * lam * ck / np.linalg.norm(ck), atol=1e-6)
+        else:
+            assert np.linalg.norm(rk) <= mu * lam * (1 + 1e-6)
+
+
+def test_vmapped_equals_loop():
+    fed = cj.data.make_federation(3, num_clients=10, p=8, q=3, rank=2, num_layers=3, noise=0.1, dtype=jnp.float64)
+    lams = jnp.array([0.6, 0.9, 1.2])
+    batched = cj.decompose(fed.updates, lam=lams, mu=0.03)
+    for i in range(3):
+        single = cj.decompose(fed.updates[i], lam=float(lams[i]), mu=0.03)
+        np.testing.assert_allclose(np.asarray(batched.low_rank[i]), np.asarray(single.low_rank), atol=1e-9)
+        np.testing.assert_allclose(np.asarray(batched.block_norms[i]), np.asarray(single.block_norms), atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("mu", [None, "auto"])
+def test_dtype_kept_and_converges(dtype, mu):
+    fed = cj.data.make_federation(0, num_clients=12, p=10, q=4, rank=2, noise=0.1, dtype=dtype)
+    dec = cj.decompose(fed.updates, mu=mu)
+    assert dec.low_rank.dtype == dtype and dec.sparse.dtype == dtype and dec.objective.dtype == dtype
+    assert bool(dec.converged)
+
+
+def test_no_recompilation_on_second_call():
+    fed = cj.data.make_federation(0, num_clients=10, p=8, q=3, rank=2, dtype=jnp.float64)
+    cj.decompose(fed.updates, lam=0.9)
+    before = _decompose_flat._cache_size()
+    cj.decompose(fed.updates * 2.0, lam=0.7)
+    assert _decompose_flat._cache_size() == before
+
+
+def test_scale_invariance_of_normalised_solution():
+    fed = _problem(noise=0.05)
+    a = cj.decompose(fed.updates, lam=0.8)
+    b = cj.decompose(fed.updates * 1e4, lam=0.8)
+    np.testing.assert_allclose(np.asarray(b.low_rank) / 1e4, np.asarray(a.low_rank), atol=1e-8)
+    assert float(b.objective) == pytest.approx(1e4 * float(a.objective), rel=1e-8)
+
+
+def test_side_right_is_transposed_left():
+    fed = _problem(noise=0.05)
+    right = cj.decompose(fed.updates, lam=0.8, side="right")
+    left = cj.decompose(jnp.swapaxes(fed.updates, -1, -2), lam=0.8)
+    np.testing.assert_allclose(np.asarray(right.sparse), np.asarray(jnp.swapaxes(left.sparse, -1, -2)), atol=1e-10)
+
+
+def test_nonconvergence_is_reported():
+    fed = _problem(noise=0.1)
+    dec = cj.decompose(fed.updates, lam=0.8, max_iter=2)
+    assert not bool(dec.converged) and int(dec.iterations) == 2
+
+
+def test_nonfinite_input_is_flagged_not_crashed():
+    fed = _problem()
+    bad = fed.updates.at[0, 0, 0].set(jnp.nan)
+    dec = cj.decompose(bad, lam=0.8)
+    assert not bool(dec.converged)
