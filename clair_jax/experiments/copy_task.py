@@ -139,7 +139,8 @@ class CopyTaskConfig(NamedTuple):
 
 
 DEFAULT = CopyTaskConfig()
-QUICK = DEFAULT._replace(base_steps=300, client_steps=120, client_test=128)
+DEFAULT_CLIENTS, QUICK_CLIENTS = 20, 12
+QUICK = DEFAULT._replace(base_steps=200, client_steps=100, client_test=64)
 
 
 class Federation(NamedTuple):
@@ -581,7 +582,7 @@ def _check_run_args(clients, contamination, seed):
 
 def run_copy_task(
     *,
-    clients: int = 20,
+    clients: int | None = None,
     contamination: float = 0.3,
     seed: int = 0,
     quick: bool = False,
@@ -592,7 +593,7 @@ def run_copy_task(
     """Run the whole experiment and return JSON-ready results.
 
     Args:
-        clients: number of clients K.
+        clients: number of clients K (default 20; 12 with ``quick``).
         contamination: fraction of contaminated clients, in [0, 0.5].
         seed: seed of everything (base model, client tasks, data, adapters).
         quick: the small configuration :data:`QUICK` (CI).
@@ -605,10 +606,13 @@ def run_copy_task(
         ``labels`` (K,), ``benign`` (K,), ``methods`` (name → mean
         ``token_accuracy``, ``exact_match``, ``loss`` over benign clients, and
         ``per_client`` lists over the benign clients), ``detection``
-        (``pooled`` and ``per_module`` precision/recall/F1), ``client_scores``
+        (``pooled`` and ``per_module`` precision/recall/F1, ``flagged_by_kind``
+        the fraction of each kind of client flagged), ``client_scores``
         (K,), ``module_scores`` (modules × K), ``rank`` (modules,),
         ``base_accuracy`` (identity copying) and ``timings`` in seconds.
     """
+    if clients is None:
+        clients = QUICK_CLIENTS if quick else DEFAULT_CLIENTS
     _check_run_args(clients, contamination, seed)
     cfg = config if config is not None else (QUICK if quick else DEFAULT)
     timings = {}
@@ -661,6 +665,10 @@ def run_copy_task(
         "detection": {
             "pooled": detection_scores(~np.asarray(result.client_benign), truly_bad),
             "per_module": {n: detection_scores(~module_benign[i], truly_bad) for i, n in enumerate(names)},
+            "flagged_by_kind": {
+                kind: float(np.mean(~np.asarray(result.client_benign)[np.array(fed.labels) == kind]))
+                for kind in sorted(set(fed.labels))
+            },
         },
         "client_scores": np.asarray(result.client_scores).tolist(),
         "module_scores": {n: np.asarray(result.scores[i]).tolist() for i, n in enumerate(names)},
@@ -690,6 +698,8 @@ def format_report(results: dict) -> str:
         "",
         f"detection (pooled over modules): precision {pooled['precision']:.3f}, recall {pooled['recall']:.3f}, "
         f"F1 {pooled['f1']:.3f}",
+        "flagged fraction by kind: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in results["detection"]["flagged_by_kind"].items()),
     ]
     for name, d in results["detection"]["per_module"].items():
         lines.append(
@@ -708,7 +718,9 @@ def format_report(results: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``clair copy-task``."""
-    parser.add_argument("--clients", type=int, default=20, help="number of clients K (default 20)")
+    parser.add_argument(
+        "--clients", type=int, default=None, help=f"number of clients K (default {DEFAULT_CLIENTS}; {QUICK_CLIENTS} with --quick)"
+    )
     parser.add_argument("--contamination", type=float, default=0.3, help="fraction of contaminated clients (default 0.3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--quick", action="store_true", help="small configuration, under 2 minutes on a laptop CPU")
