@@ -91,6 +91,13 @@ def test_run_copy_task_rejects_bad_arguments(kwargs):
         ct.run_copy_task(progress=False, **kwargs)
 
 
+def test_run_copy_task_rejects_bad_config():
+    with pytest.raises(ValueError, match="label_noise"):
+        ct.run_copy_task(progress=False, config=ct.QUICK._replace(label_noise=1.5))
+    with pytest.raises(ValueError, match="client_steps"):
+        ct.run_copy_task(progress=False, config=ct.QUICK._replace(client_steps=0))
+
+
 def test_lora_with_zero_b_leaves_outputs_unchanged():
     cfg = SMALL
     params = tfm.init_params(jax.random.key(0), cfg.model)

@@ -364,7 +364,6 @@ def train_base(key: jax.Array, cfg: CopyTaskConfig, progress: _Progress | None =
     keys = jax.random.split(kdata, cfg.base_steps)
     carry, losses, start = (params, state), [], 0
     for n in _chunks(cfg.base_steps, cfg.chunk):
-        # pad to a fixed chunk length so the scan compiles once
         chunk_keys = keys[start : start + n]
         carry, chunk_losses = run_chunk(carry, chunk_keys)
         losses.append(jax.block_until_ready(chunk_losses))
@@ -571,6 +570,18 @@ METHOD_LABELS = {
 # the experiment
 
 
+def _check_task_config(cfg: CopyTaskConfig) -> None:
+    for name in ("n_tokens", "seq_len", "n_active", "base_steps", "base_batch", "client_train", "client_test",
+                 "client_steps", "chunk", "lora_rank"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"CopyTaskConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.label_noise < 1.0:
+        raise ValueError(f"CopyTaskConfig.label_noise must be in [0, 1), got {cfg.label_noise}")
+    for name in ("base_lr", "client_lr", "lora_alpha"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"CopyTaskConfig.{name} must be > 0, got {getattr(cfg, name)}")
+
+
 def _check_run_args(clients, contamination, seed):
     if not isinstance(clients, (int, np.integer)) or clients < 4:
         raise ValueError(f"clients must be an integer >= 4, got {clients!r}")
@@ -607,7 +618,8 @@ def run_copy_task(
         ``token_accuracy``, ``exact_match``, ``loss`` over benign clients, and
         ``per_client`` lists over the benign clients), ``detection``
         (``pooled`` and ``per_module`` precision/recall/F1, ``flagged_by_kind``
-        the fraction of each kind of client flagged), ``client_scores``
+        the fraction of each kind of client flagged), ``client_benign`` (K,)
+        CLAIR's pooled verdict, ``client_scores``
         (K,), ``module_scores`` (modules × K), ``rank`` (modules,),
         ``base_accuracy`` (identity copying) and ``timings`` in seconds.
     """
@@ -615,9 +627,10 @@ def run_copy_task(
         clients = QUICK_CLIENTS if quick else DEFAULT_CLIENTS
     _check_run_args(clients, contamination, seed)
     cfg = config if config is not None else (QUICK if quick else DEFAULT)
+    _check_task_config(cfg)
     timings = {}
     bar = _Progress(cfg.base_steps + cfg.client_steps + 2 * cfg.chunk, progress)
-    k_base, k_tasks, k_train, k_test, k_lora, k_copy = jax.random.split(jax.random.key(seed), 6)
+    k_base, k_train, k_test, k_lora, k_copy = jax.random.split(jax.random.key(seed), 5)
 
     t0 = time.perf_counter()
     base, base_losses = train_base(k_base, cfg, bar)
@@ -670,6 +683,7 @@ def run_copy_task(
                 for kind in sorted(set(fed.labels))
             },
         },
+        "client_benign": np.asarray(result.client_benign).tolist(),
         "client_scores": np.asarray(result.client_scores).tolist(),
         "module_scores": {n: np.asarray(result.scores[i]).tolist() for i, n in enumerate(names)},
         "rank": {n: int(r) for n, r in zip(names, np.asarray(result.rank))},
