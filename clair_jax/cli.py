@@ -7,9 +7,16 @@ Each command lives in its own module exposing ``add_arguments(parser)`` and
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import sys
+import os
+
+# XLA's CPU SVD calls into OpenBLAS; its thread pool fights XLA's own threads and
+# makes small SVDs up to 100× slower on a busy machine. One thread is the fast
+# setting for the problem sizes here. Must be set before numpy/jax load OpenBLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
 
 # command → (module, one-line help)
 COMMANDS = {

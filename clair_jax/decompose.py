@@ -73,11 +73,11 @@ def solve_one(blocks, lam, mu, *, exact, tol, max_iter):
     scale = spectral_scale(blocks)
     x = blocks / scale
     if exact:
-        out = solve_exact(x, lam, tol=tol, max_iter=max_iter)
+        out = solve_exact(x, lam, tol=tol, max_iter=max_iter, spectral_norm=1.0)
         objective = out.objective * scale          # homogeneous of degree 1
         mu_used = jnp.zeros((), blocks.dtype)
     else:
-        out = solve_penalized(x, lam, mu / scale, tol=tol, max_iter=max_iter)
+        out = solve_penalized(x, lam, mu / scale, tol=tol, max_iter=max_iter, spectral_norm=1.0)
         objective = out.objective * scale**2       # degree 2 once μ is scaled with M
         mu_used = jnp.asarray(mu, blocks.dtype)
     sparse = out.sparse * scale

@@ -75,3 +75,70 @@ def collaborative_set(scores, usable=None, threshold=None, min_gap=MIN_GAP):
     if threshold is not None:
         return usable & (scores <= threshold)
     return split_scores(scores, usable, min_gap).benign
+
+
+def _masked_median(values, mask):
+    """Median of ``values[mask]`` (lower median; +inf padding keeps shapes static)."""
+    ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
+    return ordered[(jnp.maximum(jnp.sum(mask), 1) - 1) // 2]
+
+
+class ResidualTest(NamedTuple):
+    benign: jax.Array      # (K,) bool
+    z: jax.Array           # (K,) standardised excess off-subspace energy
+    rank: jax.Array        # r̂ used for the subspace
+
+
+def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None):
+    """Refit check of a collaborative set (stage 4b).
+
+    Û from the current set, then every client's off-subspace energy
+    e_k = ‖(I − ÛÛᵀ)Θ̂_k‖_F². Benign energies are one population (noise plus small
+    heterogeneity); a client is kept when e_k ≤ m + z_crit·s, with m and s the
+    median and MAD-scale of the current set (s at least the χ² spread
+    m·√(2/((p − r̂)q)) of isotropic noise) plus ``rel_floor``·‖Θ̂_k‖_F² for
+    rounding in noiseless data. Squared energies with the noise level removed
+    carry far more power than the norm shares of the convex scores when
+    contamination hides in noise; the convex decomposition supplies the
+    robust starting set the refit needs.
+
+    Args:
+        blocks: (K, p, q) with unusable clients zeroed.
+        benign: (K,) starting set. usable: (K,) finite clients.
+        rank_fn: (singular values, benign) → r̂.
+        z_crit: standard deviations above the median read as contamination.
+        rel_floor: relative energy below which a residual is rounding.
+        rounds: refits (each uses the previous round's set).
+        dims: dense (p, q) when ``blocks`` is an exact LoRA reduction.
+    """
+    k, p, q = blocks.shape
+    p, q = (p, q) if dims is None else dims
+    norms2 = jnp.sum(jnp.square(blocks), axis=(-2, -1))
+    from clair_jax import refine  # local import: refine imports tuning, not detect
+
+    def one_round(state, _):
+        current = state.benign
+        u, sv = refine.benign_spectrum(blocks, current)
+        r = rank_fn(sv, current)
+        # A shared direction is spread over clients: one that a single client
+        # dominates (more than half its energy) is that client's own, e.g. an
+        # absorbed rank-one attack, and must not shelter it from the test.
+        per_client = jnp.square(jnp.einsum("pm,kpq->kmq", u, jnp.where(current[:, None, None], blocks, 0.0))).sum(-1)
+        dominated = jnp.max(per_client, axis=0) > 0.5 * jnp.maximum(jnp.sum(per_client, axis=0), jnp.finfo(blocks.dtype).tiny)
+        basis = jnp.where((jnp.arange(u.shape[-1]) < r) & ~dominated, u, 0.0)
+        r = jnp.sum((jnp.arange(u.shape[-1]) < r) & ~dominated).astype(jnp.int32)
+        resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
+        energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+        m = _masked_median(energy, current)
+        mad = _masked_median(jnp.abs(energy - m), current)
+        dof = jnp.maximum((p - r) * q, 1).astype(blocks.dtype)
+        s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
+        z = (energy - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
+        keep = usable & (energy <= m + z_crit * s + rel_floor * norms2)
+        # A refit never hands the majority to the other side.
+        keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
+        return ResidualTest(keep, z, r), None
+
+    init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32))
+    out, _ = jax.lax.scan(one_round, init, None, length=rounds)
+    return out

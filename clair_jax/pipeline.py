@@ -40,6 +40,8 @@ class ClairResult(NamedTuple):
         client_benign: (K,) bool verdict pooled over all problems (what the
             refinement uses when there are leading axes).
         client_scores: (K,) mean score over problems.
+        residual_z: (..., K) refit statistic: off-subspace energy above the benign
+            median, in robust standard deviations (0 when ``refit=False``).
         nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).
         subspace: (..., p, r_max) Û, orthonormal columns; columns ≥ ``rank`` are 0.
         rank: (...,) r̂.
@@ -54,6 +56,7 @@ class ClairResult(NamedTuple):
     scores: jax.Array
     client_benign: jax.Array
     client_scores: jax.Array
+    residual_z: jax.Array
     nonfinite: jax.Array
     subspace: jax.Array
     rank: jax.Array
@@ -88,36 +91,57 @@ def _equalise(blocks, usable):
     return jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
 
 
+def _rel_floor(dtype):
+    # Off-subspace energy below this share of a block's energy is rounding error.
+    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
 def _mu_floor(dtype):
     # Noiseless data: a μ this small makes the penalised program the exact one
     # for detection purposes (benign residuals ≪ μλ), while FISTA still converges fast.
     return 1e-4 if jnp.dtype(dtype) == jnp.float64 else 1e-3
 
 
-def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap):
-    """Decompose one (K, p, q) problem on a λ grid and keep the clearest split."""
-    k, p, q = blocks.shape
+def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, refit, rank, z_crit, dims):
+    """Decompose one (K, p, q) problem on a λ grid and keep the clearest split.
+
+    ``dims`` is the dense (p, q): for an exact LoRA reduction every data-driven
+    rule is evaluated as on the dense blocks, so factors and dense input agree.
+    """
+    k = blocks.shape[0]
+    p, q = dims
     blocks = jnp.where(usable[:, None, None], blocks, 0.0)
     weights = _equalise(blocks, usable)
     x = blocks * weights[:, None, None]
     scale = spectral_scale(x)
     x = x / scale
     if sigma is None:
-        sigma_n = tuning.noise_level(x, usable)
+        sigma_n = tuning.noise_level(x, usable, dims=dims)
     else:  # user's σ, in the input's units; equalisation only shrinks outliers
         sigma_n = jnp.asarray(sigma, x.dtype) / scale
     mu = jnp.maximum(sigma_n * float(np.sqrt(p) + np.sqrt(k * q)), _mu_floor(x.dtype))
 
-    sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter))(lams)
+    sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0))(lams)
     scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
     splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
-    # The λ whose scores split most clearly; with no split anywhere, the grid's
-    # middle (no contamination found, and the middle λ is the safest fit).
-    best = jnp.where(jnp.any(splits.gap > 0), jnp.argmax(splits.gap), lams.shape[0] // 2)
+    # The smallest λ (the grid ascends) whose scores split cleanly while L̂ keeps
+    # some rank: below the window everything is pushed into C and no clean split
+    # exists; above it contaminated blocks are absorbed into L one after another,
+    # so the first clean split is the one that flags the most of them. A benign
+    # client flagged there is recovered by the refit test. With no split anywhere,
+    # the grid's middle (no contamination found).
+    valid = (splits.gap > 0) & (sols.singular_values[:, 0] > 0)
+    best = jnp.where(jnp.any(valid), jnp.argmax(valid), lams.shape[0] // 2)
     pick = lambda a: a[best]  # noqa: E731
     sol = jax.tree_util.tree_map(pick, sols)
     score = scores[best]
     benign = splits.benign[best] if threshold is None else usable & (score <= threshold)
+    if refit:
+        rank_fn = (lambda sv, b: refine.select_rank(sv, b, p, q)[0]) if rank is None else (lambda sv, b: jnp.asarray(rank))
+        test = detect.residual_test(blocks, benign, usable, rank_fn, z_crit=z_crit, rel_floor=_rel_floor(x.dtype), rounds=3, dims=dims)
+        benign, z = test.benign, test.z
+    else:
+        z = jnp.zeros_like(score)
     unweight = (scale / weights)[:, None, None]
     dec = Decomposition(
         low_rank=sol.low_rank * unweight,
@@ -132,24 +156,24 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         lam=lams[best],
         mu=mu * scale,
     )
-    return benign, score, dec, sigma_n * scale
+    return benign, score, z, dec, sigma_n * scale
 
 
-@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold"))
-def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, has_sigma, has_threshold):
+@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims"))
+def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, has_sigma, has_threshold,
+                refit, rank, z_crit, dims):
     fn = lambda b, u, s: _detect_one(  # noqa: E731
         b, u, lams, s if has_sigma else None, threshold if has_threshold else None,
-        tol=tol, max_iter=max_iter, min_gap=min_gap,
+        tol=tol, max_iter=max_iter, min_gap=min_gap, refit=refit, rank=rank, z_crit=z_crit, dims=dims,
     )
     return jax.vmap(fn)(blocks, usable, sigma)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "margin"))
-def _spectrum_all(blocks, benign, *, rank, margin):
+@functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
+def _spectrum_all(blocks, benign, *, rank, margin, dims):
     def one(b, s):
         u, sv = refine.benign_spectrum(b, s)
-        _, p, q = b.shape
-        r = refine.select_rank(sv, s, p, q, margin)[0] if rank is None else jnp.asarray(rank)
+        r = refine.select_rank(sv, s, *dims, margin)[0] if rank is None else jnp.asarray(rank)
         return u, jnp.minimum(r, jnp.sum(sv > 0)).astype(jnp.int32)
 
     return jax.vmap(one)(blocks, benign)
@@ -185,6 +209,8 @@ def clair(
     tol: float | None = None,
     max_iter: int = 3000,
     min_gap: float = detect.MIN_GAP,
+    refit: bool = True,
+    z_crit: float = 5.0,
 ) -> ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -196,8 +222,9 @@ def clair(
        a grid of λ at μ = σ̂(√p + √(Kq)), σ̂ the robust noise level of
        :func:`clair_jax.tuning.noise_level`;
     3. scores s_k = ‖Ĉ_k‖_F/‖Θ̂_k‖_F; the λ whose scores split most clearly (widest
-       gap leaving a benign majority) gives the collaborative set Ŝ;
-    4. the verdict is pooled over problems (mean score, same split rule);
+       gap leaving a benign majority) gives a first collaborative set, which a
+       refit test of each client's off-subspace energy then confirms or corrects;
+    4. the client-level verdict is the majority over problems;
     5. Û = leading r̂ left singular vectors of the stacked benign updates, r̂ from
        the noise edge of their spectrum; Θ̃_k = Û Ûᵀ Θ̂_k for benign k.
 
@@ -212,6 +239,10 @@ def clair(
         threshold: fixed score threshold τ (Ŝ = {s_k ≤ τ}); default: widest gap.
         tol: solver tolerance (default by dtype). max_iter: solver iteration cap.
         min_gap: smallest score gap read as contamination (see :mod:`clair_jax.detect`).
+        refit: after the score split, re-test every client by its off-subspace
+            energy against the benign population (:func:`clair_jax.detect.residual_test`).
+        z_crit: how many robust standard deviations above the benign median the
+            refit test allows.
 
     Returns:
         :class:`ClairResult`.
@@ -239,6 +270,7 @@ def clair(
     min_gap = float(min_gap)
     if not 0 < min_gap < 1:
         raise ValueError(f"min_gap must be in (0, 1), got {min_gap}")
+    _checks.check_positive(z_crit, "z_crit")
 
     factored = isinstance(updates, LoRAFactors)
     if factored:
@@ -260,29 +292,31 @@ def clair(
         blocks = oriented.reshape((-1,) + oriented.shape[-3:])
         usable = jnp.all(jnp.isfinite(blocks), axis=(-2, -1))
         blocks = jnp.where(usable[..., None, None], blocks, 0.0)
-    n_problems, _, p, q = blocks.shape
+    n_problems = blocks.shape[0]
+    # The dense block shape: every data-driven rule is evaluated for it.
+    dims = (b.shape[-2], a.shape[-1]) if factored else tuple(blocks.shape[-2:])
+    p, q = dims
 
     if tol is None:
         tol = default_tolerance(dtype)
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if lam is None else [lam], dtype)
     has_sigma = not isinstance(noise, str)
     sigma = jnp.full((n_problems,), float(noise) if has_sigma else 0.0, dtype)
-    benign, scores, dec, sigma_hat = _detect_all(
+    benign, scores, z, dec, sigma_hat = _detect_all(
         blocks, usable, lams, sigma, jnp.asarray(threshold or 0.0, dtype),
         tol=float(tol), max_iter=max_iter, min_gap=min_gap,
         has_sigma=has_sigma, has_threshold=threshold is not None,
+        refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
     )
 
-    # Client-level verdict: mean score over problems, split by the same rule.
+    # Client-level verdict: a client is benign where it is benign in most problems
+    # (each problem's verdict already combines scores and the refit test).
     client_usable = jnp.all(usable, axis=0)
     client_scores = jnp.mean(scores, axis=0)
-    if threshold is not None:
-        client_benign = client_usable & (client_scores <= threshold)
-    else:
-        client_benign = detect.split_scores(client_scores, client_usable, min_gap).benign
+    client_benign = client_usable & (2 * jnp.sum(benign, axis=0) > n_problems)
     used = jnp.broadcast_to(client_benign, benign.shape) if n_problems > 1 else benign
 
-    u, ranks = _spectrum_all(blocks, used, rank=rank, margin=1.2)
+    u, ranks = _spectrum_all(blocks, used, rank=rank, margin=1.2, dims=dims)
     r_max = max(int(jnp.max(ranks)), 1)
     basis = jax.vmap(refine.subspace)(u[..., :r_max], ranks)
 
@@ -308,6 +342,7 @@ def clair(
         scores=reshape(scores),
         client_benign=client_benign,
         client_scores=client_scores,
+        residual_z=reshape(z),
         nonfinite=~client_usable,
         subspace=reshape(subspace_out),
         rank=reshape(ranks),

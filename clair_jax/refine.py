@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax.stack import to_stacked
-from clair_jax.tuning import marchenko_pastur_median
+from clair_jax.tuning import marchenko_pastur_median, pad_spectrum
 
 __all__ = ["benign_spectrum", "select_rank", "subspace", "project"]
 
@@ -34,6 +34,7 @@ def select_rank(singular_values, benign, p, q, margin=1.2):
     noiseless data. Zero columns (the contaminated blocks) are excluded from the
     median.
     """
+    singular_values = pad_spectrum(singular_values, min(p, benign.shape[0] * q))
     n_benign = jnp.maximum(jnp.sum(benign), 1)
     n_cols = n_benign * q
     rank_limit = jnp.minimum(p, n_cols)

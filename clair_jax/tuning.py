@@ -28,7 +28,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["marchenko_pastur_median", "noise_level", "lambda_grid", "noise_lambda"]
+__all__ = ["marchenko_pastur_median", "noise_level", "lambda_grid", "noise_lambda", "pad_spectrum"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,7 +50,7 @@ def _gavish_donoho(singular_values, m, n):
     return jnp.median(singular_values, axis=-1) / float(np.sqrt(n * marchenko_pastur_median(m / n)))
 
 
-def noise_level(blocks, usable=None):
+def noise_level(blocks, usable=None, dims=None):
     """Robust per-entry noise level σ̂ of one (K, p, q) problem.
 
     Per-client Gavish–Donoho estimates, then the median over ``usable`` clients.
@@ -60,13 +60,17 @@ def noise_level(blocks, usable=None):
     Args:
         blocks: (K, p, q).
         usable: optional (K,) bool, clients to pool (e.g. those with finite updates).
+        dims: (p, q) of the original blocks when ``blocks`` is an exact reduction
+            (LoRA factors): the missing singular values are zeros, and padding
+            them back makes the estimate the same as on the dense blocks.
 
     Returns:
         scalar σ̂ ≥ 0.
     """
-    k, p, q = blocks.shape
+    k, p_red, q_red = blocks.shape
+    p, q = (p_red, q_red) if dims is None else dims
     if min(p, q) >= 4:
-        sv = jnp.linalg.svd(blocks, compute_uv=False)
+        sv = pad_spectrum(jnp.linalg.svd(blocks, compute_uv=False), min(p, q))
         per_client = _gavish_donoho(sv, p, q)
         if usable is None:
             return jnp.median(per_client)
@@ -75,8 +79,17 @@ def noise_level(blocks, usable=None):
         masked = jnp.sort(jnp.where(usable, per_client, jnp.inf))
         count = jnp.maximum(jnp.sum(usable), 1)
         return masked[(count - 1) // 2]
-    stacked = jnp.transpose(blocks, (1, 0, 2)).reshape(p, k * q)
-    return _gavish_donoho(jnp.linalg.svd(stacked, compute_uv=False), p, k * q)
+    stacked = jnp.transpose(blocks, (1, 0, 2)).reshape(p_red, k * q_red)
+    sv = pad_spectrum(jnp.linalg.svd(stacked, compute_uv=False), min(p, k * q))
+    return _gavish_donoho(sv, p, k * q)
+
+
+def pad_spectrum(singular_values, length):
+    """Append zeros to a (..., m) spectrum up to ``length`` (no-op if already that long)."""
+    extra = length - singular_values.shape[-1]
+    if extra <= 0:
+        return singular_values
+    return jnp.concatenate([singular_values, jnp.zeros(singular_values.shape[:-1] + (extra,), singular_values.dtype)], -1)
 
 
 def noise_lambda(num_clients, p, q):

@@ -1,5 +1,11 @@
-import jax
-import pytest
+import os
+
+# XLA's CPU SVD calls OpenBLAS; its threads oversubscribe 2 cores (small SVDs get
+# up to 100x slower). Set before jax/numpy load it; notebooks inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # The suite runs in float64 for exactness; float32 tests ask for it explicitly.
 jax.config.update("jax_enable_x64", True)

@@ -40,7 +40,7 @@ class _State(NamedTuple):
     dual_residual: jax.Array
 
 
-def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0):
+def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spectral_norm=None):
     """Solve the exact program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -50,6 +50,7 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0):
         max_iter: iteration cap.
         rho_growth: factor by which the penalty parameter ρ moves when rebalancing.
         balance: ρ moves when one residual exceeds the other by this factor.
+        spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
         :class:`SolverOutput`.
@@ -59,7 +60,7 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0):
     lam = jnp.asarray(lam, dtype)
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
-    spectral = jnp.linalg.norm(m_stacked, ord=2)
+    spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
     spectral = jnp.maximum(spectral, jnp.finfo(dtype).tiny)
     # Dual start scaled into the unit ball of the dual norm max(‖Y‖_2, max_k ‖Y_k‖_F / λ).
     dual_scale = jnp.maximum(spectral, jnp.max(safe_frobenius_norm(blocks)) / lam)

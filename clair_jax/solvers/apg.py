@@ -43,7 +43,7 @@ class _State(NamedTuple):
     dual_residual: jax.Array
 
 
-def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6):
+def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectral_norm=None):
     """Solve the penalised program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -53,6 +53,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6):
         tol: relative tolerance on the prox-gradient step and the change in L.
         max_iter: iteration cap (continuation stages included).
         continuation: factor by which μ shrinks per step until it reaches ``mu``.
+        spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
         :class:`SolverOutput`; ``objective`` is ½‖M − L − C‖_F² + μ(‖L‖_* + λΣ‖C_k‖_F).
@@ -63,7 +64,8 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6):
     mu = jnp.asarray(mu, dtype)
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
-    mu_start = jnp.maximum(jnp.linalg.norm(m_stacked, ord=2), mu)
+    spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
+    mu_start = jnp.maximum(spectral, mu)
     min_pq = min(m_stacked.shape)
 
     def prox_grad(y, mu_now):
