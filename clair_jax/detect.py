@@ -119,14 +119,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     def one_round(state, _):
         current = state.benign
         u, sv = refine.benign_spectrum(blocks, current)
-        r = rank_fn(sv, current)
-        # A shared direction is spread over clients: one that a single client
-        # dominates (more than half its energy) is that client's own, e.g. an
-        # absorbed rank-one attack, and must not shelter it from the test.
-        per_client = jnp.square(jnp.einsum("pm,kpq->kmq", u, jnp.where(current[:, None, None], blocks, 0.0))).sum(-1)
-        dominated = jnp.max(per_client, axis=0) > 0.5 * jnp.maximum(jnp.sum(per_client, axis=0), jnp.finfo(blocks.dtype).tiny)
-        basis = jnp.where((jnp.arange(u.shape[-1]) < r) & ~dominated, u, 0.0)
-        r = jnp.sum((jnp.arange(u.shape[-1]) < r) & ~dominated).astype(jnp.int32)
+        basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
         energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
         m = _masked_median(energy, current)

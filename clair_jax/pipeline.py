@@ -135,9 +135,13 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     pick = lambda a: a[best]  # noqa: E731
     sol = jax.tree_util.tree_map(pick, sols)
     score = scores[best]
+    # rank(L̂) at the chosen λ caps r̂: SVT at the noise level has removed the
+    # noise, and contamination sits in Ĉ, so a contaminated client that slips
+    # into the set cannot add its own directions to the subspace.
+    rank_cap = jnp.sum(sol.singular_values > 0).astype(jnp.int32)
     benign = splits.benign[best] if threshold is None else usable & (score <= threshold)
     if refit:
-        rank_fn = (lambda sv, b: refine.select_rank(sv, b, p, q)[0]) if rank is None else (lambda sv, b: jnp.asarray(rank))
+        rank_fn = (lambda sv, b: jnp.minimum(refine.select_rank(sv, b, p, q)[0], rank_cap)) if rank is None else (lambda sv, b: jnp.asarray(rank))
         test = detect.residual_test(blocks, benign, usable, rank_fn, z_crit=z_crit, rel_floor=_rel_floor(x.dtype), rounds=3, dims=dims)
         benign, z = test.benign, test.z
     else:
@@ -156,7 +160,7 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         lam=lams[best],
         mu=mu * scale,
     )
-    return benign, score, z, dec, sigma_n * scale
+    return benign, score, z, dec, sigma_n * scale, rank_cap
 
 
 @functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims"))
@@ -170,13 +174,16 @@ def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
-def _spectrum_all(blocks, benign, *, rank, margin, dims):
-    def one(b, s):
+def _spectrum_all(blocks, benign, rank_cap, *, rank, margin, dims):
+    def one(b, s, cap):
         u, sv = refine.benign_spectrum(b, s)
-        r = refine.select_rank(sv, s, *dims, margin)[0] if rank is None else jnp.asarray(rank)
-        return u, jnp.minimum(r, jnp.sum(sv > 0)).astype(jnp.int32)
+        r = jnp.minimum(refine.select_rank(sv, s, *dims, margin)[0], cap) if rank is None else jnp.asarray(rank)
+        r = jnp.minimum(r, jnp.sum(sv > 0))
+        if rank is None:  # a user-given rank is taken as is
+            return refine.shared_basis(u, r, b, s)
+        return refine.subspace(u, r), r.astype(jnp.int32)
 
-    return jax.vmap(one)(blocks, benign)
+    return jax.vmap(one)(blocks, benign, rank_cap)
 
 
 # ------------------------------------------------------------------ public API
@@ -226,7 +233,8 @@ def clair(
        refit test of each client's off-subspace energy then confirms or corrects;
     4. the client-level verdict is the majority over problems;
     5. Û = leading r̂ left singular vectors of the stacked benign updates, r̂ from
-       the noise edge of their spectrum; Θ̃_k = Û Ûᵀ Θ̂_k for benign k.
+       the noise edge of their spectrum, at most rank(L̂), and only directions
+       shared by several clients; Θ̃_k = Û Ûᵀ Θ̂_k for benign k.
 
     Args:
         updates: (..., K, p, q) array of client updates, or :class:`LoRAFactors`
@@ -302,7 +310,7 @@ def clair(
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if lam is None else [lam], dtype)
     has_sigma = not isinstance(noise, str)
     sigma = jnp.full((n_problems,), float(noise) if has_sigma else 0.0, dtype)
-    benign, scores, z, dec, sigma_hat = _detect_all(
+    benign, scores, z, dec, sigma_hat, rank_cap = _detect_all(
         blocks, usable, lams, sigma, jnp.asarray(threshold or 0.0, dtype),
         tol=float(tol), max_iter=max_iter, min_gap=min_gap,
         has_sigma=has_sigma, has_threshold=threshold is not None,
@@ -316,9 +324,9 @@ def clair(
     client_benign = client_usable & (2 * jnp.sum(benign, axis=0) > n_problems)
     used = jnp.broadcast_to(client_benign, benign.shape) if n_problems > 1 else benign
 
-    u, ranks = _spectrum_all(blocks, used, rank=rank, margin=1.2, dims=dims)
+    u, ranks = _spectrum_all(blocks, used, rank_cap, rank=rank, margin=1.2, dims=dims)
     r_max = max(int(jnp.max(ranks)), 1)
-    basis = jax.vmap(refine.subspace)(u[..., :r_max], ranks)
+    basis = u[..., :r_max]  # kept columns come first, the rest are zero
 
     if factored:
         full_basis = jnp.einsum("npd,ndr->npr", reduced.basis, basis)

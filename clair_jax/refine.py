@@ -14,7 +14,7 @@ import numpy as np
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import marchenko_pastur_median, pad_spectrum
 
-__all__ = ["benign_spectrum", "select_rank", "subspace", "project"]
+__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project"]
 
 
 def benign_spectrum(blocks, benign):
@@ -55,6 +55,26 @@ def select_rank(singular_values, benign, p, q, margin=1.2):
     floor = jnp.sqrt(eps) * singular_values[0]
     rank = jnp.sum(live & (singular_values > jnp.maximum(edge, floor)))
     return jnp.maximum(rank, jnp.where(singular_values[0] > 0, 1, 0)), sigma
+
+
+def shared_basis(u, rank, blocks, benign, max_share=0.5):
+    """The first ``rank`` columns of u that are *shared*, compacted to the front.
+
+    A direction carrying more than ``max_share`` of its energy from a single
+    benign client is that client's own (an absorbed rank-one attack, an
+    outlier) rather than a shared one: it is dropped, so it cannot shelter its
+    owner from detection nor enter everyone's refinement.
+
+    Returns:
+        (basis with kept columns first and the rest zero, number kept).
+    """
+    masked = jnp.where(benign[:, None, None], blocks, 0.0)
+    per_client = jnp.square(jnp.einsum("pm,kpq->kmq", u, masked)).sum(-1)   # (K, m)
+    total = jnp.maximum(jnp.sum(per_client, axis=0), jnp.finfo(u.dtype).tiny)
+    keep = (jnp.arange(u.shape[-1]) < rank) & (jnp.max(per_client, axis=0) <= max_share * total)
+    order = jnp.argsort(~keep, stable=True)                                # kept columns first
+    kept = jnp.sum(keep).astype(jnp.int32)
+    return subspace(u[:, order], kept), kept
 
 
 def subspace(u, rank):
