@@ -138,7 +138,10 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     # rank(L̂) at the chosen λ caps r̂: SVT at the noise level has removed the
     # noise, and contamination sits in Ĉ, so a contaminated client that slips
     # into the set cannot add its own directions to the subspace.
-    rank_cap = jnp.sum(sol.singular_values > 0).astype(jnp.int32)
+    # Taken at the chosen λ and the next one up: at the smallest clean λ a weak
+    # benign direction may still be shrunk away.
+    ranks_l = jnp.sum(sols.singular_values > 0, axis=-1)
+    rank_cap = jnp.maximum(ranks_l[best], ranks_l[jnp.minimum(best + 1, lams.shape[0] - 1)]).astype(jnp.int32)
     benign = splits.benign[best] if threshold is None else usable & (score <= threshold)
     if refit:
         rank_fn = (lambda sv, b: jnp.minimum(refine.select_rank(sv, b, p, q)[0], rank_cap)) if rank is None else (lambda sv, b: jnp.asarray(rank))
@@ -231,7 +234,8 @@ def clair(
     3. scores s_k = ‖Ĉ_k‖_F/‖Θ̂_k‖_F; the λ whose scores split most clearly (widest
        gap leaving a benign majority) gives a first collaborative set, which a
        refit test of each client's off-subspace energy then confirms or corrects;
-    4. the client-level verdict is the majority over problems;
+    4. the client-level verdict: benign in most problems and a mean score that
+       does not split off from the others;
     5. Û = leading r̂ left singular vectors of the stacked benign updates, r̂ from
        the noise edge of their spectrum, at most rank(L̂), and only directions
        shared by several clients; Θ̃_k = Û Ûᵀ Θ̂_k for benign k.
@@ -317,11 +321,17 @@ def clair(
         refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
     )
 
-    # Client-level verdict: a client is benign where it is benign in most problems
-    # (each problem's verdict already combines scores and the refit test).
+    # Client-level verdict, two kinds of evidence: flagged in most problems, or a
+    # mean score over problems that splits off from the rest (contamination
+    # confined to a few modules, e.g. only the value projections, shows there).
     client_usable = jnp.all(usable, axis=0)
     client_scores = jnp.mean(scores, axis=0)
-    client_benign = client_usable & (2 * jnp.sum(benign, axis=0) > n_problems)
+    by_vote = 2 * jnp.sum(benign, axis=0) > n_problems
+    if threshold is not None:
+        by_score = client_scores <= threshold
+    else:
+        by_score = detect.split_scores(client_scores, client_usable, min_gap).benign
+    client_benign = client_usable & by_vote & by_score
     used = jnp.broadcast_to(client_benign, benign.shape) if n_problems > 1 else benign
 
     u, ranks = _spectrum_all(blocks, used, rank_cap, rank=rank, margin=1.2, dims=dims)
