@@ -70,7 +70,7 @@ def test_rule():
 
 @pytest.mark.parametrize("program", ["exact", "penalized"])
 def test_fast_svt_solver_same_verdicts_and_refined(program):
-    """Fast-SVT solver path (PATCH_fast_svt.diff) = dense full-SVD path, to tolerance."""
+    """Fast-SVT solver path (svt_budget) = dense full-SVD path, to tolerance."""
     from benchmarks._common import make_blocks
     from benchmarks._fast_solvers import fast_solvers
     from clair_jax.stack import to_stacked

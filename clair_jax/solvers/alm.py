@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax.linalg import init_subspace, partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer
 from clair_jax.stack import from_stacked, to_stacked
@@ -38,9 +39,11 @@ class _State(NamedTuple):
     singular_values: jax.Array
     primal_residual: jax.Array
     dual_residual: jax.Array
+    svt_state: object          # linalg.SubspaceState with the partial SVT, else None
 
 
-def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spectral_norm=None):
+def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spectral_norm=None,
+                svt_budget=None, axis_name=None):
     """Solve the exact program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -50,6 +53,9 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         max_iter: iteration cap.
         rho_growth: factor by which the penalty parameter ρ moves when rebalancing.
         balance: ρ moves when one residual exceeds the other by this factor.
+        svt_budget: None for the full-SVD SVT; an int k for the warm-started rank-k
+            partial SVT of :mod:`clair_jax.linalg` (certified, falls back to the full SVD).
+        axis_name: enclosing vmap axis name, to pool the partial SVT's fallback decision.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
@@ -71,9 +77,14 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         done = (s.primal_residual < tol) & (s.dual_residual < tol)
         return (s.step < max_iter) & ~done & ((s.step == 0) | jnp.isfinite(s.primal_residual))
 
+    def svt_step(x, tau, svt_state):
+        if svt_budget is None:
+            return svt_with_spectrum(x, tau), svt_state
+        return partial_svt_with_spectrum(x, tau, svt_state, axis_name=axis_name)
+
     def body(s):
-        low_rank_stacked, sv = svt_with_spectrum(
-            m_stacked - to_stacked(s.sparse) + to_stacked(s.dual) / s.rho, 1.0 / s.rho
+        (low_rank_stacked, sv), svt_state = svt_step(
+            m_stacked - to_stacked(s.sparse) + to_stacked(s.dual) / s.rho, 1.0 / s.rho, s.svt_state
         )
         low_rank = from_stacked(low_rank_stacked, num_clients)
         sparse = block_soft_threshold(blocks - low_rank + s.dual / s.rho, lam / s.rho)
@@ -85,7 +96,7 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         # within a factor of each other so that neither stalls.
         rho = jnp.where(primal_res > balance * dual_res, s.rho * rho_growth,
                         jnp.where(dual_res > balance * primal_res, s.rho / rho_growth, s.rho))
-        return _State(s.step + 1, low_rank, sparse, dual, rho, sv, primal_res, dual_res)
+        return _State(s.step + 1, low_rank, sparse, dual, rho, sv, primal_res, dual_res, svt_state)
 
     inf = jnp.asarray(jnp.inf, dtype)
     init = _State(
@@ -97,6 +108,7 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         singular_values=jnp.zeros((min_pq,), dtype),
         primal_residual=inf,
         dual_residual=inf,
+        svt_state=None if svt_budget is None else init_subspace(m_stacked.shape, svt_budget, dtype),
     )
     s = jax.lax.while_loop(cond, body, init)
     converged = (s.primal_residual < tol) & (s.dual_residual < tol)

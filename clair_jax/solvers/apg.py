@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax.linalg import init_subspace, partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer
 from clair_jax.stack import from_stacked, to_stacked
@@ -41,9 +42,11 @@ class _State(NamedTuple):
     singular_values: jax.Array
     primal_residual: jax.Array
     dual_residual: jax.Array
+    svt_state: object          # linalg.SubspaceState with the partial SVT, else None
 
 
-def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectral_norm=None):
+def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectral_norm=None,
+                    svt_budget=None, axis_name=None):
     """Solve the penalised program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -53,6 +56,9 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         tol: relative tolerance on the prox-gradient step and the change in L.
         max_iter: iteration cap (continuation stages included).
         continuation: factor by which μ shrinks per step until it reaches ``mu``.
+        svt_budget: None for the full-SVD SVT; an int k for the warm-started rank-k
+            partial SVT of :mod:`clair_jax.linalg` (certified, falls back to the full SVD).
+        axis_name: enclosing vmap axis name, to pool the partial SVT's fallback decision.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
@@ -68,10 +74,15 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     mu_start = jnp.maximum(spectral, mu)
     min_pq = min(m_stacked.shape)
 
-    def prox_grad(y, mu_now):
+    def prox_grad(y, mu_now, svt_state):
         sparse = block_soft_threshold(blocks - y, mu_now * lam)
-        low_rank_stacked, sv = svt_with_spectrum(m_stacked - to_stacked(sparse), mu_now)
-        return from_stacked(low_rank_stacked, num_clients), sv
+        x = m_stacked - to_stacked(sparse)
+        if svt_budget is None:
+            (low_rank_stacked, sv) = svt_with_spectrum(x, mu_now)
+        else:
+            (low_rank_stacked, sv), svt_state = partial_svt_with_spectrum(
+                x, mu_now, svt_state, axis_name=axis_name)
+        return from_stacked(low_rank_stacked, num_clients), sv, svt_state
 
     def cond(s):
         done = (s.mu <= mu) & (s.primal_residual < tol) & (s.dual_residual < tol)
@@ -80,7 +91,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     def body(s):
         beta = (s.momentum - 1.0) / (0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
         y = s.low_rank + beta * (s.low_rank - s.previous)
-        new, sv = prox_grad(y, s.mu)
+        new, sv, svt_state = prox_grad(y, s.mu, s.svt_state)
         step_res = safe_frobenius_norm(to_stacked(new - y)) / m_norm
         change = safe_frobenius_norm(to_stacked(new - s.low_rank)) / m_norm
         # Restart momentum when the step points against it, or when μ moves on.
@@ -89,7 +100,8 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         restart = against | (next_mu < s.mu)
         t_next = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
         return _State(
-            s.step + 1, new, s.low_rank, t_next.astype(dtype), next_mu, sv, step_res, change
+            s.step + 1, new, s.low_rank, t_next.astype(dtype), next_mu, sv, step_res, change,
+            svt_state,
         )
 
     inf = jnp.asarray(jnp.inf, dtype)
@@ -103,6 +115,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         singular_values=jnp.zeros((min_pq,), dtype),
         primal_residual=inf,
         dual_residual=inf,
+        svt_state=None if svt_budget is None else init_subspace(m_stacked.shape, svt_budget, dtype),
     )
     s = jax.lax.while_loop(cond, body, init)
     sparse = block_soft_threshold(blocks - s.low_rank, mu * lam)
