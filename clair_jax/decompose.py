@@ -87,7 +87,8 @@ def solve_one(blocks, lam, mu, *, exact, tol, max_iter):
         block_norms=safe_frobenius_norm(sparse),
         singular_values=out.singular_values * scale,
         iterations=out.iterations,
-        converged=out.converged & jnp.isfinite(objective),
+        # Non-finite data become a flag, never a silent "converged".
+        converged=out.converged & jnp.isfinite(objective) & jnp.all(jnp.isfinite(blocks)),
         objective=objective,
         primal_residual=out.primal_residual,
         dual_residual=out.dual_residual,
