@@ -6,7 +6,7 @@ import pytest
 
 from clair_jax import cli
 from clair_jax.experiments.mlp import run_mlp
-from clair_jax.experiments.regression import run_regression
+from clair_jax.experiments.regression import flagged_by_kind, run_regression
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,16 @@ def test_regression_ranks_clair_ahead_of_local_and_fedavg(regression_result):
     assert m["clair"]["excess_mse"] < 0.5 * m["local"]["excess_mse"]
     # No benign client lost to a false alarm in this easy setting.
     assert regression_result["clair"]["fpr"] == 0.0
+    by_kind = regression_result["clair"]["flagged_by_kind"]
+    assert by_kind["benign"] == 0.0
+    assert set(by_kind) <= {"benign", "arbitrary", "shuffled", "other_task", "heavy_noise", "sign_flip"}
+
+
+def test_flagged_by_kind_counts_by_hand():
+    verdict = [True, False, True, False, False, True]
+    benign = [True, True, False, False, False, True]
+    kinds = ["none", "none", "shuffled", "shuffled", "sign_flip", "none"]
+    assert flagged_by_kind(verdict, benign, kinds) == {"benign": 1 / 3, "shuffled": 0.5, "sign_flip": 1.0}
 
 
 def test_mlp_ranks_clair_ahead_of_local_and_fedavg():

@@ -155,6 +155,14 @@ def test_base_training_lowers_loss(small_federation):
     assert losses[-1] < 0.2 * losses[0]
 
 
+def test_poison_kinds_match_the_collaborative_set(small_federation):
+    kinds = np.asarray(small_federation.poison_kinds)
+    benign = np.asarray(small_federation.benign)
+    assert kinds.shape == benign.shape
+    assert np.all(kinds[benign] == "none")
+    assert set(kinds[~benign]) <= set(M.MLP_POISON_KINDS) and len(set(kinds[~benign])) == (~benign).sum()
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fine_tuning_lowers_every_clients_training_loss(small_federation, mode):
     fed = small_federation

@@ -391,6 +391,8 @@ class MLPFederation(NamedTuple):
         x_test, y_test: (K, n_test, d), (K, n_test, out) clean held-out data.
         noise: label-noise standard deviation.
         base_losses: training-loss curve of the base model.
+        poison_kinds: (K,) tuple, the poisoning kind of each client ("none" for
+            benign clients, else one of :data:`MLP_POISON_KINDS`).
     """
 
     params: dict
@@ -404,6 +406,7 @@ class MLPFederation(NamedTuple):
     y_test: jax.Array
     noise: float
     base_losses: jax.Array
+    poison_kinds: tuple = ()
 
 
 def make_mlp_federation(
@@ -530,6 +533,7 @@ def make_mlp_federation(
         y_test=as32(yt),
         noise=float(noise),
         base_losses=base_losses,
+        poison_kinds=tuple(kind_of.get(i, "none") for i in range(k)),
     )
 
 

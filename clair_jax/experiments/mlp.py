@@ -19,7 +19,7 @@ import numpy as np
 
 import clair_jax as cj
 from clair_jax.estimators import mlp as M
-from clair_jax.experiments.regression import _log, evaluate_methods, table
+from clair_jax.experiments.regression import _log, evaluate_methods, flagged_by_kind, table
 
 __all__ = ["run_mlp", "add_arguments", "run"]
 
@@ -113,6 +113,7 @@ def run_mlp(
             "tpr": float(rates["tpr"]), "fpr": float(rates["fpr"]),
             "rank": np.asarray(result.rank).tolist(), "lam": np.asarray(result.lam).tolist(),
             "converged": bool(np.all(np.asarray(result.converged))),
+            "flagged_by_kind": flagged_by_kind(result.client_benign, benign, fed.poison_kinds),
         },
         "train_loss": {
             "initial": float(ft.initial_loss[benign].mean()), "final": float(ft.final_loss[benign].mean())

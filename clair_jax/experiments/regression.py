@@ -25,7 +25,7 @@ import numpy as np
 import clair_jax as cj
 from clair_jax.estimators import regression as R
 
-__all__ = ["run_regression", "evaluate_methods", "format_table", "add_arguments", "run"]
+__all__ = ["run_regression", "evaluate_methods", "flagged_by_kind", "format_table", "add_arguments", "run"]
 
 #: Contamination kinds cycled through the contaminated clients.
 REGRESSION_POISONS = ("none", "shuffled", "other_task", "heavy_noise", "sign_flip")
@@ -176,12 +176,34 @@ def run_regression(
             "tpr": float(rates["tpr"]), "fpr": float(rates["fpr"]),
             "rank": np.asarray(result.rank).tolist(), "lam": np.asarray(result.lam).tolist(),
             "converged": bool(np.all(np.asarray(result.converged))),
+            "flagged_by_kind": flagged_by_kind(
+                result.client_benign, benign, np.where(kinds == "none", "arbitrary", kinds)
+            ),
         },
         "noise_floor": noise**2,
         "seconds": time.perf_counter() - t0,
     }
     _log(f"[regression] done in {out['seconds']:.1f}s", verbose)
     return out
+
+
+def flagged_by_kind(client_benign, benign, kinds):
+    """Fraction of the clients of each kind that CLAIR flags contaminated.
+
+    Args:
+        client_benign: (K,) bool verdict of CLAIR.
+        benign: (K,) bool true collaborative set.
+        kinds: (K,) poisoning kind of each client (ignored for benign clients).
+
+    Returns:
+        dict: "benign" → false-alarm rate, then each contaminated kind (in order of
+        first appearance) → detection rate.
+    """
+    flagged = ~np.asarray(client_benign, bool)
+    benign = np.asarray(benign, bool)
+    labels = np.where(benign, "benign", np.asarray(kinds, dtype=object))
+    return {str(kd): float(flagged[labels == kd].mean()) for kd in dict.fromkeys(["benign", *labels.tolist()])
+            if np.any(labels == kd)}
 
 
 def table(out):
