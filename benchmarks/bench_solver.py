@@ -23,7 +23,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see README: avoids BLAS oversubscription
 
 import numpy as np
 
