@@ -89,7 +89,7 @@ class ResidualTest(NamedTuple):
     rank: jax.Array        # r̂ used for the subspace
 
 
-def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None):
+def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None, columns=None):
     """Refit check of a collaborative set (stage 4b).
 
     Û from the current set, then every client's off-subspace energy
@@ -110,10 +110,13 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         rel_floor: relative energy below which a residual is rounding.
         rounds: refits (each uses the previous round's set).
         dims: dense (p, q) when ``blocks`` is an exact LoRA reduction.
+        columns: (K,) noise columns per block (:func:`clair_jax.tuning.effective_columns`);
+            default q each.
     """
     k, p, q = blocks.shape
     p, q = (p, q) if dims is None else dims
     norms2 = jnp.sum(jnp.square(blocks), axis=(-2, -1))
+    cols = jnp.full((k,), q) if columns is None else columns
     from clair_jax import refine  # local import: refine imports tuning, not detect
 
     def one_round(state, _):
@@ -124,7 +127,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
         m = _masked_median(energy, current)
         mad = _masked_median(jnp.abs(energy - m), current)
-        dof = jnp.maximum((p - r) * q, 1).astype(blocks.dtype)
+        dof = jnp.maximum((p - r) * _masked_median(cols, current), 1).astype(blocks.dtype)
         s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
         z = (energy - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
         keep = usable & (energy <= m + z_crit * s + rel_floor * norms2)

@@ -22,13 +22,17 @@ from clair_jax.solvers import solve_penalized
 from clair_jax.solvers.common import default_tolerance
 from clair_jax.stack import orient
 
-__all__ = ["ClairResult", "clair", "NORM_CLIP"]
+__all__ = ["ClairResult", "clair", "NORM_CLIP", "STACK_NOISE_RATIO"]
 
 #: Blocks larger than NORM_CLIP × the median client norm are scaled down to it
 #: before the decomposition. Scaling a block keeps its column space, so the
 #: low-rank + block-sparse structure is unchanged, but one huge update can no
 #: longer dominate ‖M‖_2 and hide everyone else below the solver tolerance.
 NORM_CLIP = 2.0
+
+#: A second detection pass runs at the benign stack's noise level when it is
+#: this many times the per-client estimate (see ``clair``).
+STACK_NOISE_RATIO = 1.5
 
 
 class ClairResult(NamedTuple):
@@ -108,9 +112,9 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     ``dims`` is the dense (p, q): for an exact LoRA reduction every data-driven
     rule is evaluated as on the dense blocks, so factors and dense input agree.
     """
-    k = blocks.shape[0]
     p, q = dims
     blocks = jnp.where(usable[:, None, None], blocks, 0.0)
+    cols = tuning.effective_columns(blocks, dims)
     weights = _equalise(blocks, usable)
     x = blocks * weights[:, None, None]
     scale = spectral_scale(x)
@@ -119,7 +123,9 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         sigma_n = tuning.noise_level(x, usable, dims=dims)
     else:  # user's σ, in the input's units; equalisation only shrinks outliers
         sigma_n = jnp.asarray(sigma, x.dtype) / scale
-    mu = jnp.maximum(sigma_n * float(np.sqrt(p) + np.sqrt(k * q)), _mu_floor(x.dtype))
+    # μ = σ̂·‖noise‖₂ of the stack: √p + √(number of noise columns), Kq for full-rank blocks.
+    width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
+    mu = jnp.maximum(sigma_n * (float(np.sqrt(p)) + jnp.sqrt(width)), _mu_floor(x.dtype))
 
     sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0))(lams)
     scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
@@ -144,8 +150,9 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     rank_cap = jnp.maximum(ranks_l[best], ranks_l[jnp.minimum(best + 1, lams.shape[0] - 1)]).astype(jnp.int32)
     benign = splits.benign[best] if threshold is None else usable & (score <= threshold)
     if refit:
-        rank_fn = (lambda sv, b: jnp.minimum(refine.select_rank(sv, b, p, q)[0], rank_cap)) if rank is None else (lambda sv, b: jnp.asarray(rank))
-        test = detect.residual_test(blocks, benign, usable, rank_fn, z_crit=z_crit, rel_floor=_rel_floor(x.dtype), rounds=3, dims=dims)
+        rank_fn = (lambda sv, b: jnp.minimum(refine.select_rank(sv, b, p, q, columns=cols)[0], rank_cap)) if rank is None else (lambda sv, b: jnp.asarray(rank))
+        test = detect.residual_test(blocks, benign, usable, rank_fn, z_crit=z_crit, rel_floor=_rel_floor(x.dtype), rounds=3,
+                                    dims=dims, columns=cols)
         benign, z = test.benign, test.z
     else:
         z = jnp.zeros_like(score)
@@ -163,7 +170,9 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         lam=lams[best],
         mu=mu * scale,
     )
-    return benign, score, z, dec, sigma_n * scale, rank_cap
+    # Noise level of the benign stack itself (see ``clair``: the second pass).
+    sigma_stack = refine.select_rank(refine.benign_spectrum(blocks, benign)[1], benign, p, q, columns=cols)[1]
+    return benign, score, z, dec, sigma_n * scale, rank_cap, cols, sigma_stack
 
 
 @functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims"))
@@ -177,16 +186,16 @@ def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
-def _spectrum_all(blocks, benign, rank_cap, *, rank, margin, dims):
-    def one(b, s, cap):
+def _spectrum_all(blocks, benign, rank_cap, columns, *, rank, margin, dims):
+    def one(b, s, cap, cols):
         u, sv = refine.benign_spectrum(b, s)
-        r = jnp.minimum(refine.select_rank(sv, s, *dims, margin)[0], cap) if rank is None else jnp.asarray(rank)
+        r = jnp.minimum(refine.select_rank(sv, s, *dims, margin, columns=cols)[0], cap) if rank is None else jnp.asarray(rank)
         r = jnp.minimum(r, jnp.sum(sv > 0))
         if rank is None:  # a user-given rank is taken as is
             return refine.shared_basis(u, r, b, s)
         return refine.subspace(u, r), r.astype(jnp.int32)
 
-    return jax.vmap(one)(blocks, benign, rank_cap)
+    return jax.vmap(one)(blocks, benign, rank_cap, columns)
 
 
 # ------------------------------------------------------------------ public API
@@ -229,13 +238,16 @@ def clair(
     1. clients whose update holds NaN/Inf are flagged and zeroed; blocks far above
        the median norm are scaled down (their column space is kept);
     2. the penalised decomposition ½‖M − L − C‖² + μ(‖L‖_* + λΣ‖C_k‖_F) is solved for
-       a grid of λ at μ = σ̂(√p + √(Kq)), σ̂ the robust noise level of
-       :func:`clair_jax.tuning.noise_level`;
+       a grid of λ at μ = σ̂(√p + √n), σ̂ the robust noise level of
+       :func:`clair_jax.tuning.noise_level` and n the stack's noise columns
+       (Kq for full-rank blocks, Σ rank_k for LoRA updates); if the benign stack
+       is much noisier than σ̂ said (rank-deficient updates), steps 2–3 run again
+       at the stack's noise level;
     3. scores s_k = ‖Ĉ_k‖_F/‖Θ̂_k‖_F; the λ whose scores split most clearly (widest
        gap leaving a benign majority) gives a first collaborative set, which a
        refit test of each client's off-subspace energy then confirms or corrects;
-    4. the client-level verdict: benign in most problems and a mean score that
-       does not split off from the others;
+    4. the client-level verdict: benign in most problems, a mean score that does
+       not split off from the others, and a mean refit z at most ``z_crit``;
     5. Û = leading r̂ left singular vectors of the stacked benign updates, r̂ from
        the noise edge of their spectrum, at most rank(L̂), and only directions
        shared by several clients; Θ̃_k = Û Ûᵀ Θ̂_k for benign k.
@@ -314,12 +326,22 @@ def clair(
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if lam is None else [lam], dtype)
     has_sigma = not isinstance(noise, str)
     sigma = jnp.full((n_problems,), float(noise) if has_sigma else 0.0, dtype)
-    benign, scores, z, dec, sigma_hat, rank_cap = _detect_all(
-        blocks, usable, lams, sigma, jnp.asarray(threshold or 0.0, dtype),
-        tol=float(tol), max_iter=max_iter, min_gap=min_gap,
-        has_sigma=has_sigma, has_threshold=threshold is not None,
+    detect_all = functools.partial(
+        _detect_all, blocks, usable, lams, threshold=jnp.asarray(threshold or 0.0, dtype),
+        tol=float(tol), max_iter=max_iter, min_gap=min_gap, has_threshold=threshold is not None,
         refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
     )
+    benign, scores, z, dec, sigma_hat, rank_cap, cols, sigma_stack = detect_all(sigma, has_sigma=has_sigma)
+    if not has_sigma:
+        # Second pass when the benign stack is much noisier than the per-client
+        # estimate said. That happens for rank-deficient updates (LoRA: each
+        # client's error lives in its own r directions, so every block looks
+        # noiseless on its own, yet the benign clients' directions disagree).
+        # Noiseless low-rank data passes untouched: its benign stack has no bulk.
+        second = sigma_stack > STACK_NOISE_RATIO * sigma_hat
+        if bool(jnp.any(second)):
+            sigma2 = jnp.where(second, sigma_stack, sigma_hat)
+            benign, scores, z, dec, sigma_hat, rank_cap, cols, _ = detect_all(sigma2, has_sigma=True)
 
     # Client-level verdict, two kinds of evidence: flagged in most problems, or a
     # mean score over problems that splits off from the rest (contamination
@@ -327,14 +349,17 @@ def clair(
     client_usable = jnp.all(usable, axis=0)
     client_scores = jnp.mean(scores, axis=0)
     by_vote = 2 * jnp.sum(benign, axis=0) > n_problems
+    # Refit evidence pooled over problems: mean z above z_crit is contamination
+    # even when no single problem is sure (weak, consistent excess energy).
+    by_z = (jnp.mean(z, axis=0) <= z_crit) | (n_problems == 1)
     if threshold is not None:
         by_score = client_scores <= threshold
     else:
         by_score = detect.split_scores(client_scores, client_usable, min_gap).benign
-    client_benign = client_usable & by_vote & by_score
+    client_benign = client_usable & by_vote & by_score & by_z
     used = jnp.broadcast_to(client_benign, benign.shape) if n_problems > 1 else benign
 
-    u, ranks = _spectrum_all(blocks, used, rank_cap, rank=rank, margin=1.2, dims=dims)
+    u, ranks = _spectrum_all(blocks, used, rank_cap, cols, rank=rank, margin=1.2, dims=dims)
     r_max = max(int(jnp.max(ranks)), 1)
     basis = u[..., :r_max]  # kept columns come first, the rest are zero
 

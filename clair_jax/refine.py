@@ -9,10 +9,9 @@ own coefficients inside the subspace are kept. Contaminated clients keep Θ̂_k.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from clair_jax.stack import to_stacked
-from clair_jax.tuning import marchenko_pastur_median, pad_spectrum
+from clair_jax.tuning import pad_spectrum, stack_noise_level
 
 __all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project"]
 
@@ -24,36 +23,27 @@ def benign_spectrum(blocks, benign):
     return u, s
 
 
-def select_rank(singular_values, benign, p, q, margin=1.2):
+def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
     """r̂ = number of singular values above the noise edge of the benign stack.
 
-    The benign stack is p × |Ŝ|q; its noise σ̂ comes from the median singular value
-    (Gavish–Donoho, valid while r < min(p, |Ŝ|q)/2), and a singular value is signal
-    when it exceeds ``margin``·σ̂(√p + √(|Ŝ|q)), the largest a pure-noise one reaches.
-    A relative floor of √eps·max(p, Kq)·s_1 stands in for the noise edge in
-    noiseless data. Zero columns (the contaminated blocks) are excluded from the
-    median.
+    The benign stack is p × n with n = Σ_{k∈Ŝ} columns_k (|Ŝ|q for full-rank
+    blocks, see :func:`clair_jax.tuning.effective_columns`); its noise σ̂ comes from
+    the median singular value (Gavish–Donoho, valid while r < min(p, n)/2), and a
+    singular value is signal when it exceeds ``margin``·σ̂(√p + √n), the largest a
+    pure-noise one reaches. A relative floor of √eps·s_1 stands in for the
+    noise edge in noiseless data.
+
+    Returns:
+        (r̂, σ̂).
     """
     singular_values = pad_spectrum(singular_values, min(p, benign.shape[0] * q))
-    n_benign = jnp.maximum(jnp.sum(benign), 1)
-    n_cols = n_benign * q
-    rank_limit = jnp.minimum(p, n_cols)
-    # Median of the first min(p, |Ŝ|q) singular values (the others are structural zeros).
-    idx = jnp.arange(singular_values.shape[-1])
-    live = idx < rank_limit
-    ordered = jnp.sort(jnp.where(live, singular_values, jnp.inf))
-    median = ordered[(rank_limit - 1) // 2]
-    m_small = jnp.minimum(p, n_cols).astype(singular_values.dtype)
-    n_large = jnp.maximum(p, n_cols).astype(singular_values.dtype)
-    # μ_β depends on the (traced) number of benign clients: interpolate a table.
-    betas = np.linspace(0.01, 1.0, 100)
-    table = jnp.asarray([marchenko_pastur_median(b) for b in betas], singular_values.dtype)
-    mp = jnp.interp(m_small / n_large, jnp.asarray(betas, singular_values.dtype), table)
-    sigma = median / jnp.sqrt(n_large * mp)
-    edge = margin * sigma * (jnp.sqrt(jnp.asarray(p, singular_values.dtype)) + jnp.sqrt(n_cols.astype(singular_values.dtype)))
+    cols = jnp.full(benign.shape, q) if columns is None else columns
+    n_cols = jnp.sum(jnp.where(benign, cols, 0))
+    sigma, edge_factor = stack_noise_level(singular_values, p, n_cols)
+    live = jnp.arange(singular_values.shape[-1]) < jnp.minimum(p, jnp.maximum(n_cols, 1))
     eps = jnp.finfo(singular_values.dtype).eps
     floor = jnp.sqrt(eps) * singular_values[0]
-    rank = jnp.sum(live & (singular_values > jnp.maximum(edge, floor)))
+    rank = jnp.sum(live & (singular_values > jnp.maximum(margin * sigma * edge_factor, floor)))
     return jnp.maximum(rank, jnp.where(singular_values[0] > 0, 1, 0)), sigma
 
 

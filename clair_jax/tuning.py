@@ -12,7 +12,10 @@ Why these rules (DESIGN.md §2):
   then the median over clients is insensitive to contamination (fewer than half
   the clients) and to a shared rank below half the block's smaller side.
 * μ = σ̂ (√p + √(Kq)) is the spectral norm of the noise: singular values of M
-  below it are noise and SVT removes them.
+  below it are noise and SVT removes them. For rank-deficient blocks (LoRA
+  updates) Kq becomes the number of noise columns Σ_k rank_k
+  (:func:`effective_columns`), and σ̂ is read off the benign stack
+  (:func:`stack_noise_level`), since each block alone looks noiseless.
 * λ. A benign block leaves C exactly when its residual ‖E_k‖_F ≈ σ√(pq) is below
   μλ, i.e. λ ≳ √(pq)/(√p + √(Kq)); a contaminated block stays out of L while λ is
   below its nuclear-to-Frobenius ratio (1 for rank one, up to √q for full rank).
@@ -28,7 +31,10 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["marchenko_pastur_median", "noise_level", "lambda_grid", "noise_lambda", "pad_spectrum"]
+__all__ = [
+    "marchenko_pastur_median", "noise_level", "effective_columns", "stack_noise_level",
+    "lambda_grid", "noise_lambda", "pad_spectrum",
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +88,47 @@ def noise_level(blocks, usable=None, dims=None):
     stacked = jnp.transpose(blocks, (1, 0, 2)).reshape(p_red, k * q_red)
     sv = pad_spectrum(jnp.linalg.svd(stacked, compute_uv=False), min(p, k * q))
     return _gavish_donoho(sv, p, k * q)
+
+
+def effective_columns(blocks, dims=None):
+    """(K,) columns each block adds to the stacked matrix, for the noise model.
+
+    A full-rank block carries isotropic noise in all its q columns. A block of
+    rank c < min(p, q) (a LoRA update B_k A_k) is a p × c matrix in disguise:
+    its estimation error lives in its own c directions, so it adds c columns of
+    noise to the stack, not q. Noiseless low-rank blocks are rank-deficient too;
+    the stacked estimate tells the two apart (shared directions vs a bulk).
+    A zero block adds nothing.
+    """
+    k, p_red, q_red = blocks.shape
+    p, q = (p_red, q_red) if dims is None else dims
+    sv = jnp.linalg.svd(blocks, compute_uv=False)
+    rtol = 1e3 * jnp.finfo(blocks.dtype).eps
+    rank = jnp.sum(sv > rtol * sv[:, :1], axis=-1)
+    return jnp.where(rank >= min(p, q), q, rank).astype(jnp.int32)
+
+
+def stack_noise_level(singular_values, p, n_cols):
+    """σ̂ of a p × ``n_cols`` stack (n_cols may be traced) from its median singular value.
+
+    Gavish–Donoho on the stack: the median of the first min(p, n_cols) singular
+    values (the rest are structural zeros) over √(n μ_β). Valid while the signal
+    rank is below half of min(p, n_cols). Returns (σ̂, edge factor √p + √n_cols).
+    """
+    dtype = singular_values.dtype
+    n_cols = jnp.maximum(n_cols, 1)
+    rank_limit = jnp.minimum(p, n_cols)
+    live = jnp.arange(singular_values.shape[-1]) < rank_limit
+    ordered = jnp.sort(jnp.where(live, singular_values, jnp.inf))
+    median = ordered[(rank_limit - 1) // 2]
+    m_small = jnp.minimum(p, n_cols).astype(dtype)
+    n_large = jnp.maximum(p, n_cols).astype(dtype)
+    # μ_β depends on a traced shape: interpolate a table.
+    betas = np.linspace(0.01, 1.0, 100)
+    table = jnp.asarray([marchenko_pastur_median(b) for b in betas], dtype)
+    mp = jnp.interp(m_small / n_large, jnp.asarray(betas, dtype), table)
+    sigma = median / jnp.sqrt(n_large * mp)
+    return sigma, jnp.sqrt(jnp.asarray(p, dtype)) + jnp.sqrt(n_cols.astype(dtype))
 
 
 def pad_spectrum(singular_values, length):

@@ -94,6 +94,26 @@ def test_factors_equal_dense(side):
     np.testing.assert_allclose(np.asarray(cj.lora.dense(res_f.refined)), np.asarray(res_d.refined), atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lora_noise_in_each_clients_own_directions(seed):
+    # Each benign B_k = U V_k + σ G_k: every block is exactly rank r_lora, so the
+    # per-client noise estimate is 0; the benign stack's bulk is what reveals σ.
+    noise = 0.3
+    factors, u, benign = _factored_federation(seed, k=24, p=48, q=32, r_lora=4, r=2, n_bad=6, noise=noise)
+    res = cj.clair(factors)
+    np.testing.assert_array_equal(np.asarray(res.benign), benign)
+    assert 0.5 * noise < float(res.noise_level) < 2.0 * noise
+    assert float(cj.metrics.subspace_error(res.subspace[:, : int(res.rank)], jnp.asarray(u))) < 0.3
+
+
+def test_noiseless_low_rank_blocks_stay_noiseless():
+    # Benign blocks of rank 2 < min(p, q)/2: no second pass, σ̂ stays at rounding level.
+    fed = _fed(0, noise=0.0, kind="full_rank", p=16, q=8)
+    res = cj.clair(fed.updates)
+    assert float(res.noise_level) < 1e-12 * float(jnp.max(jnp.abs(fed.updates)))
+    np.testing.assert_array_equal(np.asarray(res.benign), np.asarray(fed.benign))
+
+
 def test_layers_pooled_verdict_and_vmapped_equals_loop():
     fed = _fed(2, num_layers=3)
     res = cj.clair(fed.updates)
