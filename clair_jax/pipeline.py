@@ -44,6 +44,8 @@ class ClairResult(NamedTuple):
         client_benign: (K,) bool verdict pooled over all problems (what the
             refinement uses when there are leading axes).
         client_scores: (K,) mean score over problems.
+        client_z: (K,) mean refit statistic over problems (the pooled verdict
+            flags a client whose mean exceeds ``z_crit``).
         residual_z: (..., K) refit statistic: off-subspace energy above the benign
             median, in robust standard deviations (0 when ``refit=False``).
         nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).
@@ -60,6 +62,7 @@ class ClairResult(NamedTuple):
     scores: jax.Array
     client_benign: jax.Array
     client_scores: jax.Array
+    client_z: jax.Array
     residual_z: jax.Array
     nonfinite: jax.Array
     subspace: jax.Array
@@ -351,7 +354,8 @@ def clair(
     by_vote = 2 * jnp.sum(benign, axis=0) > n_problems
     # Refit evidence pooled over problems: mean z above z_crit is contamination
     # even when no single problem is sure (weak, consistent excess energy).
-    by_z = (jnp.mean(z, axis=0) <= z_crit) | (n_problems == 1)
+    client_z = jnp.mean(z, axis=0)
+    by_z = (client_z <= z_crit) | (n_problems == 1)
     if threshold is not None:
         by_score = client_scores <= threshold
     else:
@@ -385,6 +389,7 @@ def clair(
         scores=reshape(scores),
         client_benign=client_benign,
         client_scores=client_scores,
+        client_z=client_z,
         residual_z=reshape(z),
         nonfinite=~client_usable,
         subspace=reshape(subspace_out),

@@ -125,6 +125,19 @@ def test_layers_pooled_verdict_and_vmapped_equals_loop():
         np.testing.assert_array_equal(np.asarray(res.benign[i]), np.asarray(single.benign))
 
 
+def test_contamination_in_one_module_is_caught_by_the_pooled_verdict():
+    # Client 0 is benign in 3 of 4 layers and replaced by noise of the same norm in
+    # one: no majority of layers flags it, the pooled refit statistic does.
+    fed = _fed(3, num_layers=4, contamination=0.0, noise=0.05)
+    rng = np.random.default_rng(0)
+    updates = np.array(fed.updates)
+    fake = rng.standard_normal(updates.shape[-2:])
+    updates[0, 0] = fake * np.linalg.norm(updates[0, 0]) / np.linalg.norm(fake)
+    res = cj.clair(jnp.asarray(updates))
+    assert not bool(res.client_benign[0]) and bool(res.client_benign[1:].all())
+    assert float(res.client_z[0]) > 5.0 > float(jnp.max(res.client_z[1:]))
+
+
 def test_nonfinite_client_is_flagged_and_rest_aggregated():
     fed = _fed(0)
     bad = fed.updates.at[3, 0, 0].set(jnp.nan).at[5, 1, 1].set(jnp.inf)

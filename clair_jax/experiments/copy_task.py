@@ -620,7 +620,7 @@ def run_copy_task(
         (``pooled`` and ``per_module`` precision/recall/F1, ``flagged_by_kind``
         the fraction of each kind of client flagged), ``client_benign`` (K,)
         CLAIR's pooled verdict, ``client_scores``
-        (K,), ``module_scores`` (modules × K), ``rank`` (modules,),
+        (K,), ``client_z`` (K,) the pooled refit statistic, ``module_scores`` (modules × K), ``rank`` (modules,),
         ``base_accuracy`` (identity copying) and ``timings`` in seconds.
     """
     if clients is None:
@@ -685,6 +685,7 @@ def run_copy_task(
         },
         "client_benign": np.asarray(result.client_benign).tolist(),
         "client_scores": np.asarray(result.client_scores).tolist(),
+        "client_z": np.asarray(result.client_z).tolist(),
         "module_scores": {n: np.asarray(result.scores[i]).tolist() for i, n in enumerate(names)},
         "rank": {n: int(r) for n, r in zip(names, np.asarray(result.rank))},
         "converged": bool(np.all(np.asarray(result.converged))),
