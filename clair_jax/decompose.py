@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax import _checks
+from clair_jax import _checks, linalg
 from clair_jax.prox import safe_frobenius_norm
 from clair_jax.solvers import solve_exact, solve_penalized
 from clair_jax.solvers.common import default_tolerance
@@ -64,20 +64,23 @@ def spectral_scale(blocks):
     return jnp.where(s > 0, s, 1.0)
 
 
-def solve_one(blocks, lam, mu, *, exact, tol, max_iter):
+def solve_one(blocks, lam, mu, *, exact, tol, max_iter, svt_budget=None):
     """Solve one (K, p, q) problem at its own scale; ``mu`` in the blocks' units.
 
     The problem is divided by ‖M‖_2 so that tolerances and defaults are scale
-    free; L, C, singular values and objective are mapped back.
+    free; L, C, singular values and objective are mapped back. ``svt_budget``:
+    None for the full-SVD SVT, else the partial SVT's rank budget
+    (:func:`clair_jax.linalg.choose_svt_budget`).
     """
     scale = spectral_scale(blocks)
     x = blocks / scale
     if exact:
-        out = solve_exact(x, lam, tol=tol, max_iter=max_iter, spectral_norm=1.0)
+        out = solve_exact(x, lam, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget)
         objective = out.objective * scale          # homogeneous of degree 1
         mu_used = jnp.zeros((), blocks.dtype)
     else:
-        out = solve_penalized(x, lam, mu / scale, tol=tol, max_iter=max_iter, spectral_norm=1.0)
+        out = solve_penalized(x, lam, mu / scale, tol=tol, max_iter=max_iter, spectral_norm=1.0,
+                              svt_budget=svt_budget)
         objective = out.objective * scale**2       # degree 2 once μ is scaled with M
         mu_used = jnp.asarray(mu, blocks.dtype)
     sparse = out.sparse * scale
@@ -97,18 +100,18 @@ def solve_one(blocks, lam, mu, *, exact, tol, max_iter):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("exact", "auto_mu", "tol", "max_iter"))
-def _decompose_flat(blocks, lam, mu, *, exact, auto_mu, tol, max_iter):
+@functools.partial(jax.jit, static_argnames=("exact", "auto_mu", "tol", "max_iter", "svt_budget"))
+def _decompose_flat(blocks, lam, mu, *, exact, auto_mu, tol, max_iter, svt_budget):
     def one(b, l, m):
         if auto_mu:
             k, p, q = b.shape
             m = noise_level(b) * float(np.sqrt(p) + np.sqrt(k * q))
-        return solve_one(b, l, m, exact=exact, tol=tol, max_iter=max_iter)
+        return solve_one(b, l, m, exact=exact, tol=tol, max_iter=max_iter, svt_budget=svt_budget)
 
     return jax.vmap(one)(blocks, lam, mu)
 
 
-def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None) -> Decomposition:
+def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None, svt="auto") -> Decomposition:
     r"""Low-rank plus block-sparse decomposition of stacked client updates.
 
     Exact program (``mu=None``), solved by inexact ALM:
@@ -130,6 +133,12 @@ def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None
         side: ``"left"`` (shared column space) or ``"right"`` (shared row space).
         tol: relative stopping tolerance (default 1e-9 in float64, 3e-6 in float32).
         max_iter: iteration cap (default 1000 exact, 3000 penalised).
+        svt: how the solvers threshold singular values: ``"full"`` (a full SVD per
+            iteration), ``"partial"`` (the certified, warm-started partial SVT of
+            :mod:`clair_jax.linalg`, which falls back to the full SVD whenever it
+            cannot certify its answer), or ``"auto"`` (partial where
+            :func:`clair_jax.linalg.choose_svt_budget` measured that it pays).
+            All three agree to the solver tolerance.
 
     Returns:
         :class:`Decomposition`, in the layout of ``blocks``; check ``converged``.
@@ -156,6 +165,8 @@ def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None
     lam_flat = jnp.broadcast_to(jnp.asarray(lam, flat.dtype), lead).reshape(n)
     auto_mu = isinstance(mu, str)
     mu_flat = jnp.broadcast_to(jnp.asarray(0.0 if (exact or auto_mu) else mu, flat.dtype), lead).reshape(n)
-    out = _decompose_flat(flat, lam_flat, mu_flat, exact=exact, auto_mu=auto_mu, tol=tol, max_iter=max_iter)
+    svt_budget = linalg.choose_svt_budget((flat.shape[-2], flat.shape[-3] * flat.shape[-1]), svt)
+    out = _decompose_flat(flat, lam_flat, mu_flat, exact=exact, auto_mu=auto_mu, tol=tol, max_iter=max_iter,
+                          svt_budget=svt_budget)
     out = jax.tree_util.tree_map(lambda x: x.reshape(lead + x.shape[1:]), out)
     return out._replace(low_rank=orient(out.low_rank, side), sparse=orient(out.sparse, side))

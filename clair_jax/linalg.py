@@ -6,11 +6,14 @@ therefore runs block subspace iteration on a rank budget of ``k`` columns,
 started from the right singular vectors of the previous call (carried in a
 :class:`SubspaceState`)::
 
-    for _ in range(power_iters):  V ← orth(Xᵀ orth(X V))
-    Q = orth(X V);  Ũ Σ Vᵀ = svd(Qᵀ X)  (k × n);  U = Q Ũ
-    svt ≈ U max(Σ − τ, 0) Vᵀ
+    for _ in range(power_iters):  V ← orth(Xᵀ orth(X V))      (optional extra steps)
+    Q = orth(X V);  W R = qr(Xᵀ Q);  Ũ Σ Ṽᵀ = svd(Rᵀ)  (k × k)
+    U = Q Ũ,  V = W Ṽ;  svt ≈ U max(Σ − τ, 0) Vᵀ
 
-which costs a few (m × n) @ (n × k) products instead of a full SVD. The answer is
+The rows of Qᵀ X lie in span(W) exactly (Qᵀ X = Rᵀ Wᵀ), so the k × k SVD of Rᵀ is
+the Rayleigh–Ritz SVD of Qᵀ X at a fraction of the cost of a k × n SVD. One call
+costs three (m × n) @ (n × k) products, one QR of each of an m × k and an n × k
+matrix and a k × k SVD, instead of a full SVD. The answer is
 *certified* before it is used: it is accepted only if (a) at least ``guard`` of the
 k Ritz values fall below τ (the budget was large enough) and (b) every kept Ritz
 pair has a residual ‖X vᵢ − σᵢ uᵢ‖ ≤ ``rtol``·σ₁ (the subspace has converged).
@@ -18,32 +21,92 @@ Otherwise the call falls back to the full SVD of :func:`clair_jax.prox.svt_with_
 and restarts the subspace from it, so the result never silently differs from the
 exact path by more than the certified residual.
 
-Under ``jax.vmap`` a per-problem ``lax.cond`` becomes a ``select`` that runs both
-branches; pass ``axis_name`` (the vmap axis name) to pool the accept/fallback
-decision across the batch, so the cond stays a real branch and the full SVD is only
-computed on iterations where some problem in the batch needs it.
+The fallback is a ``while_loop`` that runs zero times or once: under ``jax.vmap``
+a batched ``while_loop`` runs its body only while *some* problem still needs it,
+and keeps each problem's own answer, so the full SVD is paid only on iterations
+where some problem in the batch failed its certificate, and a problem's result does
+not depend on its batch-mates.
 
-:func:`use_partial_svt` is the rule for when this pays (measured by
+**XLA:CPU scheduler.** With jax 0.10.2, data-dependent control flow inside the
+solvers' vmapped ``while_loop`` (a ``lax.cond`` or this ``while_loop``) can wedge
+the CPU runtime: every thread idle and ``block_until_ready`` never returning
+(reproduced with 8–32 stacked 64 × 512 problems). Turning XLA:CPU's
+concurrency-optimised scheduler off avoids it (no measurable cost on the full-SVD
+path), and the flag only takes effect if it is in ``XLA_FLAGS`` before XLA
+compiles anything. Importing :mod:`clair_jax` therefore appends
+``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS`` when
+no JAX backend has been initialised yet; :func:`partial_svt_supported` says
+whether the flag is in effect, and ``svt="auto"`` only picks the partial SVT when
+it is (or when the default backend is not the CPU).
+
+:func:`choose_svt_budget` is the rule for when the partial SVT pays (measured by
 ``benchmarks/bench_svt.py``): a rank budget well below the short side of a matrix
 that is not tiny.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from clair_jax.prox import safe_frobenius_norm
+from clair_jax.prox import safe_frobenius_norm, thin_svd
 
 __all__ = [
+    "SVT_MODES",
     "SubspaceState",
+    "choose_svt_budget",
     "init_subspace",
+    "partial_svt_supported",
     "partial_svt_with_spectrum",
     "rank_budget",
     "use_partial_svt",
 ]
+
+#: Values of the ``svt`` option of :func:`clair_jax.decompose` and :func:`clair_jax.clair`.
+SVT_MODES = ("auto", "full", "partial")
+
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _backends_initialised():
+    try:
+        from jax._src import xla_bridge
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # private API moved: assume the worst
+        return True
+
+
+def _request_safe_scheduler():
+    """Put the scheduler flag in XLA_FLAGS if that can still take effect (see module doc)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+        return "xla_cpu_enable_concurrency_optimized_scheduler=false" in flags
+    if _backends_initialised():
+        return False
+    os.environ["XLA_FLAGS"] = (flags + " " + _SCHEDULER_FLAG).strip()
+    return True
+
+
+_SAFE_SCHEDULER = _request_safe_scheduler()
+
+
+def partial_svt_supported():
+    """Whether the partial SVT can run safely in this process (see the module docstring).
+
+    True off the CPU, or on the CPU when XLA_FLAGS carried
+    ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` before XLA started
+    (``import clair_jax`` before running any JAX computation arranges that).
+    """
+    try:
+        on_cpu = jax.default_backend() == "cpu"
+    except Exception:
+        on_cpu = True
+    return _SAFE_SCHEDULER or not on_cpu
 
 
 class SubspaceState(NamedTuple):
@@ -67,6 +130,38 @@ def rank_budget(shape, expected_rank=None, *, oversample=8):
     short = min(shape[-2:])
     base = 2 * int(expected_rank) if expected_rank is not None else short // 8
     return int(min(short, max(base + oversample, 2 * oversample)))
+
+
+def choose_svt_budget(shape, svt="auto", expected_rank=None):
+    """Static rank budget for the solvers' SVT of an (m, n) matrix, or None for the full SVD.
+
+    Args:
+        shape: the stacked matrix's shape (m, n) (trailing two axes are used).
+        svt: ``"full"`` (always the full SVD), ``"partial"`` (always the certified
+            partial SVT), or ``"auto"``: partial where :func:`use_partial_svt` says it
+            pays and :func:`partial_svt_supported` says it is safe.
+        expected_rank: the rank of L̂ if known (sets the budget, see :func:`rank_budget`).
+
+    Returns:
+        None or an int budget k < min(m, n).
+    """
+    if svt not in SVT_MODES:
+        raise ValueError(f"svt must be one of {SVT_MODES}, got {svt!r}")
+    if svt == "full":
+        return None
+    budget = rank_budget(shape, expected_rank)
+    if budget >= min(shape[-2:]):  # nothing to save: the budget is the whole spectrum
+        return None
+    if not partial_svt_supported():
+        if svt == "partial":
+            warnings.warn(
+                "svt='partial' needs XLA_FLAGS=" + _SCHEDULER_FLAG + " set before JAX starts "
+                "(import clair_jax first, or set it yourself); using the full SVD instead.",
+                RuntimeWarning, stacklevel=3)
+        return None
+    if svt == "partial" or use_partial_svt(shape, budget):
+        return budget
+    return None
 
 
 def use_partial_svt(shape, budget):
@@ -96,18 +191,20 @@ def _orth(y):
 
 
 def _full_branch(x, tau, k):
-    """Exact SVT by full SVD (same zero handling as prox.svt_with_spectrum) + new basis."""
-    m, n = x.shape
+    """Exact SVT by full SVD + new basis (exact zero when ‖X‖_F ≤ τ).
+
+    Unlike prox.svt_with_spectrum it does not swap in an anchor matrix at X = 0:
+    the solvers' while_loop is not reverse-differentiable, so gradient safety is
+    moot here, and that data-dependent swap inside the solver loop's fallback
+    wedged XLA:CPU (jax 0.10.2, see the note in partial_svt_with_spectrum).
+    """
     below = safe_frobenius_norm(x) <= tau
-    anchor = jnp.eye(m, n, dtype=x.dtype) * (1.0 + jnp.arange(n, dtype=x.dtype))
-    x_safe = jnp.where(below, anchor, x)
-    u, s, vt = jnp.linalg.svd(x_safe, full_matrices=False)
+    u, s, vt = thin_svd(x)
     s_shrunk = jnp.where(below, 0.0, jnp.maximum(s - tau, 0.0))
     return (u * s_shrunk[None, :]) @ vt, s_shrunk, jnp.swapaxes(vt[:k], 0, 1)
 
 
-def partial_svt_with_spectrum(x, tau, state, *, power_iters=1, rtol=None, guard=2,
-                              axis_name=None):
+def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=2):
     r"""Singular-value soft-thresholding of one (m, n) matrix by warm-started subspace iteration.
 
     Computes :math:`\operatorname{svt}(X, τ) = U\max(Σ − τ, 0)V^T` like
@@ -118,13 +215,12 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=1, rtol=None, guard=
         x: (m, n) matrix (one problem; vmap for more).
         tau: threshold τ ≥ 0 (scalar).
         state: :class:`SubspaceState` from :func:`init_subspace` or the previous call.
-        power_iters: subspace-iteration steps per call (the warm start accumulates
-            them across calls).
+        power_iters: extra subspace-iteration steps per call before the
+            Rayleigh–Ritz step (which is itself one step; the warm start
+            accumulates them across calls).
         rtol: accepted Ritz residual relative to σ₁; default 1e-3·√eps-ish by dtype
             (3e-5 in float32, 1e-9 in float64).
         guard: how many of the k Ritz values must fall below τ.
-        axis_name: name of an enclosing ``vmap`` axis over which to pool the
-            fallback decision (keeps ``lax.cond`` a branch under vmap).
 
     Returns:
         ``((svt(x, τ), shrunk singular values of shape (min(m, n),)), new_state)``;
@@ -152,8 +248,10 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=1, rtol=None, guard=
     for _ in range(power_iters):
         basis = _orth(x.T @ _orth(x @ basis))
     q = _orth(x @ basis)                                   # (m, k)
-    ub, s, vt = jnp.linalg.svd(q.T @ x, full_matrices=False)  # (k, k), (k,), (k, n)
-    u = q @ ub
+    w, r = jnp.linalg.qr(x.T @ q)                          # Qᵀ X = Rᵀ Wᵀ: (n, k), (k, k)
+    ub, s, vbt = jnp.linalg.svd(r.T)                       # (k, k), (k,), (k, k)
+    u = q @ ub                                             # (m, k)
+    vt = vbt @ w.T                                         # (k, n)
     s_shrunk = jnp.maximum(s - tau, 0.0)
     kept = s_shrunk > 0
     # (a) the budget reaches below the threshold, (b) kept Ritz pairs have converged.
@@ -163,18 +261,17 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=1, rtol=None, guard=
     finite = jnp.all(jnp.isfinite(s))
     below = safe_frobenius_norm(x) <= tau
     ok = (budget_ok & accurate & finite) | below
-    if axis_name is not None:
-        ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
 
-    def fast(_):
-        low = jnp.where(below, 0.0, (u * s_shrunk[None, :]) @ vt)
-        spec = jnp.zeros((short,), dtype).at[:k].set(jnp.where(below, 0.0, s_shrunk))
-        new_basis = jnp.where(below, state.basis.astype(dtype), vt.T)
-        return low, spec, new_basis
+    low = jnp.where(below, 0.0, (u * s_shrunk[None, :]) @ vt)
+    spec = jnp.zeros((short,), dtype).at[:k].set(jnp.where(below, 0.0, s_shrunk))
+    new_basis = jnp.where(below, basis, jnp.swapaxes(vt, 0, 1))
+    # Fallback: a while_loop that runs zero times or once (see the module docstring).
+    def needs_full(carry):
+        return ~carry[0]
 
-    def full(_):
-        return _full_branch(x, tau, k)
+    def full(carry):
+        return (jnp.asarray(True),) + _full_branch(x, tau, k)
 
-    low, spec, new_basis = jax.lax.cond(ok, fast, full, None)
+    _, low, spec, new_basis = jax.lax.while_loop(needs_full, full, (ok, low, spec, new_basis))
     new_state = SubspaceState(basis=new_basis, fallbacks=state.fallbacks + (~ok).astype(jnp.int32))
     return (low, spec), new_state

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax import _checks, detect, refine, tuning
+from clair_jax import _checks, detect, linalg, refine, tuning
 from clair_jax.decompose import Decomposition, spectral_scale
 from clair_jax.lora import LoRAFactors, reduce_factors
 from clair_jax.prox import safe_frobenius_norm
@@ -109,7 +109,8 @@ def _mu_floor(dtype):
     return 1e-4 if jnp.dtype(dtype) == jnp.float64 else 1e-3
 
 
-def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, refit, rank, z_crit, dims):
+def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, refit, rank, z_crit, dims,
+                svt_budget=None):
     """Decompose one (K, p, q) problem on a λ grid and keep the clearest split.
 
     ``dims`` is the dense (p, q): for an exact LoRA reduction every data-driven
@@ -130,7 +131,8 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
     mu = jnp.maximum(sigma_n * (float(np.sqrt(p)) + jnp.sqrt(width)), _mu_floor(x.dtype))
 
-    sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0))(lams)
+    sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0,
+                                                svt_budget=svt_budget))(lams)
     scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
     splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
     # The smallest λ (the grid ascends) whose scores split cleanly while L̂ keeps
@@ -178,12 +180,13 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     return benign, score, z, dec, sigma_n * scale, rank_cap, cols, sigma_stack
 
 
-@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims"))
+@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims", "svt_budget"))
 def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, has_sigma, has_threshold,
-                refit, rank, z_crit, dims):
+                refit, rank, z_crit, dims, svt_budget=None):
     fn = lambda b, u, s: _detect_one(  # noqa: E731
         b, u, lams, s if has_sigma else None, threshold if has_threshold else None,
         tol=tol, max_iter=max_iter, min_gap=min_gap, refit=refit, rank=rank, z_crit=z_crit, dims=dims,
+        svt_budget=svt_budget,
     )
     return jax.vmap(fn)(blocks, usable, sigma)
 
@@ -233,6 +236,7 @@ def clair(
     min_gap: float = detect.MIN_GAP,
     refit: bool = True,
     z_crit: float = 5.0,
+    svt: str = "auto",
 ) -> ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -270,6 +274,8 @@ def clair(
             energy against the benign population (:func:`clair_jax.detect.residual_test`).
         z_crit: how many robust standard deviations above the benign median the
             refit test allows.
+        svt: ``"auto"`` (default), ``"full"`` or ``"partial"``: the solvers' singular-value
+            thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance).
 
     Returns:
         :class:`ClairResult`.
@@ -333,6 +339,7 @@ def clair(
         _detect_all, blocks, usable, lams, threshold=jnp.asarray(threshold or 0.0, dtype),
         tol=float(tol), max_iter=max_iter, min_gap=min_gap, has_threshold=threshold is not None,
         refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
+        svt_budget=linalg.choose_svt_budget((blocks.shape[-2], k * blocks.shape[-1]), svt),
     )
     benign, scores, z, dec, sigma_hat, rank_cap, cols, sigma_stack = detect_all(sigma, has_sigma=has_sigma)
     if not has_sigma:

@@ -22,6 +22,20 @@ def safe_frobenius_norm(x, axis=(-2, -1)):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sumsq, 1.0)), 0.0)
 
 
+def thin_svd(x):
+    """``jnp.linalg.svd(x, full_matrices=False)``, computed on the tall orientation.
+
+    Same factors; for a wide x the SVD of xᵀ is taken and transposed back, because
+    XLA:CPU's LAPACK SVD of a wide matrix is about 1.8× slower than of its transpose
+    (64 × 512: 36 ms vs 20 ms for a batch of 32, ``benchmarks/bench_svt.py``).
+    """
+    m, n = x.shape[-2:]
+    if m < n:
+        v, s, ut = jnp.linalg.svd(jnp.swapaxes(x, -1, -2), full_matrices=False)
+        return jnp.swapaxes(ut, -1, -2), s, jnp.swapaxes(v, -1, -2)
+    return jnp.linalg.svd(x, full_matrices=False)
+
+
 def svt_with_spectrum(x, tau):
     """SVT that also returns the shrunk singular values (used by the solvers).
 
@@ -36,7 +50,7 @@ def svt_with_spectrum(x, tau):
     m, n = x.shape[-2:]
     anchor = jnp.eye(m, n, dtype=x.dtype) * (1.0 + jnp.arange(n, dtype=x.dtype))
     x_safe = jnp.where(below[..., None, None], anchor, x)
-    u, s, vt = jnp.linalg.svd(x_safe, full_matrices=False)
+    u, s, vt = thin_svd(x_safe)
     s_shrunk = jnp.maximum(s - tau[..., None], 0.0)
     s_shrunk = jnp.where(below[..., None], 0.0, s_shrunk)
     return (u * s_shrunk[..., None, :]) @ vt, s_shrunk

@@ -52,20 +52,34 @@ def test_zero_matrix_gives_exact_zero():
     assert bool(jnp.all(jnp.isfinite(state.basis)))
 
 
-def test_pooled_fallback_under_vmap_matches_loop():
-    xs = jnp.stack([_low_rank_plus_noise(64, 64, 3, 0.01, seed=s) for s in range(3)])
+def test_vmapped_fallback_matches_loop():
+    """Under vmap each problem keeps its own answer: one problem needing the full SVD
+    (rank 20 > budget) does not change the others, and all match the exact SVT."""
+    xs = jnp.stack([_low_rank_plus_noise(64, 64, r, 0.01, seed=s) for s, r in enumerate((3, 20, 2))])
     states = jax.vmap(lambda _: linalg.init_subspace((64, 64), 16))(jnp.arange(3))
-    f = jax.vmap(lambda x, s: linalg.partial_svt_with_spectrum(x, 0.5, s, axis_name="b"),
-                 axis_name="b")
+    f = jax.jit(jax.vmap(lambda x, s: linalg.partial_svt_with_spectrum(x, 0.5, s)))
     for _ in range(3):
         (low, _), states = f(xs, states)
     for i in range(3):
         np.testing.assert_allclose(low[i], svt_with_spectrum(xs[i], 0.5)[0], atol=1e-4)
+    fallbacks = np.asarray(states.fallbacks)
+    assert fallbacks[1] == 3 and fallbacks[0] < 3 and fallbacks[2] < 3
 
 
 def test_rule():
     assert not linalg.use_partial_svt((16, 32), 16)
     assert linalg.use_partial_svt((512, 512), linalg.rank_budget((512, 512), 16))
+    assert linalg.choose_svt_budget((512, 512), "full") is None
+    assert linalg.choose_svt_budget((16, 160), "partial") is None  # budget = whole spectrum
+    assert linalg.choose_svt_budget((512, 512), "auto") == linalg.rank_budget((512, 512))
+    with pytest.raises(ValueError, match="svt must be one of"):
+        linalg.choose_svt_budget((512, 512), "fast")
+
+
+def test_scheduler_flag_set_on_import():
+    # clair_jax (imported by conftest's jax config before any computation) asks XLA
+    # for the scheduler that does not wedge on control flow in the solver loop.
+    assert linalg.partial_svt_supported()
 
 
 @pytest.mark.parametrize("program", ["exact", "penalized"])

@@ -43,7 +43,7 @@ class _State(NamedTuple):
 
 
 def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spectral_norm=None,
-                svt_budget=None, axis_name=None):
+                svt_budget=None):
     """Solve the exact program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -55,7 +55,6 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         balance: ρ moves when one residual exceeds the other by this factor.
         svt_budget: None for the full-SVD SVT; an int k for the warm-started rank-k
             partial SVT of :mod:`clair_jax.linalg` (certified, falls back to the full SVD).
-        axis_name: enclosing vmap axis name, to pool the partial SVT's fallback decision.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
@@ -80,7 +79,7 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
     def svt_step(x, tau, svt_state):
         if svt_budget is None:
             return svt_with_spectrum(x, tau), svt_state
-        return partial_svt_with_spectrum(x, tau, svt_state, axis_name=axis_name)
+        return partial_svt_with_spectrum(x, tau, svt_state)
 
     def body(s):
         (low_rank_stacked, sv), svt_state = svt_step(
@@ -121,4 +120,5 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         primal_residual=s.primal_residual,
         dual_residual=s.dual_residual,
         objective=regularizer(s.singular_values, s.sparse, lam),
+        svt_fallbacks=jnp.asarray(0, jnp.int32) if svt_budget is None else s.svt_state.fallbacks,
     )

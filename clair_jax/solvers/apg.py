@@ -46,7 +46,7 @@ class _State(NamedTuple):
 
 
 def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectral_norm=None,
-                    svt_budget=None, axis_name=None):
+                    svt_budget=None):
     """Solve the penalised program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -58,7 +58,6 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         continuation: factor by which μ shrinks per step until it reaches ``mu``.
         svt_budget: None for the full-SVD SVT; an int k for the warm-started rank-k
             partial SVT of :mod:`clair_jax.linalg` (certified, falls back to the full SVD).
-        axis_name: enclosing vmap axis name, to pool the partial SVT's fallback decision.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
@@ -80,8 +79,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         if svt_budget is None:
             (low_rank_stacked, sv) = svt_with_spectrum(x, mu_now)
         else:
-            (low_rank_stacked, sv), svt_state = partial_svt_with_spectrum(
-                x, mu_now, svt_state, axis_name=axis_name)
+            (low_rank_stacked, sv), svt_state = partial_svt_with_spectrum(x, mu_now, svt_state)
         return from_stacked(low_rank_stacked, num_clients), sv, svt_state
 
     def cond(s):
@@ -130,4 +128,5 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         primal_residual=s.primal_residual,
         dual_residual=s.dual_residual,
         objective=fit + mu * regularizer(s.singular_values, sparse, lam),
+        svt_fallbacks=jnp.asarray(0, jnp.int32) if svt_budget is None else s.svt_state.fallbacks,
     )

@@ -21,6 +21,7 @@ class SolverOutput(NamedTuple):
     primal_residual: jax.Array   # relative: ‖M − L − C‖_F/‖M‖_F (ALM) or prox-gradient step (APG)
     dual_residual: jax.Array     # relative change of the iterates at the last step
     objective: jax.Array
+    svt_fallbacks: jax.Array = 0  # int32: partial-SVT calls that fell back to the full SVD
 
 
 def regularizer(singular_values, sparse, lam):
