@@ -83,8 +83,7 @@ def _reference_fn(k, r, svt_budget):
         rk, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2))                                  # (K, d, r)
         reduced = jnp.einsum("dn,kdr,krs,kse->kne", q, b, a, rk)                        # (K, Kr, r)
         scale = jnp.linalg.norm(to_stacked(reduced), ord=2)
-        out = solve_exact(reduced / scale, lam_for(k, r), tol=3e-6, max_iter=1000, svt_budget=svt_budget,
-                          axis_name="modules" if svt_budget else None)
+        out = solve_exact(reduced / scale, lam_for(k, r), tol=3e-6, max_iter=1000, svt_budget=svt_budget)
         norms = jnp.linalg.norm(reduced, axis=(-2, -1))
         scores = jnp.linalg.norm(out.sparse, axis=(-2, -1)) * scale / norms
         benign = scores <= 1e-3
@@ -95,7 +94,7 @@ def _reference_fn(k, r, svt_budget):
         refined_b = jnp.where(benign[:, None, None], u_hat @ (u_hat.T @ b), b)
         return benign, scores, refined_b, out.iterations, out.converged
 
-    return jax.vmap(one, axis_name="modules")
+    return jax.vmap(one)
 
 
 def run_factored(b, a, chunk, engine):

@@ -47,11 +47,10 @@ def _solver(svt_budget):
 
     def one(x):
         s = jnp.linalg.norm(to_stacked(x), ord=2)
-        out = solve_exact(x / s, LAM, tol=3e-6, max_iter=1000, svt_budget=svt_budget,
-                          axis_name="layers" if svt_budget else None)
+        out = solve_exact(x / s, LAM, tol=3e-6, max_iter=1000, svt_budget=svt_budget)
         return out.objective * s, out.iterations, out.converged
 
-    return jax.vmap(one, axis_name="layers")
+    return jax.vmap(one)
 
 
 def time_solve(k, p, q, rank, layers, repeats, *, partial):

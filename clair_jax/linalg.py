@@ -204,7 +204,7 @@ def _full_branch(x, tau, k):
     return (u * s_shrunk[None, :]) @ vt, s_shrunk, jnp.swapaxes(vt[:k], 0, 1)
 
 
-def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=2):
+def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=2, atol=0.0):
     r"""Singular-value soft-thresholding of one (m, n) matrix by warm-started subspace iteration.
 
     Computes :math:`\operatorname{svt}(X, τ) = U\max(Σ − τ, 0)V^T` like
@@ -221,6 +221,10 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
         rtol: accepted Ritz residual relative to σ₁; default 1e-3·√eps-ish by dtype
             (3e-5 in float32, 1e-9 in float64).
         guard: how many of the k Ritz values must fall below τ.
+        atol: absolute Ritz residual also accepted (may be traced). The solvers pass
+            a tenth of their current primal residual: an inexact proximal step whose
+            error shrinks with the residual keeps ALM/FISTA convergent (inexact
+            ALM), and at convergence the certificate is back to ``rtol``.
 
     Returns:
         ``((svt(x, τ), shrunk singular values of shape (min(m, n),)), new_state)``;
@@ -257,7 +261,8 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
     # (a) the budget reaches below the threshold, (b) kept Ritz pairs have converged.
     budget_ok = jnp.sum(kept) <= k - guard
     residual = jnp.sqrt(jnp.sum(jnp.square(x @ vt.T - u * s[None, :]), axis=0))
-    accurate = jnp.all(jnp.where(kept, residual, 0.0) <= rtol * jnp.maximum(s[0], jnp.finfo(dtype).tiny))
+    allowed = jnp.maximum(rtol * jnp.maximum(s[0], jnp.finfo(dtype).tiny), jnp.asarray(atol, dtype))
+    accurate = jnp.all(jnp.where(kept, residual, 0.0) <= allowed)
     finite = jnp.all(jnp.isfinite(s))
     below = safe_frobenius_norm(x) <= tau
     ok = (budget_ok & accurate & finite) | below
@@ -270,7 +275,10 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
         return ~carry[0]
 
     def full(carry):
-        return (jnp.asarray(True),) + _full_branch(x, tau, k)
+        # Read x through the carry's flag: a body that only uses loop invariants is
+        # hoisted out of the loop by XLA (the full SVD would then run every call).
+        x_now = jnp.where(carry[0], jnp.zeros_like(x), x)
+        return (jnp.asarray(True),) + _full_branch(x_now, tau, k)
 
     _, low, spec, new_basis = jax.lax.while_loop(needs_full, full, (ok, low, spec, new_basis))
     new_state = SubspaceState(basis=new_basis, fallbacks=state.fallbacks + (~ok).astype(jnp.int32))
