@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/bench_x.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+# Import clair_jax before any JAX computation: it puts the XLA:CPU scheduler flag the
+# partial SVT needs into XLA_FLAGS, which only works before XLA starts (clair_jax.linalg).
+import clair_jax  # noqa: E402,F401
+
 
 def make_blocks(seed, num_clients, p, q, *, rank=4, contaminated=0.25, noise=0.01,
                 layers=None, dtype=np.float32):

@@ -102,8 +102,9 @@ def run_factored(b, a, chunk, engine):
     from clair_jax import linalg
 
     reduced_shape = (min(d, k * r), k * r)
-    budget = linalg.rank_budget(reduced_shape, r)
-    use_partial = linalg.use_partial_svt(reduced_shape, budget)
+    auto_budget = linalg.choose_svt_budget(reduced_shape, "auto", r)
+    use_partial = auto_budget is not None
+    budget = auto_budget or linalg.rank_budget(reduced_shape, r)
     if engine == "clair":
         import clair_jax as cj
 

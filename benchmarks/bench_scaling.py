@@ -59,8 +59,8 @@ def time_solve(k, p, q, rank, layers, repeats, *, partial):
     blocks, _ = make_blocks(0, k, p, q, rank=rank, layers=layers, noise=0.0)
     blocks = jnp.asarray(blocks)
     shape = (p, k * q)
-    budget = linalg.rank_budget(shape, rank)
-    use = partial and linalg.use_partial_svt(shape, budget)
+    budget = linalg.choose_svt_budget(shape, "auto", rank)
+    use = partial and budget is not None
     fn = jax.jit(_solver(budget if use else None))
     out = jax.block_until_ready(fn(blocks))
     t = time_call(lambda: jax.block_until_ready(fn(blocks)), repeats=repeats)[0]
