@@ -8,6 +8,7 @@ leading axes; the client-level verdict then pools the evidence of all problems.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple, Union
 
 import jax
@@ -50,7 +51,8 @@ class ClairResult(NamedTuple):
             median, in robust standard deviations (0 when ``refit=False``).
         nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).
         subspace: (..., p, r_max) Û, orthonormal columns; columns ≥ ``rank`` are 0.
-        rank: (...,) r̂.
+        rank: (...,) r̂; 0 where no shared direction was found (the benign updates of
+            that problem are then returned unrefined, and a ``RuntimeWarning`` says so).
         refined: refined updates, the same kind as the input (array or LoRAFactors).
         decomposition: :class:`Decomposition` at the chosen λ (for LoRA input, of the
             reduced problem).
@@ -81,6 +83,9 @@ class ClairResult(NamedTuple):
             f"rank r̂: {np.unique(np.asarray(self.rank)).tolist()}, λ: {np.round(np.unique(np.asarray(self.lam)), 3).tolist()}",
             f"converged: {int(np.sum(self.converged))}/{np.size(self.converged)} problems",
         ]
+        if np.any(np.asarray(self.rank) == 0):
+            lines.append(f"no shared subspace (r̂ = 0) in {int(np.sum(np.asarray(self.rank) == 0))} problem(s): "
+                         "benign updates there are left as they were")
         if np.any(self.nonfinite):
             lines.append(f"non-finite updates (excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
         return "\n".join(lines)
@@ -369,12 +374,20 @@ def clair(
         by_score = client_scores <= threshold
     else:
         by_score = detect.split_scores(client_scores, client_usable, min_gap).benign
-    client_benign = client_usable & by_vote & by_score & by_z
-    used = jnp.broadcast_to(client_benign, benign.shape) if n_problems > 1 else benign
+    # One problem has nothing to pool: its own verdict (refit included) is the client's.
+    client_benign = client_usable & by_vote & by_score & by_z if n_problems > 1 else benign[0]
+    used = jnp.broadcast_to(client_benign, benign.shape)
 
     u, ranks = _spectrum_all(blocks, used, rank_cap, cols, rank=rank, margin=1.2, dims=dims)
     r_max = max(int(jnp.max(ranks)), 1)
     basis = u[..., :r_max]  # kept columns come first, the rest are zero
+    # r̂ = 0 means no shared direction was found: projecting would zero every benign
+    # update, so there the benign clients keep their own (local) update.
+    no_subspace = ranks == 0
+    if bool(jnp.any(no_subspace)):
+        warnings.warn(f"clair: no shared subspace found (r̂ = 0) in {int(jnp.sum(no_subspace))} of {n_problems} "
+                      "problem(s); their benign clients keep their local updates", RuntimeWarning, stacklevel=2)
+    used = used & ~no_subspace[:, None]
 
     if factored:
         full_basis = jnp.einsum("npd,ndr->npr", reduced.basis, basis)

@@ -212,3 +212,19 @@ def test_orthogonal_basis_equivariance(seed):
     np.testing.assert_array_equal(np.asarray(b.benign), np.asarray(a.benign))
     np.testing.assert_allclose(np.asarray(b.scores), np.asarray(a.scores), atol=1e-6)
     np.testing.assert_allclose(np.asarray(b.refined), np.asarray(left @ a.refined @ right), atol=1e-6)
+
+
+def test_no_shared_direction_keeps_local_updates_and_says_so():
+    # Every client lives in its own two rows: nothing is shared, r̂ = 0, and
+    # projecting would zero every update. They must come back unchanged, with a warning.
+    rng = np.random.default_rng(0)
+    x = np.zeros((6, 12, 3), np.float32)
+    for k in range(6):
+        x[k, 2 * k:2 * k + 2] = rng.standard_normal((2, 3))
+    with pytest.warns(RuntimeWarning, match="no shared subspace"):
+        res = cj.clair(jnp.asarray(x))
+    assert int(res.rank) == 0
+    np.testing.assert_array_equal(np.asarray(res.refined), x)
+    assert "r̂ = 0" in res.summary()
+    # One problem: the client verdict is that problem's verdict.
+    np.testing.assert_array_equal(np.asarray(res.client_benign), np.asarray(res.benign))

@@ -120,3 +120,22 @@ def test_nonfinite_input_is_flagged_not_crashed():
     bad = fed.updates.at[0, 0, 0].set(jnp.nan)
     dec = cj.decompose(bad, lam=0.8)
     assert not bool(dec.converged)
+
+
+def test_large_mu_is_solved_not_stopped_at_the_continuation_start():
+    # μ above 0.6‖M‖₂ is reached in one continuation shrink; the first step (at
+    # μ = ‖M‖₂) gives L = 0 and must not pass for convergence. With λ large enough
+    # that C = 0 the optimum is closed form: L = SVT(M, μ).
+    from clair_jax.solvers import solve_penalized
+    from clair_jax.stack import to_stacked
+
+    rng = np.random.default_rng(3)
+    u = np.linalg.qr(rng.standard_normal((12, 3)))[0]
+    m = np.einsum("pr,kqr->kpq", u * np.array([1.0, 0.95, 0.9]), rng.standard_normal((6, 4, 3)))
+    m = jnp.asarray(m / np.linalg.norm(to_stacked(jnp.asarray(m)), ord=2))
+    mu = 0.7
+    out = solve_penalized(m, 50.0, mu, tol=1e-7, max_iter=500)
+    expected = cj.prox.svt(to_stacked(m), mu)
+    assert bool(out.converged) and int(out.iterations) > 1
+    assert float(jnp.linalg.norm(expected)) > 0.1
+    np.testing.assert_allclose(to_stacked(out.low_rank), expected, atol=1e-6)

@@ -38,7 +38,8 @@ class _State(NamedTuple):
     low_rank: jax.Array
     previous: jax.Array
     momentum: jax.Array       # FISTA t_k
-    mu: jax.Array             # current continuation level
+    mu: jax.Array             # continuation level of the next step
+    at_target: jax.Array      # the last step was taken at the target μ
     singular_values: jax.Array
     primal_residual: jax.Array
     dual_residual: jax.Array
@@ -86,8 +87,11 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
             (low_rank_stacked, sv), svt_state = partial_svt_with_spectrum(x, mu_now, svt_state, atol=slack)
         return from_stacked(low_rank_stacked, num_clients), sv, svt_state
 
+    # Residuals certify the target problem only when the step that produced them was
+    # taken at the target μ: when μ reaches its target in one shrink (μ > 0.6‖M‖₂),
+    # L = SVT(M, ‖M‖₂) = 0 twice in a row would otherwise look converged.
     def cond(s):
-        done = (s.mu <= mu) & (s.primal_residual < tol) & (s.dual_residual < tol)
+        done = s.at_target & (s.primal_residual < tol) & (s.dual_residual < tol)
         return (s.step < max_iter) & ~done & ((s.step == 0) | jnp.isfinite(s.primal_residual))
 
     def body(s):
@@ -102,7 +106,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         restart = against | (next_mu < s.mu)
         t_next = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
         return _State(
-            s.step + 1, new, s.low_rank, t_next.astype(dtype), next_mu, sv, step_res, change,
+            s.step + 1, new, s.low_rank, t_next.astype(dtype), next_mu, s.mu <= mu, sv, step_res, change,
             svt_state,
         )
 
@@ -114,6 +118,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         previous=zeros,
         momentum=jnp.asarray(1.0, dtype),
         mu=mu_start.astype(dtype),
+        at_target=jnp.asarray(False),
         singular_values=jnp.zeros((min_pq,), dtype),
         primal_residual=inf,
         dual_residual=inf,
@@ -122,7 +127,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     s = jax.lax.while_loop(cond, body, init)
     sparse = block_soft_threshold(blocks - s.low_rank, mu * lam)
     fit = 0.5 * jnp.sum(jnp.square(blocks - s.low_rank - sparse))
-    converged = (s.mu <= mu) & (s.primal_residual < tol) & (s.dual_residual < tol)
+    converged = s.at_target & (s.primal_residual < tol) & (s.dual_residual < tol)
     return SolverOutput(
         low_rank=s.low_rank,
         sparse=sparse,
