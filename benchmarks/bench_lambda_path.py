@@ -1,10 +1,12 @@
-"""Tuning cost: a λ grid solved as one vmapped batch vs one solve vs a Python loop.
+"""Tuning cost: a λ grid as a warm-started path vs a vmapped batch vs one solve vs a Python loop.
 
 ``cj.clair`` chooses λ from a geometric grid (:func:`clair_jax.tuning.lambda_grid`,
 9 values) of penalised problems at μ = σ̂(√p + √(Kq)). Here the same grid is solved
 (a) as one ``cj.decompose`` call on the problem tiled G times with λ of shape (G,),
-(b) as a Python loop of G single-λ calls, against (c) one single-λ solve, and the
-whole ``cj.clair`` call is timed too.
+(b) as a Python loop of G single-λ calls, (c) as one jitted warm-started path
+(:func:`clair_jax.solvers.solve_penalized_path`, what ``cj.clair`` uses: a scan over
+the ascending grid, each solve starting from the previous λ's L), against (d) one
+single-λ solve; the whole ``cj.clair`` call is timed too.
 
 Usage::
 
@@ -58,6 +60,20 @@ def run(sizes, repeats, with_clair=True):
         def batched():
             return jax.block_until_ready(decompose(tiled, lam=lam_grid, mu=mu).objective)
 
+        from clair_jax.decompose import spectral_scale
+        from clair_jax.solvers import solve_penalized_path
+        from clair_jax.solvers.common import default_tolerance
+
+        def one_path(b):
+            scale = spectral_scale(b)
+            return solve_penalized_path(b / scale, jnp.asarray(grid), mu / scale, spectral_norm=1.0,
+                                        tol=default_tolerance(b.dtype), max_iter=3000)  # decompose's penalised default
+
+        path_fn = jax.jit(jax.vmap(one_path) if lead else one_path)
+
+        def path():
+            return jax.block_until_ready(path_fn(blocks).objective)
+
         def loop():
             return [jax.block_until_ready(decompose(blocks, lam=float(l), mu=mu).objective) for l in grid]
 
@@ -68,14 +84,18 @@ def run(sizes, repeats, with_clair=True):
         t_single = time_call(single, repeats=repeats)[0]
         t_batch = time_call(batched, repeats=repeats)[0]
         t_loop = time_call(loop, repeats=max(1, repeats // 2))[0]
+        t_path = time_call(path, repeats=repeats)[0]
+        path_its = np.asarray(path_fn(blocks).iterations)
         t_clair = time_call(full_clair, repeats=max(1, repeats // 2))[0] if with_clair else float("nan")
         its = np.asarray(decompose(tiled, lam=lam_grid, mu=mu).iterations)
         rows.append(dict(size=name, layers=layers or 1, K=k, p=p, q=q, grid=g,
                          single_ms=t_single * 1e3, batch_ms=t_batch * 1e3, loop_ms=t_loop * 1e3,
                          clair_ms=t_clair * 1e3, batch_over_single=t_batch / t_single,
+                         path_ms=t_path * 1e3, path_over_single=t_path / t_single,
+                         path_iters=int(path_its.sum(axis=0).max()),
                          loop_over_batch=t_loop / t_batch, clair_over_single=t_clair / t_single,
                          max_iters=int(its.max()), mean_iters=float(its.mean())))
-        print(f"  {name}: single {t_single*1e3:.1f} ms, grid {t_batch*1e3:.1f} ms, "
+        print(f"  {name}: single {t_single*1e3:.1f} ms, path {t_path*1e3:.1f} ms, grid {t_batch*1e3:.1f} ms, "
               f"loop {t_loop*1e3:.1f} ms, clair {t_clair*1e3:.1f} ms", flush=True)
     return rows
 
@@ -95,9 +115,11 @@ def main(argv=None):
     print(markdown_table(rows, [
         ("size", "size", ""), ("layers", "layers", "d"), ("K", "K", "d"), ("p", "p", "d"),
         ("q", "q", "d"), ("grid", "λ values", "d"), ("single_ms", "1 solve (ms)", ".1f"),
+        ("path_ms", "warm path (ms)", ".1f"), ("path_over_single", "path / 1 solve", ".1f"),
+        ("path_iters", "path iters (sum)", "d"),
         ("batch_ms", "vmapped grid (ms)", ".1f"), ("batch_over_single", "grid / 1 solve", ".1f"),
         ("loop_ms", "Python loop (ms)", ".1f"), ("loop_over_batch", "loop / grid", ".1f"),
-        ("clair_ms", "cj.clair (ms)", ".1f"), ("max_iters", "max iters", "d")]))
+        ("clair_ms", "cj.clair (ms)", ".1f"), ("max_iters", "grid max iters", "d")]))
     write_json(args.json, dict(benchmark="bench_lambda_path", machine=info, args=vars(args), rows=rows))
     return rows
 

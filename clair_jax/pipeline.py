@@ -19,7 +19,7 @@ from clair_jax import _checks, detect, linalg, refine, tuning
 from clair_jax.decompose import Decomposition, spectral_scale
 from clair_jax.lora import LoRAFactors, reduce_factors
 from clair_jax.prox import safe_frobenius_norm
-from clair_jax.solvers import solve_penalized
+from clair_jax.solvers import solve_penalized_path
 from clair_jax.solvers.common import default_tolerance
 from clair_jax.stack import orient
 
@@ -136,8 +136,9 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
     mu = jnp.maximum(sigma_n * (float(np.sqrt(p)) + jnp.sqrt(width)), _mu_floor(x.dtype))
 
-    sols = jax.vmap(lambda lam: solve_penalized(x, lam, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0,
-                                                svt_budget=svt_budget))(lams)
+    # The λ grid ascends: one warm-started path (a scan), not a vmapped batch that
+    # would wait for its slowest member at every iteration.
+    sols = solve_penalized_path(x, lams, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget)
     scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
     splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
     # The smallest λ (the grid ascends) whose scores split cleanly while L̂ keeps

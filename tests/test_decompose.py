@@ -139,3 +139,19 @@ def test_large_mu_is_solved_not_stopped_at_the_continuation_start():
     assert bool(out.converged) and int(out.iterations) > 1
     assert float(jnp.linalg.norm(expected)) > 0.1
     np.testing.assert_allclose(to_stacked(out.low_rank), expected, atol=1e-6)
+
+
+def test_warm_started_lambda_path_reaches_each_optimum_in_fewer_iterations():
+    from clair_jax.solvers import solve_penalized, solve_penalized_path
+    from clair_jax.stack import to_stacked
+    from clair_jax.tuning import lambda_grid
+
+    fed = _problem(seed=4, k=12, p=10, q=4, r=2, n_bad=3, noise=0.05)
+    m = fed.updates / jnp.linalg.norm(to_stacked(fed.updates), ord=2)
+    lams = jnp.asarray(lambda_grid(12, 10, 4))
+    path = solve_penalized_path(m, lams, 0.05, tol=1e-7, max_iter=3000)
+    alone = jax.vmap(lambda lam: solve_penalized(m, lam, 0.05, tol=1e-7, max_iter=3000))(lams)
+    assert bool(jnp.all(path.converged)) and bool(jnp.all(alone.converged))
+    np.testing.assert_allclose(path.objective, alone.objective, rtol=1e-6)
+    np.testing.assert_allclose(path.sparse, alone.sparse, atol=1e-4)
+    assert int(jnp.sum(path.iterations)) < int(jnp.sum(alone.iterations))

@@ -4,7 +4,8 @@
   min ‖L‖_* + λ Σ_k ‖C_k‖_F  s.t.  L + C = M.
 * :mod:`clair_jax.solvers.apg`: accelerated proximal gradient (FISTA) with
   continuation and adaptive restart for the penalised program
-  min ½‖M − L − C‖_F² + μ(‖L‖_* + λ Σ_k ‖C_k‖_F).
+  min ½‖M − L − C‖_F² + μ(‖L‖_* + λ Σ_k ‖C_k‖_F), alone or along a
+  warm-started λ path (``solve_penalized_path``).
 
 Both take a single (K, p, q) problem already scaled to ‖M‖_2 = 1 and return a
 :class:`SolverOutput`; :func:`clair_jax.decompose` scales, dispatches and vmaps.
@@ -12,6 +13,6 @@ Both take a single (K, p, q) problem already scaled to ‖M‖_2 = 1 and return 
 
 from clair_jax.solvers.common import SolverOutput
 from clair_jax.solvers.alm import solve_exact
-from clair_jax.solvers.apg import solve_penalized
+from clair_jax.solvers.apg import solve_penalized, solve_penalized_path
 
-__all__ = ["SolverOutput", "solve_exact", "solve_penalized"]
+__all__ = ["SolverOutput", "solve_exact", "solve_penalized", "solve_penalized_path"]

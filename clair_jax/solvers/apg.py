@@ -30,7 +30,7 @@ from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_s
 from clair_jax.solvers.common import SolverOutput, regularizer
 from clair_jax.stack import from_stacked, to_stacked
 
-__all__ = ["solve_penalized"]
+__all__ = ["solve_penalized", "solve_penalized_path"]
 
 
 class _State(NamedTuple):
@@ -47,7 +47,7 @@ class _State(NamedTuple):
 
 
 def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectral_norm=None,
-                    svt_budget=None, svt_slack=0.1):
+                    svt_budget=None, svt_slack=0.1, init=None):
     """Solve the penalised program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -63,6 +63,8 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
             below this fraction of the current prox-gradient step ‖L⁺ − Y‖_F (capped at
             1 % of ‖M‖_F): inexact steps whose error shrinks as FISTA converges.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
+        init: (K, p, q) warm start for L (e.g. the solution at a neighbouring λ);
+            continuation is then skipped: the start is already near the target.
 
     Returns:
         :class:`SolverOutput`; ``objective`` is ½‖M − L − C‖_F² + μ(‖L‖_* + λΣ‖C_k‖_F).
@@ -74,7 +76,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
     spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
-    mu_start = jnp.maximum(spectral, mu)
+    mu_start = jnp.maximum(spectral, mu) if init is None else mu
     min_pq = min(m_stacked.shape)
 
     def prox_grad(y, mu_now, svt_state, step_res):
@@ -111,11 +113,11 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         )
 
     inf = jnp.asarray(jnp.inf, dtype)
-    zeros = jnp.zeros_like(blocks)
-    init = _State(
+    start = jnp.zeros_like(blocks) if init is None else jnp.asarray(init, dtype)
+    state0 = _State(
         step=jnp.asarray(0, jnp.int32),
-        low_rank=zeros,
-        previous=zeros,
+        low_rank=start,
+        previous=start,
         momentum=jnp.asarray(1.0, dtype),
         mu=mu_start.astype(dtype),
         at_target=jnp.asarray(False),
@@ -124,7 +126,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         dual_residual=inf,
         svt_state=None if svt_budget is None else init_subspace(m_stacked.shape, svt_budget, dtype),
     )
-    s = jax.lax.while_loop(cond, body, init)
+    s = jax.lax.while_loop(cond, body, state0)
     sparse = block_soft_threshold(blocks - s.low_rank, mu * lam)
     fit = 0.5 * jnp.sum(jnp.square(blocks - s.low_rank - sparse))
     converged = s.at_target & (s.primal_residual < tol) & (s.dual_residual < tol)
@@ -139,3 +141,29 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         objective=fit + mu * regularizer(s.singular_values, sparse, lam),
         svt_fallbacks=jnp.asarray(0, jnp.int32) if svt_budget is None else s.svt_state.fallbacks,
     )
+
+
+def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, **kwargs):
+    """Solve the penalised program along an ascending λ path, each solve warm-started.
+
+    One ``lax.scan`` over λ: the first solve runs the μ continuation from L = 0, every
+    later one starts from the previous λ's L at the target μ. Neighbouring λ have
+    nearby optima, so the path costs a few times one solve, where a vmapped batch
+    of independent solves costs (its slowest member's iterations) × (number of λ).
+
+    Args:
+        blocks: (K, p, q), scaled to ‖M‖_2 ≈ 1. lams: (G,) λ values, ascending.
+        mu, tol, max_iter, kwargs: as :func:`solve_penalized` (``max_iter`` per λ).
+
+    Returns:
+        :class:`SolverOutput` with a leading (G,) axis.
+    """
+    lams = jnp.asarray(lams, blocks.dtype)
+    first = solve_penalized(blocks, lams[0], mu, tol=tol, max_iter=max_iter, **kwargs)
+
+    def step(low_rank, lam):
+        out = solve_penalized(blocks, lam, mu, tol=tol, max_iter=max_iter, init=low_rank, **kwargs)
+        return out.low_rank, out
+
+    _, rest = jax.lax.scan(step, first.low_rank, lams[1:])
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
