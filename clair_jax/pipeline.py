@@ -136,18 +136,25 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
     mu = jnp.maximum(sigma_n * (float(np.sqrt(p)) + jnp.sqrt(width)), _mu_floor(x.dtype))
 
-    # The λ grid ascends: one warm-started path (a scan), not a vmapped batch that
-    # would wait for its slowest member at every iteration.
-    sols = solve_penalized_path(x, lams, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget)
-    scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
-    splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
     # The smallest λ (the grid ascends) whose scores split cleanly while L̂ keeps
     # some rank: below the window everything is pushed into C and no clean split
     # exists; above it contaminated blocks are absorbed into L one after another,
     # so the first clean split is the one that flags the most of them. A benign
     # client flagged there is recovered by the refit test. With no split anywhere,
     # the grid's middle (no contamination found).
-    valid = (splits.gap > 0) & (sols.singular_values[:, 0] > 0)
+    def clean_split(sol):
+        split = detect.split_scores(detect.block_scores(sol.sparse, x, usable), usable, min_gap)
+        return (split.gap > 0) & (sol.singular_values[0] > 0)
+
+    # One warm-started path up the grid, stopped one λ after the first clean split
+    # (the rank cap below reads that next λ too): a vmapped batch of the whole grid
+    # would wait for its slowest member at every iteration.
+    sols = solve_penalized_path(x, lams, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget,
+                                until=clean_split, extra=1)
+    scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
+    splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
+    solved = sols.iterations > 0  # the path's unsolved tail is zeros
+    valid = solved & (splits.gap > 0) & (sols.singular_values[:, 0] > 0)
     best = jnp.where(jnp.any(valid), jnp.argmax(valid), lams.shape[0] // 2)
     pick = lambda a: a[best]  # noqa: E731
     sol = jax.tree_util.tree_map(pick, sols)

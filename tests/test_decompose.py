@@ -155,3 +155,7 @@ def test_warm_started_lambda_path_reaches_each_optimum_in_fewer_iterations():
     np.testing.assert_allclose(path.objective, alone.objective, rtol=1e-6)
     np.testing.assert_allclose(path.sparse, alone.sparse, atol=1e-4)
     assert int(jnp.sum(path.iterations)) < int(jnp.sum(alone.iterations))
+    # ``until``: the path stops ``extra`` λ after the first hit; the rest stays unsolved.
+    short = solve_penalized_path(m, lams, 0.05, tol=1e-7, max_iter=3000, until=lambda o: o.iterations > 0, extra=1)
+    assert (np.asarray(short.iterations)[:2] > 0).all() and (np.asarray(short.iterations)[2:] == 0).all()
+    np.testing.assert_allclose(short.objective[:2], path.objective[:2], rtol=1e-6)

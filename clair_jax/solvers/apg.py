@@ -143,27 +143,42 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     )
 
 
-def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, **kwargs):
+def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, **kwargs):
     """Solve the penalised program along an ascending λ path, each solve warm-started.
 
-    One ``lax.scan`` over λ: the first solve runs the μ continuation from L = 0, every
-    later one starts from the previous λ's L at the target μ. Neighbouring λ have
-    nearby optima, so the path costs a few times one solve, where a vmapped batch
-    of independent solves costs (its slowest member's iterations) × (number of λ).
+    The first solve runs the μ continuation from L = 0; every later one starts from
+    the previous λ's L at the target μ (neighbouring λ have nearby optima), all in
+    one ``lax.while_loop``. A vmapped batch of independent solves would instead pay
+    its slowest member's iterations at every λ.
 
     Args:
         blocks: (K, p, q), scaled to ‖M‖_2 ≈ 1. lams: (G,) λ values, ascending.
         mu, tol, max_iter, kwargs: as :func:`solve_penalized` (``max_iter`` per λ).
+        until: optional ``SolverOutput → bool``; the path stops ``extra`` λ values
+            after the first one where it holds (a caller that only needs the path up
+            to some event saves the rest). Entries not solved are zeros with
+            ``iterations = 0`` and ``converged = False``.
 
     Returns:
         :class:`SolverOutput` with a leading (G,) axis.
     """
     lams = jnp.asarray(lams, blocks.dtype)
+    num = lams.shape[0]
     first = solve_penalized(blocks, lams[0], mu, tol=tol, max_iter=max_iter, **kwargs)
+    hit = (lambda out: jnp.asarray(False)) if until is None else until
+    buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype).at[0].set(a), first)
+    found = jnp.where(hit(first), 0, num)   # index of the first λ where ``until`` held
 
-    def step(low_rank, lam):
-        out = solve_penalized(blocks, lam, mu, tol=tol, max_iter=max_iter, init=low_rank, **kwargs)
-        return out.low_rank, out
+    def cond(state):
+        i, _, found, _ = state
+        return (i < num) & (i <= found + extra)
 
-    _, rest = jax.lax.scan(step, first.low_rank, lams[1:])
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+    def body(state):
+        i, low_rank, found, buffer = state
+        out = solve_penalized(blocks, lams[i], mu, tol=tol, max_iter=max_iter, init=low_rank, **kwargs)
+        found = jnp.where((found == num) & hit(out), i, found)
+        buffer = jax.tree_util.tree_map(lambda b, a: b.at[i].set(a), buffer, out)
+        return i + 1, out.low_rank, found, buffer
+
+    _, _, _, buffer = jax.lax.while_loop(cond, body, (jnp.asarray(1), first.low_rank, found, buffer))
+    return buffer
