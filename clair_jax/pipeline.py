@@ -249,7 +249,7 @@ def clair(
     min_gap: float = detect.MIN_GAP,
     refit: bool = True,
     z_crit: float = 5.0,
-    svt: str = "full",
+    svt: str = "auto",
 ) -> ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -287,10 +287,9 @@ def clair(
             energy against the benign population (:func:`clair_jax.detect.residual_test`).
         z_crit: how many robust standard deviations above the benign median the
             refit test allows.
-        svt: ``"full"`` (default), ``"auto"`` or ``"partial"``: the solvers' singular-value
-            thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance).
-            Not ``"auto"`` by default: with jax 0.10.2 the partial SVT inside this
-            doubly vmapped (problems × λ grid) solve was seen to wedge XLA:CPU.
+        svt: ``"auto"`` (default), ``"full"`` or ``"partial"``: the solvers' singular-value
+            thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance;
+            ``"auto"`` takes the partial SVT only for stacks with a short side ≥ 64).
 
     Returns:
         :class:`ClairResult`.

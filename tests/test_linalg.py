@@ -134,7 +134,6 @@ def test_decompose_svt_modes_agree():
     assert (flag(full) == ~benign).all()
 
 
-@pytest.mark.slow  # minutes on 2 cores; and see clair's `svt` docstring on XLA:CPU wedging
 def test_clair_fast_svt_and_factored_paths_equal_dense_full():
     """cj.clair: partial SVT (dense), partial SVT (LoRA factors) and the plain dense
     full-SVD path give the same verdicts and refined updates."""
