@@ -64,7 +64,8 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
             1 % of ‖M‖_F): inexact steps whose error shrinks as FISTA converges.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
         init: (K, p, q) warm start for L (e.g. the solution at a neighbouring λ);
-            continuation is then skipped: the start is already near the target.
+            continuation is then skipped (the start is already near the target)
+            unless ``init`` is all zeros.
 
     Returns:
         :class:`SolverOutput`; ``objective`` is ½‖M − L − C‖_F² + μ(‖L‖_* + λΣ‖C_k‖_F).
@@ -76,7 +77,9 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
     spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
-    mu_start = jnp.maximum(spectral, mu) if init is None else mu
+    mu_start = jnp.maximum(spectral, mu)
+    if init is not None:  # a warm start skips the continuation, unless it is L = 0 (a cold start)
+        mu_start = jnp.where(jnp.any(init != 0), mu, mu_start)
     min_pq = min(m_stacked.shape)
 
     def prox_grad(y, mu_now, svt_state, step_res):
