@@ -64,9 +64,13 @@ def run(sizes, repeats, with_clair=True):
         from clair_jax.solvers import solve_penalized_path
         from clair_jax.solvers.common import default_tolerance
 
+        from clair_jax.linalg import choose_svt_budget
+
+        budget = choose_svt_budget((p, k * q), "auto")  # what cj.decompose's default picks
+
         def one_path(b):
             scale = spectral_scale(b)
-            return solve_penalized_path(b / scale, jnp.asarray(grid), mu / scale, spectral_norm=1.0,
+            return solve_penalized_path(b / scale, jnp.asarray(grid), mu / scale, spectral_norm=1.0, svt_budget=budget,
                                         tol=default_tolerance(b.dtype), max_iter=3000)  # decompose's penalised default
 
         path_fn = jax.jit(jax.vmap(one_path) if lead else one_path)
