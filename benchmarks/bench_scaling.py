@@ -39,7 +39,7 @@ FULL = dict(base=(32, 64, 16, 4, 8), Ks=[8, 16, 32, 64, 128], ps=[32, 64, 128, 2
 QUICK = dict(base=(8, 16, 4, 2, 2), Ks=[8], ps=[], layers=[], dev_layers=4, devices=[2])
 
 
-def _solver(svt_budget):
+def _solver(svt_budget, batched=True):
     from benchmarks._fast_solvers import fast_solvers
     from clair_jax.stack import to_stacked
 
@@ -50,7 +50,7 @@ def _solver(svt_budget):
         out = solve_exact(x / s, LAM, tol=3e-6, max_iter=1000, svt_budget=svt_budget)
         return out.objective * s, out.iterations, out.converged
 
-    return jax.vmap(one)
+    return jax.vmap(one) if batched else one
 
 
 def time_solve(k, p, q, rank, layers, repeats, *, partial):
@@ -95,7 +95,7 @@ from benchmarks.bench_scaling import _solver
 from clair_jax import sharding
 k, p, q, r, layers, repeats = {args}
 blocks = jnp.asarray(make_blocks(0, k, p, q, rank=r, layers=layers, noise=0.0)[0])
-fn = sharding.map_over_layers(_solver(None), sharding.layer_mesh())
+fn = sharding.map_over_layers(_solver(None, batched=False), sharding.layer_mesh())
 out = jax.block_until_ready(fn(blocks))
 t = time_call(lambda: jax.block_until_ready(fn(blocks)), repeats=repeats)[0]
 print("RESULT" + json.dumps(dict(devices=len(jax.devices()), seconds=t, iters=int(np.max(out[1])))))

@@ -1,18 +1,22 @@
 """Spread independent problems (the layer axis) over several devices.
 
 Every layer / module is an independent decomposition, so the natural split is
-the leading (problem) axis. :func:`map_over_layers` wraps a *batched* function
-``fn(x[B, ...]) -> pytree of [B, ...]`` (typically ``jax.vmap`` of a
-single-problem solver) with ``jax.shard_map`` over a 1-D :class:`jax.sharding.Mesh`:
+the leading (problem) axis. :func:`map_over_layers` takes a *single-problem*
+function ``fn(x[...]) -> pytree`` and runs it over ``x[B, ...]`` with
+``jax.shard_map`` over a 1-D :class:`jax.sharding.Mesh`:
 
 * the batch is padded to a multiple of the device count (by repeating the last
   problem, which is always a valid problem) and placed with a
   ``NamedSharding(mesh, P(axis))``;
-* each device runs its own shard's ``while_loop`` to its own convergence — no
-  collective and no host round-trip inside the loop, so devices never wait for
-  each other's iterations and the same code runs on CPU, GPU and TPU;
-* results are sliced back to the original batch size (XLA decides their final
-  placement; the solve itself ran sharded).
+* each device runs its own problems to their own convergence — no collective
+  and no host round-trip inside the loop, so devices never wait for each other's
+  iterations and the same code runs on CPU, GPU and TPU;
+* within a device the problems are batched with ``jax.vmap`` (GPU/TPU: one
+  batched SVD per iteration) or, on CPU, run one after another with
+  ``jax.lax.map``: with several host devices, a vmapped ``while_loop`` holding
+  an SVD was found to hang XLA:CPU (jax 0.10.2; a fixed-trip loop or a
+  sequential map does not), and batching buys nothing on CPU anyway;
+* results are sliced back to the original batch size.
 
 On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set before JAX
 is imported) gives N host devices to try this on.
@@ -20,7 +24,7 @@ is imported) gives N host devices to try this on.
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from clair_jax import sharding
-    >>> f = sharding.map_over_layers(jax.vmap(lambda a: jnp.linalg.norm(a, ord=2)))
+    >>> f = sharding.map_over_layers(lambda a: jnp.linalg.norm(a, ord=2))
     >>> f(jnp.ones((3, 4, 5))).shape
     (3,)
 """
@@ -56,27 +60,35 @@ def pad_layers(x, multiple):
     return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
 
 
-def map_over_layers(fn, mesh=None, axis_name=AXIS):
-    """Shard a batched function over the leading (layer) axis of its arguments.
+def map_over_layers(fn, mesh=None, axis_name=AXIS, *, per_device="auto"):
+    """Run a single-problem function over the leading (layer) axis, sharded over devices.
 
     Args:
-        fn: ``fn(*arrays) -> pytree``; every argument and every output leaf has the
-            problem axis first, and problems are independent (e.g. ``jax.vmap(solve)``).
+        fn: ``fn(*arrays) -> pytree`` for ONE problem (e.g. a solver); problems are
+            independent.
         mesh: a 1-D :class:`Mesh` (default :func:`layer_mesh` over all devices).
         axis_name: the mesh axis name.
+        per_device: how a device runs its share: ``"vmap"`` (batched), ``"map"``
+            (one after another) or ``"auto"``: ``"map"`` on CPU meshes of several
+            devices (see the module doc), ``"vmap"`` otherwise.
 
     Returns:
-        A jitted function with the same signature; outputs are sharded over the mesh.
-        With a single device it is just ``jax.jit(fn)``.
+        A jitted function of arrays with the problem axis first; outputs are
+        sharded over the mesh. With a single device it is ``jax.jit(jax.vmap(fn))``.
     """
+    if per_device not in ("auto", "vmap", "map"):
+        raise ValueError(f"per_device must be 'auto', 'vmap' or 'map', got {per_device!r}")
     mesh = layer_mesh(axis_name=axis_name) if mesh is None else mesh
     n_dev = mesh.devices.size
     if n_dev == 1:
-        return jax.jit(fn)
+        return jax.jit(jax.vmap(fn))
+    if per_device == "auto":
+        per_device = "map" if mesh.devices.flat[0].platform == "cpu" else "vmap"
+    batched = jax.vmap(fn) if per_device == "vmap" else (lambda *xs: jax.lax.map(lambda a: fn(*a), xs))
     spec = PartitionSpec(axis_name)
     # check_vma=False: the wrapped function is free to use while_loop/cond on
     # per-shard data (each device converges on its own).
-    local = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    local = jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
     @jax.jit
     def padded(*arrays):
