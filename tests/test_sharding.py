@@ -88,3 +88,46 @@ def test_sharded_equals_dense_on_4_host_devices():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
+
+
+CLAIR_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    sys.path.insert(0, {root!r})
+    import jax, jax.numpy as jnp, numpy as np
+    import clair_jax as cj
+
+    assert len(jax.devices()) == 2, jax.devices()
+    fed = cj.data.make_federation(3, num_clients=16, p=24, q=6, rank=2, contamination=0.25, noise=0.05)
+    layers = jnp.stack([fed.updates * s for s in (1.0, 2.0, 0.5)])   # 3 modules: padded to 4
+    plain = cj.clair(layers)
+    shard = cj.clair(layers, devices=jax.devices())
+    np.testing.assert_array_equal(shard.client_benign, plain.client_benign)
+    np.testing.assert_array_equal(shard.benign, plain.benign)
+    np.testing.assert_array_equal(shard.rank, plain.rank)
+    np.testing.assert_allclose(shard.refined, plain.refined, atol=1e-5 * float(jnp.max(jnp.abs(plain.refined))))
+    assert (np.asarray(shard.client_benign) == np.asarray(fed.benign)).all()
+    print("OK")
+    """
+)
+
+
+def test_clair_sharded_over_devices_equals_single_device():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", CLAIR_SCRIPT.format(root=str(ROOT))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_clair_devices_argument_is_checked():
+    import clair_jax as cj
+    import pytest
+
+    fed = cj.data.make_federation(0, num_clients=8, p=8, q=4, rank=1)
+    with pytest.raises(TypeError, match="devices"):
+        cj.clair(fed.updates, devices=["cpu"])
+    res = cj.clair(fed.updates, devices=jax.devices()[:1])
+    np.testing.assert_array_equal(res.benign, cj.clair(fed.updates).benign)
