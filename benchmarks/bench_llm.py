@@ -97,7 +97,7 @@ def _reference_fn(k, r, svt_budget):
     return jax.vmap(one)
 
 
-def run_factored(b, a, chunk, engine, shard=False):
+def run_factored(b, a, chunk, engine):
     modules, k, d, r = b.shape
     from clair_jax import linalg
 
@@ -108,10 +108,8 @@ def run_factored(b, a, chunk, engine, shard=False):
     if engine == "clair":
         import clair_jax as cj
 
-        devices = jax.devices() if shard else None
-
         def call(bc, ac):
-            res = cj.clair(cj.LoRAFactors(B=bc, A=ac), devices=devices)
+            res = cj.clair(cj.LoRAFactors(B=bc, A=ac))
             return jax.block_until_ready((res.benign, res.scores, res.refined.B))
     else:
         fn = jax.jit(_reference_fn(k, r, budget if use_partial else None))
@@ -166,9 +164,6 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--engine", choices=["auto", "clair", "reference"], default="auto")
     parser.add_argument("--dense-sizes", type=int, nargs="*", default=[128, 256, 512])
-    parser.add_argument("--shard", action="store_true",
-                        help="with --engine clair, split the modules over jax.devices() (on CPU set "
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=N first)")
     parser.add_argument("--clair-modules", type=int, default=None,
                         help="with --engine clair, time only this many modules and extrapolate")
     args = parser.parse_args(argv)
@@ -191,12 +186,11 @@ def main(argv=None):
     timed = args.modules
     if engine == "clair" and args.clair_modules:
         timed = min(args.clair_modules, args.modules)
-    res = run_factored(b[:timed], a[:timed], min(args.chunk, timed), engine, shard=args.shard)
+    res = run_factored(b[:timed], a[:timed], min(args.chunk, timed), engine)
     seconds = res["seconds"] * args.modules / timed
     correct = bool(np.all(res["verdicts"] == benign[None, :]))
     model = dict(modules=args.modules, timed_modules=timed, d=args.d, K=args.clients, r=args.rank,
-                 engine=engine + (f" on {len(jax.devices())} devices" if args.shard else "")
-                 + ("" if timed == args.modules else f" ({timed} modules timed, extrapolated)"),
+                 engine=engine + ("" if timed == args.modules else f" ({timed} modules timed, extrapolated)"),
                  seconds=seconds, compile_s=res["compile_s"], generate_s=gen_s,
                  input_gib=input_gib, peak_rss_gib=peak_rss_gib(), verdicts_correct=correct,
                  partial_svt=res["partial_svt"], svt_budget=res["budget"],

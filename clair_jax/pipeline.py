@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax import _checks, detect, linalg, refine, sharding, tuning
+from clair_jax import _checks, detect, linalg, refine, tuning
 from clair_jax.decompose import Decomposition, spectral_scale
 from clair_jax.lora import LoRAFactors, reduce_factors
 from clair_jax.prox import safe_frobenius_norm
@@ -193,21 +193,15 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     return benign, score, z, dec, sigma_n * scale, rank_cap, cols, sigma_stack
 
 
-@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank",
-                                             "z_crit", "dims", "svt_budget", "mesh"))
+@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims", "svt_budget"))
 def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, has_sigma, has_threshold,
-                refit, rank, z_crit, dims, svt_budget=None, mesh=None):
-    fn = lambda b, u, s, lam_grid, t: _detect_one(  # noqa: E731
-        b, u, lam_grid, s if has_sigma else None, t if has_threshold else None,
+                refit, rank, z_crit, dims, svt_budget=None):
+    fn = lambda b, u, s: _detect_one(  # noqa: E731
+        b, u, lams, s if has_sigma else None, threshold if has_threshold else None,
         tol=tol, max_iter=max_iter, min_gap=min_gap, refit=refit, rank=rank, z_crit=z_crit, dims=dims,
         svt_budget=svt_budget,
     )
-    # Every argument carries the problem axis, so the same call vmaps or shards.
-    n = blocks.shape[0]
-    args = (blocks, usable, sigma, jnp.broadcast_to(lams, (n,) + lams.shape), jnp.broadcast_to(threshold, (n,)))
-    if mesh is None:
-        return jax.vmap(fn)(*args)
-    return sharding.map_over_layers(fn, mesh)(*args)
+    return jax.vmap(fn)(blocks, usable, sigma)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
@@ -256,7 +250,6 @@ def clair(
     refit: bool = True,
     z_crit: float = 5.0,
     svt: str = "auto",
-    devices=None,
 ) -> ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -297,9 +290,6 @@ def clair(
         svt: ``"auto"`` (default), ``"full"`` or ``"partial"``: the solvers' singular-value
             thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance;
             ``"auto"`` takes the partial SVT only for stacks with a short side ≥ 64).
-        devices: optional sequence of JAX devices; the problems (layers / modules) are
-            split over them with :func:`clair_jax.sharding.map_over_layers` (each device
-            solves its share to its own convergence). Default: one device, vmapped.
 
     Returns:
         :class:`ClairResult`.
@@ -328,10 +318,6 @@ def clair(
     if not 0 < min_gap < 1:
         raise ValueError(f"min_gap must be in (0, 1), got {min_gap}")
     _checks.check_positive(z_crit, "z_crit")
-    if devices is not None:
-        devices = list(devices) if not isinstance(devices, jax.Device) else [devices]
-        if not devices or not all(isinstance(d, jax.Device) for d in devices):
-            raise TypeError(f"devices must be a non-empty sequence of jax devices (e.g. jax.devices()), got {devices!r}")
 
     factored = isinstance(updates, LoRAFactors)
     if factored:
@@ -368,7 +354,6 @@ def clair(
         tol=float(tol), max_iter=max_iter, min_gap=min_gap, has_threshold=threshold is not None,
         refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
         svt_budget=linalg.choose_svt_budget((blocks.shape[-2], k * blocks.shape[-1]), svt),
-        mesh=None if devices is None else sharding.layer_mesh(devices),
     )
     benign, scores, z, dec, sigma_hat, rank_cap, cols, sigma_stack = detect_all(sigma, has_sigma=has_sigma)
     if not has_sigma:
