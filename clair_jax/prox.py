@@ -71,7 +71,7 @@ def svt(x, tau):
 
     Example:
         >>> import jax.numpy as jnp, clair_jax as cj
-        >>> cj.prox.svt(jnp.diag(jnp.array([3.0, 1.0])), 2.0)
+        >>> cj.prox.svt(jnp.diag(jnp.array([3.0, 1.0], dtype=jnp.float32)), 2.0)
         Array([[1., 0.],
                [0., 0.]], dtype=float32)
     """
@@ -94,7 +94,7 @@ def block_soft_threshold(blocks, tau):
 
     Example:
         >>> import jax.numpy as jnp, clair_jax as cj
-        >>> x = jnp.stack([jnp.full((2, 2), 1.0), jnp.full((2, 2), 0.1)])
+        >>> x = jnp.stack([jnp.full((2, 2), 1.0), jnp.full((2, 2), 0.1)]).astype(jnp.float32)
         >>> cj.prox.block_soft_threshold(x, 1.0)[:, 0, 0]
         Array([0.5, 0. ], dtype=float32)
     """
