@@ -4,7 +4,7 @@
 9 values) of penalised problems at μ = σ̂(√p + √(Kq)). Here the same grid is solved
 (a) as one ``cj.decompose`` call on the problem tiled G times with λ of shape (G,),
 (b) as a Python loop of G single-λ calls, (c) as one jitted warm-started path
-(:func:`clair_jax.solvers.solve_penalized_path`, what ``cj.clair`` uses: a scan over
+(:func:`clair_jax.solvers.solve_penalized_path`, what ``cj.clair`` uses: a while_loop up
 the ascending grid, each solve starting from the previous λ's L), against (d) one
 single-λ solve; the whole ``cj.clair`` call is timed too.
 
@@ -39,7 +39,10 @@ QUICK = [("tiny", None, 8, 8, 4, 2)]
 
 def run(sizes, repeats, with_clair=True):
     import clair_jax as cj
-    from clair_jax.decompose import decompose
+    from clair_jax.decompose import decompose, spectral_scale
+    from clair_jax.linalg import choose_svt_budget
+    from clair_jax.solvers import solve_penalized_path
+    from clair_jax.solvers.common import default_tolerance
     from clair_jax.tuning import lambda_grid
 
     rows = []
@@ -59,12 +62,6 @@ def run(sizes, repeats, with_clair=True):
 
         def batched():
             return jax.block_until_ready(decompose(tiled, lam=lam_grid, mu=mu).objective)
-
-        from clair_jax.decompose import spectral_scale
-        from clair_jax.solvers import solve_penalized_path
-        from clair_jax.solvers.common import default_tolerance
-
-        from clair_jax.linalg import choose_svt_budget
 
         budget = choose_svt_budget((p, k * q), "auto")  # what cj.decompose's default picks
 

@@ -142,19 +142,18 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     # so the first clean split is the one that flags the most of them. A benign
     # client flagged there is recovered by the refit test. With no split anywhere,
     # the grid's middle (no contamination found).
-    def clean_split(sol):
-        split = detect.split_scores(detect.block_scores(sol.sparse, x, usable), usable, min_gap)
-        return (split.gap > 0) & (sol.singular_values[0] > 0)
+    def split_at(sol):
+        score = detect.block_scores(sol.sparse, x, usable)
+        split = detect.split_scores(score, usable, min_gap)
+        return score, split, (split.gap > 0) & (sol.singular_values[0] > 0)
 
     # One warm-started path up the grid, stopped one λ after the first clean split
     # (the rank cap below reads that next λ too): a vmapped batch of the whole grid
     # would wait for its slowest member at every iteration.
     sols = solve_penalized_path(x, lams, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget,
-                                until=clean_split, extra=1)
-    scores = jax.vmap(lambda c: detect.block_scores(c, x, usable))(sols.sparse)
-    splits = jax.vmap(lambda s: detect.split_scores(s, usable, min_gap))(scores)
-    solved = sols.iterations > 0  # the path's unsolved tail is zeros
-    valid = solved & (splits.gap > 0) & (sols.singular_values[:, 0] > 0)
+                                until=lambda sol: split_at(sol)[2], extra=1)
+    scores, splits, clean = jax.vmap(split_at)(sols)
+    valid = (sols.iterations > 0) & clean  # the path's unsolved tail is zeros
     best = jnp.where(jnp.any(valid), jnp.argmax(valid), lams.shape[0] // 2)
     pick = lambda a: a[best]  # noqa: E731
     sol = jax.tree_util.tree_map(pick, sols)
@@ -376,7 +375,7 @@ def clair(
     # Refit evidence pooled over problems: mean z above z_crit is contamination
     # even when no single problem is sure (weak, consistent excess energy).
     client_z = jnp.mean(z, axis=0)
-    by_z = (client_z <= z_crit) | (n_problems == 1)
+    by_z = client_z <= z_crit
     if threshold is not None:
         by_score = client_scores <= threshold
     else:
