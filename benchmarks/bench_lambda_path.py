@@ -1,12 +1,14 @@
-"""Tuning cost: a λ grid as a warm-started path vs a vmapped batch vs one solve vs a Python loop.
+"""Tuning cost: a λ grid as a path vs a vmapped batch vs one solve vs a Python loop.
 
 ``cj.clair`` chooses λ from a geometric grid (:func:`clair_jax.tuning.lambda_grid`,
 9 values) of penalised problems at μ = σ̂(√p + √(Kq)). Here the same grid is solved
-(a) as one ``cj.decompose`` call on the problem tiled G times with λ of shape (G,),
-(b) as a Python loop of G single-λ calls, (c) as one jitted warm-started path
-(:func:`clair_jax.solvers.solve_penalized_path`, what ``cj.clair`` uses: a while_loop up
-the ascending grid, each solve starting from the previous λ's L), against (d) one
-single-λ solve; the whole ``cj.clair`` call is timed too.
+(a) as one ``cj.decompose`` call (FISTA) on the problem tiled G times with λ of shape (G,),
+(b) as a Python loop of G single-λ ``cj.decompose`` calls, (c) as one jitted FISTA path
+(:func:`clair_jax.solvers.solve_penalized_path`: a while_loop up the ascending grid, each
+solve warm-started from the previous λ's L), (d) as one jitted ALM path
+(:func:`clair_jax.solvers.solve_alm_path`, what ``cj.clair`` runs, there stopped one λ
+after the first clean split), against (e) one single-λ solve; the whole ``cj.clair``
+call is timed too.
 
 Usage::
 
@@ -41,7 +43,7 @@ def run(sizes, repeats, with_clair=True):
     import clair_jax as cj
     from clair_jax.decompose import decompose, spectral_scale
     from clair_jax.linalg import choose_svt_budget
-    from clair_jax.solvers import solve_penalized_path
+    from clair_jax.solvers import solve_alm_path, solve_penalized_path
     from clair_jax.solvers.common import default_tolerance
     from clair_jax.tuning import lambda_grid
 
@@ -72,6 +74,16 @@ def run(sizes, repeats, with_clair=True):
 
         path_fn = jax.jit(jax.vmap(one_path) if lead else one_path)
 
+        def one_alm_path(b):
+            scale = spectral_scale(b)
+            return solve_alm_path(b / scale, jnp.asarray(grid), mu / scale, spectral_norm=1.0, svt_budget=budget,
+                                  tol=default_tolerance(b.dtype), max_iter=3000)
+
+        alm_fn = jax.jit(jax.vmap(one_alm_path) if lead else one_alm_path)
+
+        def alm_path():
+            return jax.block_until_ready(alm_fn(blocks).objective)
+
         def path():
             return jax.block_until_ready(path_fn(blocks).objective)
 
@@ -87,6 +99,11 @@ def run(sizes, repeats, with_clair=True):
         t_loop = time_call(loop, repeats=max(1, repeats // 2))[0]
         t_path = time_call(path, repeats=repeats)[0]
         path_its = np.asarray(path_fn(blocks).iterations)
+        t_alm = time_call(alm_path, repeats=repeats)[0]
+        alm_out, fista_out = alm_fn(blocks), path_fn(blocks)
+        alm_its = np.asarray(alm_out.iterations)
+        alm_gap = float(np.max(np.abs(np.asarray(alm_out.objective) - np.asarray(fista_out.objective))
+                               / np.abs(np.asarray(fista_out.objective))))
         t_clair = time_call(full_clair, repeats=max(1, repeats // 2))[0] if with_clair else float("nan")
         its = np.asarray(decompose(tiled, lam=lam_grid, mu=mu).iterations)
         rows.append(dict(size=name, layers=layers or 1, K=k, p=p, q=q, grid=g,
@@ -94,10 +111,12 @@ def run(sizes, repeats, with_clair=True):
                          clair_ms=t_clair * 1e3, batch_over_single=t_batch / t_single,
                          path_ms=t_path * 1e3, path_over_single=t_path / t_single,
                          path_iters=int(path_its.sum(axis=0).max()),
+                         alm_ms=t_alm * 1e3, alm_iters=int(alm_its.sum(axis=0).max()), alm_obj_gap=alm_gap,
                          loop_over_batch=t_loop / t_batch, clair_over_single=t_clair / t_single,
                          max_iters=int(its.max()), mean_iters=float(its.mean())))
         print(f"  {name}: single {t_single*1e3:.1f} ms, path {t_path*1e3:.1f} ms, grid {t_batch*1e3:.1f} ms, "
-              f"loop {t_loop*1e3:.1f} ms, clair {t_clair*1e3:.1f} ms", flush=True)
+              f"loop {t_loop*1e3:.1f} ms, ALM path {t_alm*1e3:.1f} ms (obj gap {alm_gap:.1e}), "
+              f"clair {t_clair*1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -116,8 +135,10 @@ def main(argv=None):
     print(markdown_table(rows, [
         ("size", "size", ""), ("layers", "layers", "d"), ("K", "K", "d"), ("p", "p", "d"),
         ("q", "q", "d"), ("grid", "λ values", "d"), ("single_ms", "1 solve (ms)", ".1f"),
-        ("path_ms", "warm path (ms)", ".1f"), ("path_over_single", "path / 1 solve", ".1f"),
+        ("path_ms", "FISTA path (ms)", ".1f"), ("path_over_single", "path / 1 solve", ".1f"),
         ("path_iters", "path iters (sum)", "d"),
+        ("alm_ms", "ALM path (ms)", ".1f"), ("alm_iters", "ALM iters (sum)", "d"),
+        ("alm_obj_gap", "ALM vs FISTA obj", ".1e"),
         ("batch_ms", "vmapped grid (ms)", ".1f"), ("batch_over_single", "grid / 1 solve", ".1f"),
         ("loop_ms", "Python loop (ms)", ".1f"), ("loop_over_batch", "loop / grid", ".1f"),
         ("clair_ms", "cj.clair (ms)", ".1f"), ("max_iters", "grid max iters", "d")]))

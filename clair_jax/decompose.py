@@ -16,6 +16,7 @@ import numpy as np
 
 from clair_jax import _checks, linalg
 from clair_jax.prox import safe_frobenius_norm
+from clair_jax.sharding import over_problems
 from clair_jax.solvers import solve_exact, solve_penalized
 from clair_jax.solvers.common import default_tolerance
 from clair_jax.stack import orient, to_stacked
@@ -108,7 +109,9 @@ def _decompose_flat(blocks, lam, mu, *, exact, auto_mu, tol, max_iter, svt_budge
             m = noise_level(b) * float(np.sqrt(p) + np.sqrt(k * q))
         return solve_one(b, l, m, exact=exact, tol=tol, max_iter=max_iter, svt_budget=svt_budget)
 
-    return jax.vmap(one)(blocks, lam, mu)
+    # One problem after another on CPU (a vmapped while_loop waits for its slowest
+    # member, and pays every member's partial-SVT fallbacks); batched elsewhere.
+    return over_problems(one)(blocks, lam, mu)
 
 
 def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None, svt="auto") -> Decomposition:

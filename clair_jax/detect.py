@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from clair_jax.prox import safe_frobenius_norm
 
-__all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "MIN_GAP"]
+__all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
@@ -77,7 +77,7 @@ def collaborative_set(scores, usable=None, threshold=None, min_gap=MIN_GAP):
     return split_scores(scores, usable, min_gap).benign
 
 
-def _masked_median(values, mask):
+def masked_median(values, mask):
     """Median of ``values[mask]`` (lower median; +inf padding keeps shapes static)."""
     ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
     return ordered[(jnp.maximum(jnp.sum(mask), 1) - 1) // 2]
@@ -125,9 +125,9 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
         energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
-        m = _masked_median(energy, current)
-        mad = _masked_median(jnp.abs(energy - m), current)
-        dof = jnp.maximum((p - r) * _masked_median(cols, current), 1).astype(blocks.dtype)
+        m = masked_median(energy, current)
+        mad = masked_median(jnp.abs(energy - m), current)
+        dof = jnp.maximum((p - r) * masked_median(cols, current), 1).astype(blocks.dtype)
         s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
         z = (energy - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
         keep = usable & (energy <= m + z_crit * s + rel_floor * norms2)

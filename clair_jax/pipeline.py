@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax import _checks, detect, linalg, refine, tuning
+from clair_jax import _checks, detect, linalg, refine, sharding, tuning
 from clair_jax.decompose import Decomposition, spectral_scale
 from clair_jax.lora import LoRAFactors, reduce_factors
 from clair_jax.prox import safe_frobenius_norm
-from clair_jax.solvers import solve_penalized_path
+from clair_jax.solvers import solve_alm_path
 from clair_jax.solvers.common import default_tolerance
-from clair_jax.stack import orient
+from clair_jax.stack import orient, to_stacked
 
-__all__ = ["ClairResult", "clair", "NORM_CLIP", "STACK_NOISE_RATIO"]
+__all__ = ["ClairResult", "clair", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES"]
 
 #: Blocks larger than NORM_CLIP × the median client norm are scaled down to it
 #: before the decomposition. Scaling a block keeps its column space, so the
@@ -31,9 +31,11 @@ __all__ = ["ClairResult", "clair", "NORM_CLIP", "STACK_NOISE_RATIO"]
 #: longer dominate ‖M‖_2 and hide everyone else below the solver tolerance.
 NORM_CLIP = 2.0
 
-#: A second detection pass runs at the benign stack's noise level when it is
-#: this many times the per-client estimate (see ``clair``).
+#: Another detection pass runs at the benign stack's noise level when the μ it
+#: gives differs from the last pass's by more than this factor, up to MAX_PASSES
+#: passes in all (see ``clair``).
 STACK_NOISE_RATIO = 1.5
+MAX_PASSES = 3
 
 
 class ClairResult(NamedTuple):
@@ -97,9 +99,7 @@ class ClairResult(NamedTuple):
 def _equalise(blocks, usable):
     """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP)."""
     norms = safe_frobenius_norm(blocks)
-    ordered = jnp.sort(jnp.where(usable, norms, jnp.inf))
-    median = ordered[(jnp.maximum(jnp.sum(usable), 1) - 1) // 2]
-    cap = NORM_CLIP * median
+    cap = NORM_CLIP * detect.masked_median(norms, usable)
     return jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
 
 
@@ -109,32 +109,58 @@ def _rel_floor(dtype):
 
 
 def _mu_floor(dtype):
-    # Noiseless data: a μ this small makes the penalised program the exact one
-    # for detection purposes (benign residuals ≪ μλ), while FISTA still converges fast.
+    # Below this μ (in units of ‖M‖_2) the noise is rounding error: the exact program
+    # (μ = 0) is solved, and a second pass never runs for rounding-level differences.
     return 1e-4 if jnp.dtype(dtype) == jnp.float64 else 1e-3
 
 
-def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, refit, rank, z_crit, dims,
-                svt_budget=None):
-    """Decompose one (K, p, q) problem on a λ grid and keep the clearest split.
+class _Prepared(NamedTuple):
+    """One problem made scale free: what both detection passes start from."""
 
-    ``dims`` is the dense (p, q): for an exact LoRA reduction every data-driven
-    rule is evaluated as on the dense blocks, so factors and dense input agree.
-    """
-    p, q = dims
+    x: jax.Array        # (K, p, q) blocks, outliers equalised, divided by ``scale``
+    scale: jax.Array    # ‖stack‖_2 after equalisation
+    weights: jax.Array  # (K,) equalisation factors (1 for most clients)
+    cols: jax.Array     # (K,) noise columns each block adds (tuning.effective_columns)
+    sigma: jax.Array    # per-client noise estimate σ̂, in units of ``x``
+    edge: jax.Array     # √p + √(noise columns): μ = σ·edge is the noise's spectral norm
+
+
+def _prepare_one(blocks, usable, *, dims):
+    p, _ = dims
     blocks = jnp.where(usable[:, None, None], blocks, 0.0)
     cols = tuning.effective_columns(blocks, dims)
     weights = _equalise(blocks, usable)
     x = blocks * weights[:, None, None]
     scale = spectral_scale(x)
     x = x / scale
-    if sigma is None:
-        sigma_n = tuning.noise_level(x, usable, dims=dims)
-    else:  # user's σ, in the input's units; equalisation only shrinks outliers
-        sigma_n = jnp.asarray(sigma, x.dtype) / scale
-    # μ = σ̂·‖noise‖₂ of the stack: √p + √(number of noise columns), Kq for full-rank blocks.
     width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
-    mu = jnp.maximum(sigma_n * (float(np.sqrt(p)) + jnp.sqrt(width)), _mu_floor(x.dtype))
+    # Rank-deficient blocks (LoRA updates) each look noiseless on their own: their
+    # noise shows only in the stack, whose median singular value contamination
+    # barely moves (it adds a minority of columns at the top of the spectrum).
+    rank_deficient = 2 * detect.masked_median(cols, usable) < min(dims)
+    stack_sv = jnp.linalg.svd(to_stacked(x), compute_uv=False)
+    sigma = jnp.where(rank_deficient, refine.select_rank(stack_sv, usable, *dims, columns=cols)[1],
+                      tuning.noise_level(x, usable, dims=dims))
+    return _Prepared(x, scale, weights, cols, sigma, float(np.sqrt(p)) + jnp.sqrt(width))
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _prepare_all(blocks, usable, *, dims):
+    return jax.vmap(functools.partial(_prepare_one, dims=dims))(blocks, usable)
+
+
+def _detect_one(prep, blocks, usable, lams, mu, threshold, *, tol, max_iter, min_gap, refit, rank, z_crit,
+                dims, svt_budget=None):
+    """Decompose one (K, p, q) problem on a λ grid and keep the clearest split.
+
+    ``mu`` is in units of ``prep.x`` (0: the exact program, for noiseless data).
+    ``dims`` is the dense (p, q): for an exact
+    LoRA reduction every data-driven rule is evaluated as on the dense blocks, so
+    factors and dense input agree.
+    """
+    p, q = dims
+    x, scale, weights, cols = prep.x, prep.scale, prep.weights, prep.cols
+    blocks = jnp.where(usable[:, None, None], blocks, 0.0)
 
     # The smallest λ (the grid ascends) whose scores split cleanly while L̂ keeps
     # some rank: below the window everything is pushed into C and no clean split
@@ -147,11 +173,10 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         split = detect.split_scores(score, usable, min_gap)
         return score, split, (split.gap > 0) & (sol.singular_values[0] > 0)
 
-    # One warm-started path up the grid, stopped one λ after the first clean split
-    # (the rank cap below reads that next λ too): a vmapped batch of the whole grid
-    # would wait for its slowest member at every iteration.
-    sols = solve_penalized_path(x, lams, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget,
-                                until=lambda sol: split_at(sol)[2], extra=1)
+    # One ALM path up the grid, stopped one λ after the first clean split (the rank
+    # cap below reads that next λ too).
+    sols = solve_alm_path(x, lams, mu, tol=tol, max_iter=max_iter, spectral_norm=1.0, svt_budget=svt_budget,
+                          until=lambda sol: split_at(sol)[2], extra=1)
     scores, splits, clean = jax.vmap(split_at)(sols)
     valid = (sols.iterations > 0) & clean  # the path's unsolved tail is zeros
     best = jnp.where(jnp.any(valid), jnp.argmax(valid), lams.shape[0] // 2)
@@ -174,6 +199,7 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     else:
         z = jnp.zeros_like(score)
     unweight = (scale / weights)[:, None, None]
+    # The exact program's objective is homogeneous of degree 1, the penalised one's of degree 2.
     dec = Decomposition(
         low_rank=sol.low_rank * unweight,
         sparse=sol.sparse * unweight,
@@ -181,7 +207,7 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
         singular_values=sol.singular_values * scale,
         iterations=sol.iterations,
         converged=sol.converged,
-        objective=sol.objective * scale**2,
+        objective=sol.objective * jnp.where(mu > 0, scale**2, scale),
         primal_residual=sol.primal_residual,
         dual_residual=sol.dual_residual,
         lam=lams[best],
@@ -189,18 +215,21 @@ def _detect_one(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_ga
     )
     # Noise level of the benign stack itself (see ``clair``: the second pass).
     sigma_stack = refine.select_rank(refine.benign_spectrum(blocks, benign)[1], benign, p, q, columns=cols)[1]
-    return benign, score, z, dec, sigma_n * scale, rank_cap, cols, sigma_stack
+    return benign, score, z, dec, rank_cap, sigma_stack / scale
 
 
-@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_sigma", "has_threshold", "refit", "rank", "z_crit", "dims", "svt_budget"))
-def _detect_all(blocks, usable, lams, sigma, threshold, *, tol, max_iter, min_gap, has_sigma, has_threshold,
+@functools.partial(jax.jit, static_argnames=("tol", "max_iter", "min_gap", "has_threshold", "refit", "rank",
+                                             "z_crit", "dims", "svt_budget"))
+def _detect_all(prep, blocks, usable, lams, mu, threshold, *, tol, max_iter, min_gap, has_threshold,
                 refit, rank, z_crit, dims, svt_budget=None):
-    fn = lambda b, u, s: _detect_one(  # noqa: E731
-        b, u, lams, s if has_sigma else None, threshold if has_threshold else None,
+    fn = lambda pr, b, u, m: _detect_one(  # noqa: E731
+        pr, b, u, lams, m, threshold if has_threshold else None,
         tol=tol, max_iter=max_iter, min_gap=min_gap, refit=refit, rank=rank, z_crit=z_crit, dims=dims,
         svt_budget=svt_budget,
     )
-    return jax.vmap(fn)(blocks, usable, sigma)
+    # One problem after another on CPU: a vmapped path would pay its slowest member's
+    # iterations (and every member's SVT fallbacks) at every step.
+    return sharding.over_problems(fn)(prep, blocks, usable, mu)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
@@ -259,9 +288,11 @@ def clair(
     2. the penalised decomposition ½‖M − L − C‖² + μ(‖L‖_* + λΣ‖C_k‖_F) is solved for
        a grid of λ at μ = σ̂(√p + √n), σ̂ the robust noise level of
        :func:`clair_jax.tuning.noise_level` and n the stack's noise columns
-       (Kq for full-rank blocks, Σ rank_k for LoRA updates); if the benign stack
-       is much noisier than σ̂ said (rank-deficient updates), steps 2–3 run again
-       at the stack's noise level;
+       (Kq for full-rank blocks, Σ rank_k for LoRA updates); where μ is negligible
+       (noiseless data) the exact program min ‖L‖_* + λΣ‖C_k‖_F s.t. L + C = M
+       is solved instead; for rank-deficient updates (LoRA) σ̂ is read off the
+       whole stack; while the benign stack's own noise level gives a μ more than
+       1.5× away, steps 2–3 run again at that level (at most 3 passes);
     3. scores s_k = ‖Ĉ_k‖_F/‖Θ̂_k‖_F; the λ whose scores split most clearly (widest
        gap leaving a benign majority) gives a first collaborative set, which a
        refit test of each client's off-subspace energy then confirms or corrects;
@@ -346,25 +377,38 @@ def clair(
     if tol is None:
         tol = default_tolerance(dtype)
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if lam is None else [lam], dtype)
+    prep = _prepare_all(blocks, usable, dims=dims)
     has_sigma = not isinstance(noise, str)
-    sigma = jnp.full((n_problems,), float(noise) if has_sigma else 0.0, dtype)
-    detect_all = functools.partial(
-        _detect_all, blocks, usable, lams, threshold=jnp.asarray(threshold or 0.0, dtype),
+    # σ in units of each problem's scaled stack, and μ = σ·(noise edge), floored.
+    sigma_n = jnp.asarray(noise, dtype) / prep.scale if has_sigma else prep.sigma
+    # Noise below the rounding floor is no noise: the exact program (μ = 0).
+    floor = _mu_floor(dtype)
+    mu_of = lambda s: jnp.where(s * prep.edge < floor, 0.0, s * prep.edge)  # noqa: E731
+    detect_all = functools.partial(  # mu → one detection pass over all problems
+        _detect_all, prep, blocks, usable, lams, threshold=jnp.asarray(threshold or 0.0, dtype),
         tol=float(tol), max_iter=max_iter, min_gap=min_gap, has_threshold=threshold is not None,
         refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
         svt_budget=linalg.choose_svt_budget((blocks.shape[-2], k * blocks.shape[-1]), svt),
     )
-    benign, scores, z, dec, sigma_hat, rank_cap, cols, sigma_stack = detect_all(sigma, has_sigma=has_sigma)
-    if not has_sigma:
-        # Second pass when the benign stack is much noisier than the per-client
-        # estimate said. That happens for rank-deficient updates (LoRA: each
-        # client's error lives in its own r directions, so every block looks
-        # noiseless on its own, yet the benign clients' directions disagree).
-        # Noiseless low-rank data passes untouched: its benign stack has no bulk.
-        second = sigma_stack > STACK_NOISE_RATIO * sigma_hat
-        if bool(jnp.any(second)):
-            sigma2 = jnp.where(second, sigma_stack, sigma_hat)
-            benign, scores, z, dec, sigma_hat, rank_cap, cols, _ = detect_all(sigma2, has_sigma=True)
+    mu = mu_of(sigma_n)
+    benign, scores, z, dec, rank_cap, sigma_stack = detect_all(mu)
+    # Further passes while the benign stack's noise level is far from the one used:
+    # much noisier than the per-client estimate said (heterogeneous clients), or,
+    # for rank-deficient updates estimated from the whole stack, contamination that
+    # did move its median (then the first verdict was read at the wrong μ). Each
+    # pass re-reads σ̂ from the benign stack of the previous verdict. Noiseless
+    # low-rank data settle at once: their benign stack has no bulk, and μ below the
+    # rounding floor is 0 on both sides.
+    for _ in range(MAX_PASSES - 1 if not has_sigma else 0):
+        mu_stack = mu_of(sigma_stack)
+        again = (mu_stack > STACK_NOISE_RATIO * mu) | (mu > STACK_NOISE_RATIO * mu_stack)
+        if not bool(jnp.any(again)):
+            break
+        sigma_n = jnp.where(again, sigma_stack, sigma_n)
+        mu = mu_of(sigma_n)
+        benign, scores, z, dec, rank_cap, sigma_stack = detect_all(mu)
+    sigma_hat = sigma_n * prep.scale
+    cols = prep.cols
 
     # Client-level verdict, two kinds of evidence: flagged in most problems, or a
     # mean score over problems that splits off from the rest (contamination

@@ -36,7 +36,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers"]
+__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers", "over_problems"]
+
+
+def over_problems(fn, how="auto", *, platform=None):
+    """Run a single-problem ``fn(*xs)`` over the leading axis of its arguments.
+
+    ``how``: ``"vmap"`` (one batched computation: what accelerators want),
+    ``"map"`` (``jax.lax.map``, one problem after another), or ``"auto"``:
+    ``"map"`` on CPU, ``"vmap"`` elsewhere. On CPU batching buys nothing (XLA runs a
+    batched SVD one matrix at a time) and costs a lot for iterative solvers: a
+    vmapped ``while_loop`` runs until its slowest member has converged, and the
+    partial SVT's fallback SVD is paid by the whole batch whenever one member needs it.
+    """
+    if how not in ("auto", "vmap", "map"):
+        raise ValueError(f"how must be 'auto', 'vmap' or 'map', got {how!r}")
+    if how == "auto":
+        platform = platform or jax.default_backend()
+        how = "map" if platform == "cpu" else "vmap"
+    if how == "vmap":
+        return jax.vmap(fn)
+    return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
 
 AXIS = "layers"
 
@@ -82,9 +102,7 @@ def map_over_layers(fn, mesh=None, axis_name=AXIS, *, per_device="auto"):
     n_dev = mesh.devices.size
     if n_dev == 1:
         return jax.jit(jax.vmap(fn))
-    if per_device == "auto":
-        per_device = "map" if mesh.devices.flat[0].platform == "cpu" else "vmap"
-    batched = jax.vmap(fn) if per_device == "vmap" else (lambda *xs: jax.lax.map(lambda a: fn(*a), xs))
+    batched = over_problems(fn, per_device, platform=mesh.devices.flat[0].platform)
     spec = PartitionSpec(axis_name)
     # check_vma=False: the wrapped function is free to use while_loop/cond on
     # per-shard data (each device converges on its own).

@@ -159,3 +159,45 @@ def test_warm_started_lambda_path_reaches_each_optimum_in_fewer_iterations():
     short = solve_penalized_path(m, lams, 0.05, tol=1e-7, max_iter=3000, until=lambda o: o.iterations > 0, extra=1)
     assert (np.asarray(short.iterations)[:2] > 0).all() and (np.asarray(short.iterations)[2:] == 0).all()
     np.testing.assert_allclose(short.objective[:2], path.objective[:2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.6, 1.0])
+def test_alm_penalised_reaches_cvxpy_optimum(lam):
+    # The ALM with μ > 0 (the two-block ADMM cj.clair's λ path uses) solves the
+    # same penalised program as FISTA.
+    from clair_jax.solvers import solve_alm
+    from clair_jax.stack import to_stacked
+
+    fed = _problem(noise=0.1)
+    m = np.asarray(fed.updates)
+    scale = float(np.linalg.norm(np.asarray(to_stacked(fed.updates)), 2))
+    mu = 0.05
+    out = jax.jit(lambda x: solve_alm(x, lam, mu / scale, tol=1e-9, max_iter=5000))(fed.updates / scale)
+    ref = _cvxpy_optimum(m, lam, mu)
+    assert bool(out.converged)
+    assert abs(float(out.objective) * scale**2 - ref) / abs(ref) <= 1e-5
+    # μ = 0 is the exact program, step for step.
+    from clair_jax.solvers import solve_exact
+    a = solve_alm(fed.updates / scale, lam, 0.0, tol=1e-9, max_iter=5000)
+    b = solve_exact(fed.updates / scale, lam, tol=1e-9, max_iter=5000)
+    assert int(a.iterations) == int(b.iterations)
+    np.testing.assert_allclose(np.asarray(a.low_rank), np.asarray(b.low_rank), atol=1e-12)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.05])
+def test_alm_path_matches_independent_solves_with_the_partial_svt(mu):
+    # The path carries the partial SVT's subspace from one λ to the next: same
+    # optima as cold independent solves, with fewer full-SVD fallbacks.
+    from clair_jax.solvers import solve_alm, solve_alm_path
+    from clair_jax.stack import to_stacked
+    from clair_jax.tuning import lambda_grid
+
+    fed = _problem(seed=2, k=16, p=72, q=8, r=3, n_bad=4, noise=0.05)
+    m = (fed.updates / jnp.linalg.norm(to_stacked(fed.updates), ord=2)).astype(jnp.float32)
+    lams = jnp.asarray(lambda_grid(16, 72, 8), jnp.float32)[:5]
+    kw = dict(tol=3e-6, max_iter=3000, svt_budget=16)
+    path = jax.jit(lambda x: solve_alm_path(x, lams, mu, **kw))(m)
+    alone = jax.jit(jax.vmap(lambda lam: solve_alm(m, lam, mu, **kw)))(lams)
+    assert bool(jnp.all(path.converged)) and bool(jnp.all(alone.converged))
+    np.testing.assert_allclose(path.objective, alone.objective, rtol=2e-5)
+    assert int(jnp.sum(path.svt_fallbacks)) <= int(jnp.sum(alone.svt_fallbacks))

@@ -1,4 +1,5 @@
-r"""Inexact augmented Lagrangian (ALM / ADMM) for the exact program.
+r"""Inexact augmented Lagrangian (ALM / ADMM) for the exact program, and for the
+penalised one.
 
 .. math:: \min_{L, C} \|L\|_* + λ \sum_k \|C_k\|_F \quad \text{s.t.}\quad L + C = M
 
@@ -10,8 +11,17 @@ entrywise shrinkage)::
     Y ← Y + ρ (M − L − C)
     ρ ← ρ·η or ρ/η when one residual outgrows the other (residual balancing)
 
-Stops when the relative primal residual ‖M − L − C‖_F/‖M‖_F and the relative dual
-residual ρ‖ΔC‖_F/‖M‖_F are both below ``tol``, or after ``max_iter`` steps
+With μ > 0 the same loop solves the penalised program
+½‖M − L − C‖² + μ(‖L‖_* + λΣ‖C_k‖_F), written (divided by μ) as
+‖L‖_* + λΣ‖C_k‖_F + ‖E‖²/(2μ) s.t. L + C + E = M. Minimising the (C, E) block
+jointly keeps it a two-block ADMM: for Z = M − L + Y/ρ,
+C = block_soft_threshold(Z, λ(1 + ρμ)/ρ) and E = ρμ/(1 + ρμ)·(Z − C); μ = 0 gives
+E = 0 and the exact program's step. At the noise levels :func:`clair_jax.clair`
+picks it needs 2–3× fewer iterations than FISTA (whose smooth part is flat
+where blocks are thresholded), and each iteration costs the same single SVT.
+
+Stops when the relative primal residual ‖M − L − C − E‖_F/‖M‖_F and the relative
+dual residual ρ‖Δ(C + E)‖_F/‖M‖_F are both below ``tol``, or after ``max_iter`` steps
 (``converged`` is then False: non-convergence is reported, never hidden).
 """
 
@@ -22,18 +32,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clair_jax.linalg import init_subspace, partial_svt_with_spectrum
+from clair_jax.linalg import partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
-from clair_jax.solvers.common import SolverOutput, regularizer
+from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
 from clair_jax.stack import from_stacked, to_stacked
 
-__all__ = ["solve_exact"]
+__all__ = ["solve_alm", "solve_exact"]
 
 
 class _State(NamedTuple):
     step: jax.Array
     low_rank: jax.Array
     sparse: jax.Array
+    quadratic: jax.Array       # E (zero for the exact program)
     dual: jax.Array
     rho: jax.Array
     singular_values: jax.Array
@@ -42,30 +53,42 @@ class _State(NamedTuple):
     svt_state: object          # linalg.SubspaceState with the partial SVT, else None
 
 
-def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spectral_norm=None,
-                svt_budget=None, svt_slack=0.1):
-    """Solve the exact program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
+def solve_exact(blocks, lam, **kwargs):
+    """Solve the exact program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1
+    (:func:`solve_alm` with μ = 0)."""
+    return solve_alm(blocks, lam, 0.0, **kwargs)
+
+
+def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, spectral_norm=None,
+              svt_budget=None, svt_slack=0.1, svt_state=None):
+    """Solve the exact (μ = 0) or penalised (μ > 0) program for one (K, p, q) problem
+    scaled to ‖M‖_2 ≈ 1.
 
     Args:
         blocks: (K, p, q) array M (block k is client k).
         lam: block-penalty weight λ > 0 (scalar).
+        mu: 0 for the exact program, μ > 0 for the penalised one (may be traced).
         tol: relative tolerance on primal and dual residuals.
         max_iter: iteration cap.
         rho_growth: factor by which the penalty parameter ρ moves when rebalancing.
         balance: ρ moves when one residual exceeds the other by this factor.
         svt_budget: None for the full-SVD SVT; an int k for the warm-started rank-k
             partial SVT of :mod:`clair_jax.linalg` (certified, falls back to the full SVD).
+        svt_state: the partial SVT's starting subspace (``SolverOutput.svt_state`` of a
+            neighbouring solve); default a fixed random start.
         svt_slack: the partial SVT's answer is also accepted when its Ritz residual is
             below this fraction of the current primal residual ‖M − L − C‖_F (capped
             at 1 % of ‖M‖_F): inexact steps whose error shrinks with the residual.
         spectral_norm: ‖M‖_2 if the caller knows it (saves one SVD).
 
     Returns:
-        :class:`SolverOutput`.
+        :class:`SolverOutput`; ``objective`` is ‖L‖_* + λΣ‖C_k‖_F (exact program) or
+        ½‖M − L − C‖_F² + μ(‖L‖_* + λΣ‖C_k‖_F) (penalised).
     """
     num_clients = blocks.shape[0]
     dtype = blocks.dtype
     lam = jnp.asarray(lam, dtype)
+    mu = jnp.asarray(mu, dtype)
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
     spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
@@ -73,6 +96,12 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
     # Dual start scaled into the unit ball of the dual norm max(‖Y‖_2, max_k ‖Y_k‖_F / λ).
     dual_scale = jnp.maximum(spectral, jnp.max(safe_frobenius_norm(blocks)) / lam)
     rho0 = 1.25 / spectral
+    # The dual residual is in units of Y (subgradients, O(1)); with μ > 0, Y = E/μ
+    # and an error in Y costs only ~μ in the fit. Measuring it at √μ (between the
+    # two units) balances ρ so that the penalised solves on the 7B LoRA factors
+    # take 2.5× fewer iterations than in Y's units, and reach FISTA's objective
+    # to 4e-7 (benchmarks/bench_llm.py). μ = 0 leaves the exact program as it was.
+    dual_unit = jnp.where(mu > 0, jnp.sqrt(mu), 1.0)
     min_pq = min(m_stacked.shape)
 
     def cond(s):
@@ -87,35 +116,40 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
 
     def body(s):
         (low_rank_stacked, sv), svt_state = svt_step(
-            m_stacked - to_stacked(s.sparse) + to_stacked(s.dual) / s.rho, 1.0 / s.rho, s.svt_state,
+            m_stacked - to_stacked(s.sparse + s.quadratic) + to_stacked(s.dual) / s.rho, 1.0 / s.rho, s.svt_state,
             s.primal_residual,
         )
         low_rank = from_stacked(low_rank_stacked, num_clients)
-        sparse = block_soft_threshold(blocks - low_rank + s.dual / s.rho, lam / s.rho)
-        residual = blocks - low_rank - sparse
+        z = blocks - low_rank + s.dual / s.rho
+        damp = s.rho * mu                        # 0 for the exact program: E = 0
+        sparse = block_soft_threshold(z, lam * (1.0 + damp) / s.rho)
+        quadratic = damp / (1.0 + damp) * (z - sparse)
+        residual = blocks - low_rank - sparse - quadratic
         dual = s.dual + s.rho * residual
         primal_res = safe_frobenius_norm(to_stacked(residual)) / m_norm
-        dual_res = s.rho * safe_frobenius_norm(to_stacked(sparse - s.sparse)) / m_norm
+        dual_res = dual_unit * s.rho * safe_frobenius_norm(to_stacked(sparse + quadratic - s.sparse - s.quadratic)) / m_norm
         # Residual balancing (Boyd et al. §3.4.1): keep primal and dual residuals
         # within a factor of each other so that neither stalls.
         rho = jnp.where(primal_res > balance * dual_res, s.rho * rho_growth,
                         jnp.where(dual_res > balance * primal_res, s.rho / rho_growth, s.rho))
-        return _State(s.step + 1, low_rank, sparse, dual, rho, sv, primal_res, dual_res, svt_state)
+        return _State(s.step + 1, low_rank, sparse, quadratic, dual, rho, sv, primal_res, dual_res, svt_state)
 
     inf = jnp.asarray(jnp.inf, dtype)
     init = _State(
         step=jnp.asarray(0, jnp.int32),
         low_rank=jnp.zeros_like(blocks),
         sparse=jnp.zeros_like(blocks),
+        quadratic=jnp.zeros_like(blocks),
         dual=blocks / dual_scale,
         rho=rho0.astype(dtype),
         singular_values=jnp.zeros((min_pq,), dtype),
         primal_residual=inf,
         dual_residual=inf,
-        svt_state=None if svt_budget is None else init_subspace(m_stacked.shape, svt_budget, dtype),
+        svt_state=_start_subspace(svt_state, m_stacked.shape, svt_budget, dtype),
     )
     s = jax.lax.while_loop(cond, body, init)
     converged = (s.primal_residual < tol) & (s.dual_residual < tol)
+    penalty = regularizer(s.singular_values, s.sparse, lam)
     return SolverOutput(
         low_rank=s.low_rank,
         sparse=s.sparse,
@@ -124,6 +158,7 @@ def solve_exact(blocks, lam, *, tol, max_iter, rho_growth=2.0, balance=10.0, spe
         converged=converged,
         primal_residual=s.primal_residual,
         dual_residual=s.dual_residual,
-        objective=regularizer(s.singular_values, s.sparse, lam),
+        objective=jnp.where(mu > 0, 0.5 * jnp.sum(jnp.square(blocks - s.low_rank - s.sparse)) + mu * penalty, penalty),
         svt_fallbacks=jnp.asarray(0, jnp.int32) if svt_budget is None else s.svt_state.fallbacks,
+        svt_state=s.svt_state,
     )

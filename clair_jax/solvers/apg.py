@@ -25,12 +25,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clair_jax.linalg import init_subspace, partial_svt_with_spectrum
+from clair_jax.linalg import partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
-from clair_jax.solvers.common import SolverOutput, regularizer
+from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
 from clair_jax.stack import from_stacked, to_stacked
 
-__all__ = ["solve_penalized", "solve_penalized_path"]
+__all__ = ["solve_penalized"]
 
 
 class _State(NamedTuple):
@@ -47,7 +47,7 @@ class _State(NamedTuple):
 
 
 def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectral_norm=None,
-                    svt_budget=None, svt_slack=0.1, init=None):
+                    svt_budget=None, svt_slack=0.1, svt_state=None, init=None):
     """Solve the penalised program for one (K, p, q) problem scaled to ‖M‖_2 ≈ 1.
 
     Args:
@@ -59,6 +59,8 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         continuation: factor by which μ shrinks per step until it reaches ``mu``.
         svt_budget: None for the full-SVD SVT; an int k for the warm-started rank-k
             partial SVT of :mod:`clair_jax.linalg` (certified, falls back to the full SVD).
+        svt_state: the partial SVT's starting subspace (``SolverOutput.svt_state`` of a
+            neighbouring solve); default a fixed random start.
         svt_slack: the partial SVT's answer is also accepted when its Ritz residual is
             below this fraction of the current prox-gradient step ‖L⁺ − Y‖_F (capped at
             1 % of ‖M‖_F): inexact steps whose error shrinks as FISTA converges.
@@ -127,7 +129,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         singular_values=jnp.zeros((min_pq,), dtype),
         primal_residual=inf,
         dual_residual=inf,
-        svt_state=None if svt_budget is None else init_subspace(m_stacked.shape, svt_budget, dtype),
+        svt_state=_start_subspace(svt_state, m_stacked.shape, svt_budget, dtype),
     )
     s = jax.lax.while_loop(cond, body, state0)
     sparse = block_soft_threshold(blocks - s.low_rank, mu * lam)
@@ -143,45 +145,5 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         dual_residual=s.dual_residual,
         objective=fit + mu * regularizer(s.singular_values, sparse, lam),
         svt_fallbacks=jnp.asarray(0, jnp.int32) if svt_budget is None else s.svt_state.fallbacks,
+        svt_state=s.svt_state,
     )
-
-
-def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, **kwargs):
-    """Solve the penalised program along an ascending λ path, each solve warm-started.
-
-    The first solve runs the μ continuation from L = 0; every later one starts from
-    the previous λ's L at the target μ (neighbouring λ have nearby optima), all in
-    one ``lax.while_loop``. A vmapped batch of independent solves would instead pay
-    its slowest member's iterations at every λ.
-
-    Args:
-        blocks: (K, p, q), scaled to ‖M‖_2 ≈ 1. lams: (G,) λ values, ascending.
-        mu, tol, max_iter, kwargs: as :func:`solve_penalized` (``max_iter`` per λ).
-        until: optional ``SolverOutput → bool``; the path stops ``extra`` λ values
-            after the first one where it holds (a caller that only needs the path up
-            to some event saves the rest). Entries not solved are zeros with
-            ``iterations = 0`` and ``converged = False``.
-
-    Returns:
-        :class:`SolverOutput` with a leading (G,) axis.
-    """
-    lams = jnp.asarray(lams, blocks.dtype)
-    num = lams.shape[0]
-    first = solve_penalized(blocks, lams[0], mu, tol=tol, max_iter=max_iter, **kwargs)
-    hit = (lambda out: jnp.asarray(False)) if until is None else until
-    buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype).at[0].set(a), first)
-    found = jnp.where(hit(first), 0, num)   # index of the first λ where ``until`` held
-
-    def cond(state):
-        i, _, found, _ = state
-        return (i < num) & (i <= found + extra)
-
-    def body(state):
-        i, low_rank, found, buffer = state
-        out = solve_penalized(blocks, lams[i], mu, tol=tol, max_iter=max_iter, init=low_rank, **kwargs)
-        found = jnp.where((found == num) & hit(out), i, found)
-        buffer = jax.tree_util.tree_map(lambda b, a: b.at[i].set(a), buffer, out)
-        return i + 1, out.low_rank, found, buffer
-
-    _, _, _, buffer = jax.lax.while_loop(cond, body, (jnp.asarray(1), first.low_rank, found, buffer))
-    return buffer

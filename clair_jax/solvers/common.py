@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax.linalg import init_subspace
 from clair_jax.prox import safe_frobenius_norm
 
 
@@ -22,6 +23,7 @@ class SolverOutput(NamedTuple):
     dual_residual: jax.Array     # relative change of the iterates at the last step
     objective: jax.Array
     svt_fallbacks: jax.Array = 0  # int32: partial-SVT calls that fell back to the full SVD
+    svt_state: object = None      # the partial SVT's final subspace (a warm start for a neighbouring solve)
 
 
 def regularizer(singular_values, sparse, lam):
@@ -32,3 +34,13 @@ def regularizer(singular_values, sparse, lam):
 def default_tolerance(dtype):
     """Relative stopping tolerance keyed by dtype: tight in float64, realistic in float32."""
     return 1e-9 if jnp.dtype(dtype) == jnp.float64 else 3e-6
+
+
+def start_subspace(state, shape, budget, dtype):
+    """The partial SVT's starting state: ``state``'s subspace (fallback count reset), or a
+    fixed random start; None without a budget (full-SVD SVT)."""
+    if budget is None:
+        return None
+    if state is None:
+        return init_subspace(shape, budget, dtype)
+    return state._replace(basis=state.basis.astype(dtype), fallbacks=jnp.zeros_like(state.fallbacks))
