@@ -21,7 +21,7 @@ at growing d while it fits, and the ratio to the factored path at the same d is 
 
 Usage::
 
-    python benchmarks/bench_llm.py [--quick] [--json PATH] [--modules 128] [--chunk 8]
+    python benchmarks/bench_llm.py [--quick] [--json PATH] [--modules 128] [--chunk 8] [--noise 0.05]
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB → GiB
 
 
-def make_factors(seed, modules, k, d, r, contaminated=0.2):
-    """(B (modules, K, d, r), A (modules, K, r, d), benign (K,)) in float32, no dense ΔW."""
+def make_factors(seed, modules, k, d, r, contaminated=0.2, noise=0.0):
+    """(B (modules, K, d, r), A (modules, K, r, d), benign (K,)) in float32, no dense ΔW.
+
+    ``noise``: each benign B_k gets its own error G_k (entries N(0, r/d), so that
+    ‖G_k‖_F ≈ ‖U W_k‖_F) times ``noise``: a relative estimation error that lives
+    in the client's own r directions, as a trained LoRA update's does.
+    """
     rng = np.random.default_rng(seed)
     n_bad = int(round(contaminated * k))
     b = np.empty((modules, k, d, r), np.float32)
@@ -66,6 +71,8 @@ def make_factors(seed, modules, k, d, r, contaminated=0.2):
         u, _ = np.linalg.qr(rng.standard_normal((d, r), dtype=np.float32))
         w = rng.standard_normal((k, r, r), dtype=np.float32)
         b[m] = np.einsum("dr,kre->kde", u, w)
+        if noise:
+            b[m] += noise * np.sqrt(r / d) * rng.standard_normal((k, d, r), dtype=np.float32)
         b[m, :n_bad] = rng.standard_normal((n_bad, d, r), dtype=np.float32) * np.sqrt(r / d)
         a[m] = rng.standard_normal((k, r, d), dtype=np.float32) / np.sqrt(d)
     return b, a, np.arange(k) >= n_bad
@@ -162,6 +169,8 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="relative error of each benign B_k in its own directions (0: noiseless factors)")
     parser.add_argument("--engine", choices=["auto", "clair", "reference"], default="auto")
     parser.add_argument("--dense-sizes", type=int, nargs="*", default=[128, 256, 512])
     parser.add_argument("--clair-modules", type=int, default=None,
@@ -180,7 +189,7 @@ def main(argv=None):
           f"load {info['loadavg_at_start']}, engine {engine}")
 
     t0 = time.perf_counter()
-    b, a, benign = make_factors(0, args.modules, args.clients, args.d, args.rank)
+    b, a, benign = make_factors(0, args.modules, args.clients, args.d, args.rank, noise=args.noise)
     gen_s = time.perf_counter() - t0
     input_gib = (b.nbytes + a.nbytes) / 2**30
     timed = args.modules
@@ -189,7 +198,7 @@ def main(argv=None):
     res = run_factored(b[:timed], a[:timed], min(args.chunk, timed), engine)
     seconds = res["seconds"] * args.modules / timed
     correct = bool(np.all(res["verdicts"] == benign[None, :]))
-    model = dict(modules=args.modules, timed_modules=timed, d=args.d, K=args.clients, r=args.rank,
+    model = dict(modules=args.modules, timed_modules=timed, d=args.d, K=args.clients, r=args.rank, noise=args.noise,
                  engine=engine + ("" if timed == args.modules else f" ({timed} modules timed, extrapolated)"),
                  seconds=seconds, compile_s=res["compile_s"], generate_s=gen_s,
                  input_gib=input_gib, peak_rss_gib=peak_rss_gib(), verdicts_correct=correct,
@@ -214,7 +223,7 @@ def main(argv=None):
 
     print()
     print(markdown_table([model], [
-        ("modules", "modules", "d"), ("d", "d×d", "d"), ("K", "K", "d"), ("r", "r", "d"),
+        ("modules", "modules", "d"), ("d", "d×d", "d"), ("K", "K", "d"), ("r", "r", "d"), ("noise", "noise", ".2f"),
         ("engine", "engine", ""), ("seconds", "time (s)", ".1f"), ("per_module_ms", "ms/module", ".0f"),
         ("compile_s", "compile (s)", ".1f"), ("input_gib", "input (GiB)", ".2f"),
         ("peak_rss_gib", "peak RSS (GiB)", ".2f"), ("verdicts_correct", "verdicts correct", "")]))

@@ -14,6 +14,10 @@ For each size and each program (exact: ALM; penalised: FISTA):
   time (not for the stacked-layer size: that would be 32 separate SDPs).
 * **SVD floor**: one jitted batched SVD of the stacked (p, K·q) matrices; the
   table reports time-per-iteration / SVD time.
+* **Both cores** (stacked layers only, ``--cores 2``): clair_jax with the layer
+  axis sharded over 2 forced host devices (:func:`clair_jax.sharding.map_over_layers`
+  of the same single-problem solve), and NumPy with ``OPENBLAS_NUM_THREADS=2``, each
+  in a fresh process; "NumPy best / clair 2 dev" compares each at its best setting.
 
 Usage::
 
@@ -23,7 +27,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see README: avoids BLAS oversubscription
@@ -122,6 +128,49 @@ def cvxpy_solve(blocks, lam, mu, eps):
     return float(prob.value), time.perf_counter() - t0, prob.status
 
 
+TWO_CORES_WORKER = """
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={cores}"
+os.environ["OPENBLAS_NUM_THREADS"] = "{threads}"
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np
+from benchmarks._common import make_blocks, time_call
+from benchmarks.bench_solver import penalized_mu
+from benchmarks import numpy_reference
+from clair_jax import linalg, sharding
+from clair_jax.decompose import solve_one
+k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what = {args}
+blocks = make_blocks(0, k, p, q, rank=rank, contaminated=0.25, noise=noise, layers=layers, dtype=np.float32)[0]
+mu = None if exact else penalized_mu(blocks, noise)
+if what == "jax":
+    budget = linalg.choose_svt_budget((p, k * q), "auto")  # what cj.decompose picks
+    fn = sharding.map_over_layers(lambda b: solve_one(b, lam, 0.0 if exact else mu, exact=exact, tol=tol,
+                                                      max_iter=max_iter, svt_budget=budget).objective)
+    jb = jnp.asarray(blocks)
+    obj = np.asarray(jax.block_until_ready(fn(jb)))
+    t = time_call(lambda: jax.block_until_ready(fn(jb)), repeats=repeats)[0]
+else:
+    obj = numpy_reference.decompose(blocks, lam=lam, mu=mu, tol=tol, max_iter=max_iter)[0]
+    t = time_call(lambda: numpy_reference.decompose(blocks, lam=lam, mu=mu, tol=tol, max_iter=max_iter),
+                  repeats=min(repeats, 3), warmup=0)[0]
+print("RESULT" + json.dumps(dict(devices=len(jax.devices()), seconds=t, objective=float(np.sum(obj)))))
+"""
+
+
+def two_cores(what, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, cores=2):
+    """Seconds (and objective) of clair_jax sharded over ``cores`` host devices, or of
+    NumPy with ``cores`` BLAS threads, in a fresh process."""
+    code = TWO_CORES_WORKER.format(cores=cores if what == "jax" else 1, threads=1 if what == "jax" else cores,
+                                   root=str(Path(__file__).resolve().parents[1]),
+                                   args=(k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what))
+    env = {key: v for key, v in os.environ.items() if key not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(proc.stdout + proc.stderr)
+    return json.loads(line[0][len("RESULT"):])
+
+
 def svd_floor(blocks, repeats):
     """Median time of one jitted batched SVD of the stacked (p, K q) matrices."""
     k, p, q = blocks.shape[-3:]
@@ -130,7 +179,7 @@ def svd_floor(blocks, repeats):
     return time_call(lambda: jax.block_until_ready(svd(stacked)), repeats=repeats)[0]
 
 
-def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True):
+def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cores=1):
     rows = []
     for name, layers, k, p, q, rank, cvx_ok in sizes:
         for program in ("exact", "penalized"):
@@ -168,6 +217,16 @@ def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True):
                        numpy_objective=float(obj_n.sum()),
                        numpy_vs_jax_objective=float(abs(obj_n.sum() - obj_j.sum()) / abs(obj_j.sum())),
                        speedup_numpy=t_np / t_jax, jax_ms=t_jax * 1e3, numpy_ms=t_np * 1e3)
+            if cores > 1 and layers:
+                args = (k, p, q, rank, layers, noise, lam, mu is None, tol, max_iter, repeats)
+                jax2 = two_cores("jax", *args, cores=cores)
+                np2 = two_cores("numpy", *args, cores=cores)
+                best_np = min(t_np, np2["seconds"])
+                row.update(jax_cores_ms=jax2["seconds"] * 1e3, numpy_cores_ms=np2["seconds"] * 1e3,
+                           numpy_best_ms=best_np * 1e3, speedup_numpy_cores=best_np / jax2["seconds"],
+                           cores_objective_diff=abs(jax2["objective"] - obj_j.sum()) / abs(obj_j.sum()))
+                print(f"  {name:>14} {program:>9}: {cores} host devices {jax2['seconds']*1e3:.1f} ms, "
+                      f"NumPy {cores} threads {np2['seconds']*1e3:.1f} ms", flush=True)
             floor = svd_floor(blocks, repeats)
             row["svd_floor_s"] = floor
             row["iter_over_svd"] = (t_jax / max(int(it_j.max()), 1)) / floor
@@ -196,6 +255,12 @@ COLUMNS = [
     ("gap_vs_cvxpy", "obj gap vs SCS", ".1e"), ("numpy_vs_jax_objective", "obj diff NumPy", ".1e"),
     ("iter_over_svd", "iter / SVD", ".2f"),
 ]
+CORES_COLUMNS = [
+    ("size", "size", ""), ("program", "program", ""), ("jax_ms", "clair_jax 1 dev (ms)", ".1f"),
+    ("jax_cores_ms", "clair_jax 2 dev (ms)", ".1f"), ("numpy_ms", "NumPy 1 thread (ms)", ".1f"),
+    ("numpy_cores_ms", "NumPy 2 threads (ms)", ".1f"),
+    ("speedup_numpy_cores", "NumPy best / clair 2 dev", ".1f"), ("cores_objective_diff", "obj diff 2 dev", ".1e"),
+]
 
 
 def main(argv=None):
@@ -208,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--max-iter", type=int, default=2000)
     parser.add_argument("--cvxpy-eps", type=float, default=1e-6)
     parser.add_argument("--no-cvxpy", action="store_true")
+    parser.add_argument("--cores", type=int, default=2,
+                        help="also time the stacked-layer size on this many cores (1: skip)")
     args = parser.parse_args(argv)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -218,9 +285,14 @@ def main(argv=None):
     print(f"bench_solver on {info['cpu_count']} CPU(s), backend {info['jax_backend']}, "
           f"load {info['loadavg_at_start']}")
     rows = run(sizes, repeats=args.repeats if not args.quick else 2, dtype=dtype, tol=tol,
-               max_iter=args.max_iter, cvxpy_eps=args.cvxpy_eps, with_cvxpy=not args.no_cvxpy)
+               max_iter=args.max_iter, cvxpy_eps=args.cvxpy_eps, with_cvxpy=not args.no_cvxpy,
+               cores=args.cores)
     print()
     print(markdown_table(rows, COLUMNS))
+    multi = [r for r in rows if "jax_cores_ms" in r]
+    if multi:
+        print()
+        print(markdown_table(multi, CORES_COLUMNS))
     for r in rows:
         if r["cvxpy_s"] is None and r["cvxpy_status"] != "skipped":
             print(f"\nCVXPY skipped at '{r['size']}': {r['cvxpy_status']}.")

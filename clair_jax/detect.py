@@ -87,6 +87,9 @@ class ResidualTest(NamedTuple):
     benign: jax.Array      # (K,) bool
     z: jax.Array           # (K,) standardised excess off-subspace energy
     rank: jax.Array        # r̂ used for the subspace
+    spectrum: jax.Array    # singular values of the stack the last round fitted on
+    stable: jax.Array      # the last round kept its set (then ``spectrum`` is the final set's)
+    rounds: jax.Array      # rounds run
 
 
 def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None, columns=None):
@@ -108,7 +111,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         rank_fn: (singular values, benign) → r̂.
         z_crit: standard deviations above the median read as contamination.
         rel_floor: relative energy below which a residual is rounding.
-        rounds: refits (each uses the previous round's set).
+        rounds: at most this many refits, each on the previous round's set (a round
+            that keeps its set ends the test).
         dims: dense (p, q) when ``blocks`` is an exact LoRA reduction.
         columns: (K,) noise columns per block (:func:`clair_jax.tuning.effective_columns`);
             default q each.
@@ -119,7 +123,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     cols = jnp.full((k,), q) if columns is None else columns
     from clair_jax import refine  # local import: refine imports tuning, not detect
 
-    def one_round(state, _):
+    def one_round(state):
         current = state.benign
         u, sv = refine.benign_spectrum(blocks, current)
         basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
@@ -133,8 +137,14 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         keep = usable & (energy <= m + z_crit * s + rel_floor * norms2)
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
-        return ResidualTest(keep, z, r), None
+        return ResidualTest(keep, z, r, sv, jnp.all(keep == current), state.rounds + 1)
 
-    init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32))
-    out, _ = jax.lax.scan(one_round, init, None, length=rounds)
-    return out
+    # A round that keeps its set would repeat itself: stop there (one SVD instead
+    # of ``rounds`` in the common case).
+    def more(state):
+        return (state.rounds < rounds) & ~state.stable
+
+    init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32),
+                        jnp.zeros((min(blocks.shape[1], k * blocks.shape[2]),), blocks.dtype),
+                        jnp.asarray(False), jnp.asarray(0, jnp.int32))
+    return jax.lax.while_loop(more, one_round, init)

@@ -121,7 +121,7 @@ class _Prepared(NamedTuple):
     scale: jax.Array    # ‖stack‖_2 after equalisation
     weights: jax.Array  # (K,) equalisation factors (1 for most clients)
     cols: jax.Array     # (K,) noise columns each block adds (tuning.effective_columns)
-    sigma: jax.Array    # per-client noise estimate σ̂, in units of ``x``
+    sigma: jax.Array    # first noise estimate σ̂ (clients' median; the whole stack's for rank-deficient blocks), units of ``x``
     edge: jax.Array     # √p + √(noise columns): μ = σ·edge is the noise's spectral norm
 
 
@@ -154,9 +154,8 @@ def _detect_one(prep, blocks, usable, lams, mu, threshold, *, tol, max_iter, min
     """Decompose one (K, p, q) problem on a λ grid and keep the clearest split.
 
     ``mu`` is in units of ``prep.x`` (0: the exact program, for noiseless data).
-    ``dims`` is the dense (p, q): for an exact
-    LoRA reduction every data-driven rule is evaluated as on the dense blocks, so
-    factors and dense input agree.
+    ``dims`` is the dense (p, q): for an exact LoRA reduction every data-driven
+    rule is evaluated as on the dense blocks, so factors and dense input agree.
     """
     p, q = dims
     x, scale, weights, cols = prep.x, prep.scale, prep.weights, prep.cols
@@ -213,8 +212,14 @@ def _detect_one(prep, blocks, usable, lams, mu, threshold, *, tol, max_iter, min
         lam=lams[best],
         mu=mu * scale,
     )
-    # Noise level of the benign stack itself (see ``clair``: the second pass).
-    sigma_stack = refine.select_rank(refine.benign_spectrum(blocks, benign)[1], benign, p, q, columns=cols)[1]
+    # Noise level of the benign stack itself (see ``clair``: further passes); a
+    # refit that settled has already computed its spectrum.
+    spectrum = lambda: refine.benign_spectrum(blocks, benign)[1]  # noqa: E731
+    if refit:
+        spectrum_now = jax.lax.cond(test.stable, lambda: test.spectrum, spectrum)
+    else:
+        spectrum_now = spectrum()
+    sigma_stack = refine.select_rank(spectrum_now, benign, p, q, columns=cols)[1]
     return benign, score, z, dec, rank_cap, sigma_stack / scale
 
 
