@@ -101,17 +101,27 @@ def solve_one(blocks, lam, mu, *, exact, tol, max_iter, svt_budget=None):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("exact", "auto_mu", "tol", "max_iter", "svt_budget"))
-def _decompose_flat(blocks, lam, mu, *, exact, auto_mu, tol, max_iter, svt_budget):
+@functools.partial(jax.jit, static_argnames=("side", "exact", "auto_mu", "tol", "max_iter", "svt_budget"))
+def _decompose_jit(blocks, lam, mu, *, side, exact, auto_mu, tol, max_iter, svt_budget):
+    # Everything after the input checks is one compiled call: on small problems
+    # the eager reshapes and broadcasts around the solve cost as much as the solve.
     def one(b, l, m):
         if auto_mu:
             k, p, q = b.shape
             m = noise_level(b) * float(np.sqrt(p) + np.sqrt(k * q))
         return solve_one(b, l, m, exact=exact, tol=tol, max_iter=max_iter, svt_budget=svt_budget)
 
+    oriented = orient(blocks, side)
+    lead = oriented.shape[:-3]
+    flat = oriented.reshape((-1,) + oriented.shape[-3:])
+    n = flat.shape[0]
+    lam_flat = jnp.broadcast_to(jnp.asarray(lam, flat.dtype), lead).reshape(n)
+    mu_flat = jnp.broadcast_to(jnp.asarray(mu, flat.dtype), lead).reshape(n)
     # One problem after another on CPU (a vmapped while_loop waits for its slowest
     # member, and pays every member's partial-SVT fallbacks); batched elsewhere.
-    return over_problems(one)(blocks, lam, mu)
+    out = over_problems(one)(flat, lam_flat, mu_flat)
+    out = jax.tree_util.tree_map(lambda x: x.reshape(lead + x.shape[1:]), out)
+    return out._replace(low_rank=orient(out.low_rank, side), sparse=orient(out.sparse, side))
 
 
 def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None, svt="auto") -> Decomposition:
@@ -161,15 +171,8 @@ def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None
     exact = mu is None
     max_iter = (1000 if exact else 3000) if max_iter is None else _checks.check_int(max_iter, "max_iter", low=1)
 
-    oriented = orient(blocks, side)
-    lead = oriented.shape[:-3]
-    flat = oriented.reshape((-1,) + oriented.shape[-3:])
-    n = flat.shape[0]
-    lam_flat = jnp.broadcast_to(jnp.asarray(lam, flat.dtype), lead).reshape(n)
     auto_mu = isinstance(mu, str)
-    mu_flat = jnp.broadcast_to(jnp.asarray(0.0 if (exact or auto_mu) else mu, flat.dtype), lead).reshape(n)
-    svt_budget = linalg.choose_svt_budget((flat.shape[-2], flat.shape[-3] * flat.shape[-1]), svt)
-    out = _decompose_flat(flat, lam_flat, mu_flat, exact=exact, auto_mu=auto_mu, tol=tol, max_iter=max_iter,
-                          svt_budget=svt_budget)
-    out = jax.tree_util.tree_map(lambda x: x.reshape(lead + x.shape[1:]), out)
-    return out._replace(low_rank=orient(out.low_rank, side), sparse=orient(out.sparse, side))
+    k, p, q = blocks.shape[-3:] if side == "left" else (blocks.shape[-3], blocks.shape[-1], blocks.shape[-2])
+    svt_budget = linalg.choose_svt_budget((p, k * q), svt)
+    return _decompose_jit(blocks, lam, 0.0 if (exact or auto_mu) else mu, side=side, exact=exact, auto_mu=auto_mu,
+                          tol=tol, max_iter=max_iter, svt_budget=svt_budget)
