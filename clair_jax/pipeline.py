@@ -393,7 +393,9 @@ def clair(
         _detect_all, prep, blocks, usable, lams, threshold=jnp.asarray(threshold or 0.0, dtype),
         tol=float(tol), max_iter=max_iter, min_gap=min_gap, has_threshold=threshold is not None,
         refit=refit and threshold is None, rank=rank, z_crit=float(z_crit), dims=dims,
-        svt_budget=linalg.choose_svt_budget((blocks.shape[-2], k * blocks.shape[-1]), svt),
+        # A LoRA stack's L̂ has about the adapters' rank: budget the partial SVT for it.
+        svt_budget=linalg.choose_svt_budget((blocks.shape[-2], k * blocks.shape[-1]), svt,
+                                            expected_rank=b.shape[-1] if factored else None),
     )
     mu = mu_of(sigma_n)
     benign, scores, z, dec, rank_cap, sigma_stack = detect_all(mu)
