@@ -172,7 +172,7 @@ def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None
     max_iter = (1000 if exact else 3000) if max_iter is None else _checks.check_int(max_iter, "max_iter", low=1)
 
     auto_mu = isinstance(mu, str)
-    k, p, q = blocks.shape[-3:] if side == "left" else (blocks.shape[-3], blocks.shape[-1], blocks.shape[-2])
+    k, p, q = jax.eval_shape(lambda b: orient(b, side), blocks).shape[-3:]
     svt_budget = linalg.choose_svt_budget((p, k * q), svt)
     return _decompose_jit(blocks, lam, 0.0 if (exact or auto_mu) else mu, side=side, exact=exact, auto_mu=auto_mu,
                           tol=tol, max_iter=max_iter, svt_budget=svt_budget)

@@ -128,11 +128,13 @@ class _Prepared(NamedTuple):
 def _prepare_one(blocks, usable, *, dims):
     p, _ = dims
     blocks = jnp.where(usable[:, None, None], blocks, 0.0)
-    cols = tuning.effective_columns(blocks, dims)
     weights = _equalise(blocks, usable)
     x = blocks * weights[:, None, None]
     scale = spectral_scale(x)
     x = x / scale
+    # One per-client SVD serves both per-client rules (block ranks are scale free).
+    client_sv = jnp.linalg.svd(x, compute_uv=False)
+    cols = tuning.effective_columns(x, dims, singular_values=client_sv)
     width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
     # Rank-deficient blocks (LoRA updates) each look noiseless on their own: their
     # noise shows only in the stack, whose median singular value contamination
@@ -140,7 +142,7 @@ def _prepare_one(blocks, usable, *, dims):
     rank_deficient = 2 * detect.masked_median(cols, usable) < min(dims)
     stack_sv = jnp.linalg.svd(to_stacked(x), compute_uv=False)
     sigma = jnp.where(rank_deficient, refine.select_rank(stack_sv, usable, *dims, columns=cols)[1],
-                      tuning.noise_level(x, usable, dims=dims))
+                      tuning.noise_level(x, usable, dims=dims, singular_values=client_sv))
     return _Prepared(x, scale, weights, cols, sigma, float(np.sqrt(p)) + jnp.sqrt(width))
 
 
@@ -384,7 +386,7 @@ def clair(
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if lam is None else [lam], dtype)
     prep = _prepare_all(blocks, usable, dims=dims)
     has_sigma = not isinstance(noise, str)
-    # σ in units of each problem's scaled stack, and μ = σ·(noise edge), floored.
+    # σ in units of each problem's scaled stack, and μ = σ·(noise edge).
     sigma_n = jnp.asarray(noise, dtype) / prep.scale if has_sigma else prep.sigma
     # Noise below the rounding floor is no noise: the exact program (μ = 0).
     floor = _mu_floor(dtype)

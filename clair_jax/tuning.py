@@ -56,7 +56,7 @@ def _gavish_donoho(singular_values, m, n):
     return jnp.median(singular_values, axis=-1) / float(np.sqrt(n * marchenko_pastur_median(m / n)))
 
 
-def noise_level(blocks, usable=None, dims=None):
+def noise_level(blocks, usable=None, dims=None, singular_values=None):
     """Robust per-entry noise level σ̂ of one (K, p, q) problem.
 
     Per-client Gavish–Donoho estimates, then the median over ``usable`` clients.
@@ -69,6 +69,7 @@ def noise_level(blocks, usable=None, dims=None):
         dims: (p, q) of the original blocks when ``blocks`` is an exact reduction
             (LoRA factors): the missing singular values are zeros, and padding
             them back makes the estimate the same as on the dense blocks.
+        singular_values: (K, min(p, q)) per-block singular values, if already computed.
 
     Returns:
         scalar σ̂ ≥ 0.
@@ -76,7 +77,8 @@ def noise_level(blocks, usable=None, dims=None):
     k, p_red, q_red = blocks.shape
     p, q = (p_red, q_red) if dims is None else dims
     if min(p, q) >= 4:
-        sv = pad_spectrum(jnp.linalg.svd(blocks, compute_uv=False), min(p, q))
+        sv = jnp.linalg.svd(blocks, compute_uv=False) if singular_values is None else singular_values
+        sv = pad_spectrum(sv, min(p, q))
         per_client = _gavish_donoho(sv, p, q)
         if usable is None:
             return jnp.median(per_client)
@@ -90,7 +92,7 @@ def noise_level(blocks, usable=None, dims=None):
     return _gavish_donoho(sv, p, k * q)
 
 
-def effective_columns(blocks, dims=None):
+def effective_columns(blocks, dims=None, singular_values=None):
     """(K,) columns each block adds to the stacked matrix, for the noise model.
 
     A full-rank block carries isotropic noise in all its q columns. A block of
@@ -98,11 +100,12 @@ def effective_columns(blocks, dims=None):
     its estimation error lives in its own c directions, so it adds c columns of
     noise to the stack, not q. Noiseless low-rank blocks are rank-deficient too;
     the stacked estimate tells the two apart (shared directions vs a bulk).
-    A zero block adds nothing.
+    A zero block adds nothing. ``singular_values``: the (K, ·) per-block spectra,
+    if already computed.
     """
     k, p_red, q_red = blocks.shape
     p, q = (p_red, q_red) if dims is None else dims
-    sv = jnp.linalg.svd(blocks, compute_uv=False)
+    sv = jnp.linalg.svd(blocks, compute_uv=False) if singular_values is None else singular_values
     rtol = 1e3 * jnp.finfo(blocks.dtype).eps
     rank = jnp.sum(sv > rtol * sv[:, :1], axis=-1)
     return jnp.where(rank >= min(p, q), q, rank).astype(jnp.int32)
