@@ -66,6 +66,30 @@ def test_vmapped_fallback_matches_loop():
     assert fallbacks[1] == 3 and fallbacks[0] < 3 and fallbacks[2] < 3
 
 
+def test_refinement_certifies_where_one_step_cannot():
+    """A random start is far from the answer: one Rayleigh–Ritz step cannot certify,
+    a few more steps (refine) can, and give the exact SVT without the full SVD."""
+    x = _low_rank_plus_noise(64, 512, 4, 1e-3, seed=3)
+    tau = 0.1 * float(jnp.linalg.norm(x, ord=2))
+    start = linalg.init_subspace(x.shape, 16)
+    (_, _), once = linalg.partial_svt_with_spectrum(x, tau, start, refine=0)
+    (low, spec), refined = linalg.partial_svt_with_spectrum(x, tau, start, refine=4)
+    assert int(once.fallbacks) == 1 and int(refined.fallbacks) == 0
+    low_ref, spec_ref = svt_with_spectrum(x, tau)
+    np.testing.assert_allclose(spec, spec_ref, atol=1e-4 * float(spec_ref[0]))
+    assert float(jnp.linalg.norm(low - low_ref) / jnp.linalg.norm(low_ref)) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(16, 160), (300, 20), (7, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_spectral_norm_matches_svd(shape, dtype):
+    x = np.random.default_rng(0).standard_normal(shape) * 1e15  # squaring unscaled would overflow float32
+    got = float(linalg.spectral_norm(jnp.asarray(x, dtype)))
+    want = np.linalg.norm(np.asarray(x, dtype).astype(np.float64), 2)
+    assert abs(got / want - 1) < (1e-6 if dtype == np.float32 else 1e-12)
+    assert float(linalg.spectral_norm(jnp.zeros(shape, dtype))) == 0.0
+
+
 def test_rule():
     assert not linalg.use_partial_svt((16, 32), 16)
     assert linalg.use_partial_svt((512, 512), linalg.rank_budget((512, 512), 16))

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax import linalg
 from clair_jax.linalg import partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
@@ -91,7 +92,7 @@ def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, s
     mu = jnp.asarray(mu, dtype)
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
-    spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
+    spectral = linalg.spectral_norm(m_stacked) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
     spectral = jnp.maximum(spectral, jnp.finfo(dtype).tiny)
     # Dual start scaled into the unit ball of the dual norm max(‖Y‖_2, max_k ‖Y_k‖_F / λ).
     dual_scale = jnp.maximum(spectral, jnp.max(safe_frobenius_norm(blocks)) / lam)

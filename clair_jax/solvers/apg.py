@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax import linalg
 from clair_jax.linalg import partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
@@ -78,7 +79,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
     mu = jnp.asarray(mu, dtype)
     m_stacked = to_stacked(blocks)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
-    spectral = jnp.linalg.norm(m_stacked, ord=2) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
+    spectral = linalg.spectral_norm(m_stacked) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
     mu_start = jnp.maximum(spectral, mu)
     if init is not None:  # a warm start skips the continuation, unless it is L = 0 (a cold start)
         mu_start = jnp.where(jnp.any(init != 0), mu, mu_start)
