@@ -21,6 +21,13 @@ function ``fn(x[...]) -> pytree`` and runs it over ``x[B, ...]`` with
 On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set before JAX
 is imported) gives N host devices to try this on.
 
+:func:`clair_jax.clair` itself is not sharded: with 2 host devices its detection
+pass, split with :func:`over_problems` ``(mesh=...)``, ran and matched the
+single-device verdicts on some shapes (1.6× on 8 modules of 1024²) but hung
+XLA:CPU on others (4 modules of 256², with or without the scheduler flag of
+:mod:`clair_jax.linalg`), and a per-device ``lax.map`` of the LoRA reduction's
+QRs alone hung too (jax 0.10.2). That needs a GPU or a newer jaxlib to settle.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from clair_jax import sharding
@@ -36,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers", "over_problems"]
+__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers", "over_problems", "shard_problems"]
 
 
-def over_problems(fn, how="auto", *, platform=None):
-    """Run a single-problem ``fn(*xs)`` over the leading axis of its arguments.
+def over_problems(fn, how="auto", *, platform=None, mesh=None, axis_name=None):
+    """Run a single-problem ``fn(*xs)`` over the leading axis of its arguments (pytrees).
 
     ``how``: ``"vmap"`` (one batched computation: what accelerators want),
     ``"map"`` (``jax.lax.map``, one problem after another), or ``"auto"``:
@@ -48,15 +55,47 @@ def over_problems(fn, how="auto", *, platform=None):
     batched SVD one matrix at a time) and costs a lot for iterative solvers: a
     vmapped ``while_loop`` runs until its slowest member has converged, and the
     partial SVT's fallback SVD is paid by the whole batch whenever one member needs it.
+
+    ``mesh``: a 1-D :class:`Mesh` splits the problems over its devices first
+    (:func:`shard_problems`); each device then runs its share as above.
+    Values ``fn`` closes over are replicated on every device.
     """
     if how not in ("auto", "vmap", "map"):
         raise ValueError(f"how must be 'auto', 'vmap' or 'map', got {how!r}")
+    if mesh is not None:
+        local = over_problems(fn, how, platform=mesh.devices.flat[0].platform)
+        return shard_problems(local, mesh, axis_name or mesh.axis_names[0])
     if how == "auto":
         platform = platform or jax.default_backend()
         how = "map" if platform == "cpu" else "vmap"
     if how == "vmap":
         return jax.vmap(fn)
     return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
+
+
+def shard_problems(batched, mesh, axis_name):
+    """``batched(*xs)`` (problems on the leading axis of every leaf) split over ``mesh``.
+
+    The problem axis is padded to a multiple of the device count by repeating the
+    last problem (always a valid problem), each device runs ``batched`` on its
+    share to its own convergence (no collective, no host round-trip), and the
+    results are sliced back.
+    """
+    n_dev = mesh.devices.size
+    spec = PartitionSpec(axis_name)
+    # check_vma=False: the wrapped function is free to use while_loop/cond on
+    # per-shard data (each device converges on its own).
+    local = jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+    def run(*xs):
+        size = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        place = lambda a: jax.lax.with_sharding_constraint(  # noqa: E731
+            pad_layers(a, n_dev), layer_sharding(mesh, a.ndim, axis_name))
+        out = local(*jax.tree_util.tree_map(place, xs))
+        return jax.tree_util.tree_map(lambda leaf: leaf[:size], out)
+
+    return run
+
 
 AXIS = "layers"
 
@@ -99,21 +138,6 @@ def map_over_layers(fn, mesh=None, axis_name=AXIS, *, per_device="auto"):
     if per_device not in ("auto", "vmap", "map"):
         raise ValueError(f"per_device must be 'auto', 'vmap' or 'map', got {per_device!r}")
     mesh = layer_mesh(axis_name=axis_name) if mesh is None else mesh
-    n_dev = mesh.devices.size
-    if n_dev == 1:
+    if mesh.devices.size == 1:
         return jax.jit(jax.vmap(fn))
-    batched = over_problems(fn, per_device, platform=mesh.devices.flat[0].platform)
-    spec = PartitionSpec(axis_name)
-    # check_vma=False: the wrapped function is free to use while_loop/cond on
-    # per-shard data (each device converges on its own).
-    local = jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-
-    @jax.jit
-    def padded(*arrays):
-        size = arrays[0].shape[0]
-        arrays = [jax.lax.with_sharding_constraint(pad_layers(a, n_dev), layer_sharding(mesh, a.ndim, axis_name))
-                  for a in arrays]
-        out = local(*arrays)
-        return jax.tree_util.tree_map(lambda leaf: leaf[:size], out)
-
-    return padded
+    return jax.jit(over_problems(fn, per_device, mesh=mesh, axis_name=axis_name))
