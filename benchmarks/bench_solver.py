@@ -14,11 +14,6 @@ For each size and each program (exact: ALM; penalised: FISTA):
   time (not for the stacked-layer size: that would be 32 separate SDPs).
 * **SVD floor**: one jitted batched SVD of the stacked (p, K·q) matrices; the
   table reports time-per-iteration / SVD time.
-* **Synchronous dispatch** (``--no-sync`` to skip): ``cj.decompose`` again, in a
-  fresh process whose CPU client runs computations on the calling thread
-  (``jax.config.update("jax_cpu_enable_async_dispatch", False)`` before the first
-  computation). On this VM that takes the small penalised solve (32 iterations)
-  from ~4.1 to ~2.6 ms; larger solves do not change measurably.
 * **Both cores** (stacked layers only, ``--cores 2``): clair_jax with the layer
   axis sharded over 2 forced host devices (:func:`clair_jax.sharding.map_over_layers`
   of the same single-problem solve), and NumPy with ``OPENBLAS_NUM_THREADS=2``, each
@@ -138,10 +133,7 @@ import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={cores}"
 os.environ["OPENBLAS_NUM_THREADS"] = "{threads}"
 sys.path.insert(0, {root!r})
-import jax
-if {sync}:  # must be set before the CPU backend starts
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-import jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from benchmarks._common import make_blocks, time_call
 from benchmarks.bench_solver import penalized_mu
 from benchmarks import numpy_reference
@@ -157,8 +149,6 @@ if what == "jax-sharded":
     fn = sharding.map_over_layers(lambda b: solve_one(b, lam, 0.0 if exact else mu, exact=exact, tol=tol,
                                                       max_iter=max_iter, svt_budget=budget).objective)
     run = lambda: jax.block_until_ready(fn(jb))
-elif what == "jax":
-    run = lambda: jax.block_until_ready(cj.decompose(jb, lam=lam, mu=mu, tol=tol, max_iter=max_iter).objective)
 else:
     run = lambda: numpy_reference.decompose(blocks, lam=lam, mu=mu, tol=tol, max_iter=max_iter)[0]
     repeats = min(repeats, 3)
@@ -168,16 +158,15 @@ print("RESULT" + json.dumps(dict(devices=len(jax.devices()), seconds=t, objectiv
 """
 
 
-def in_fresh_process(what, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, *, cores=1, sync=False):
-    """Seconds (and objective) of one configuration, timed in a fresh process.
+def in_fresh_process(what, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, *, cores=1):
+    """Seconds (and objective) of one configuration, timed in a fresh process (the
+    host device count and BLAS threads are fixed when a process starts).
 
-    ``what``: ``"jax"`` (``cj.decompose``), ``"jax-sharded"`` (the layer axis sharded
-    over ``cores`` host devices) or ``"numpy"`` (``cores`` BLAS threads). ``sync``:
-    JAX's CPU client with synchronous dispatch (``jax_cpu_enable_async_dispatch=False``,
-    which only takes effect before the backend starts, hence the fresh process).
+    ``what``: ``"jax-sharded"`` (the layer axis sharded over ``cores`` host devices)
+    or ``"numpy"`` (``cores`` BLAS threads).
     """
     code = WORKER.format(cores=cores if what == "jax-sharded" else 1, threads=cores if what == "numpy" else 1,
-                         sync=bool(sync), root=str(Path(__file__).resolve().parents[1]),
+                         root=str(Path(__file__).resolve().parents[1]),
                          args=(k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what))
     env = {key: v for key, v in os.environ.items() if key not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -195,7 +184,7 @@ def svd_floor(blocks, repeats):
     return time_call(lambda: jax.block_until_ready(svd(stacked)), repeats=repeats)[0]
 
 
-def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cores=1, sync=True):
+def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cores=1):
     rows = []
     for name, layers, k, p, q, rank, cvx_ok in sizes:
         for program in ("exact", "penalized"):
@@ -234,10 +223,6 @@ def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cor
                        numpy_vs_jax_objective=float(abs(obj_n.sum() - obj_j.sum()) / abs(obj_j.sum())),
                        speedup_numpy=t_np / t_jax, jax_ms=t_jax * 1e3, numpy_ms=t_np * 1e3)
             args = (k, p, q, rank, layers, noise, lam, mu is None, tol, max_iter, repeats)
-            if sync:
-                synced = in_fresh_process("jax", *args, sync=True)
-                row.update(jax_sync_ms=synced["seconds"] * 1e3,
-                           sync_objective_diff=abs(synced["objective"] - obj_j.sum()) / abs(obj_j.sum()))
             if cores > 1 and layers:
                 jax2 = in_fresh_process("jax-sharded", *args, cores=cores)
                 np2 = in_fresh_process("numpy", *args, cores=cores)
@@ -256,8 +241,6 @@ def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cor
                 row.update(cvxpy_s=t_c, cvxpy_status=status, cvxpy_objective=obj_c,
                            gap_vs_cvxpy=float((obj_j.sum() - obj_c) / abs(obj_c)),
                            speedup_cvxpy=t_c / t_jax)
-                if sync:
-                    row["speedup_cvxpy_sync"] = t_c / (row["jax_sync_ms"] / 1e3)
             else:
                 row.update(cvxpy_s=None, cvxpy_status="skipped: SCS too slow here (stacked layers = one SDP per layer)"
                            if with_cvxpy else "skipped", gap_vs_cvxpy=None, speedup_cvxpy=None)
@@ -277,11 +260,7 @@ COLUMNS = [
     ("gap_vs_cvxpy", "obj gap vs SCS", ".1e"), ("numpy_vs_jax_objective", "obj diff NumPy", ".1e"),
     ("iter_over_svd", "iter / SVD", ".2f"),
 ]
-SYNC_COLUMNS = [
-    ("size", "size", ""), ("program", "program", ""), ("jax_ms", "clair_jax, async dispatch (ms)", ".2f"),
-    ("jax_sync_ms", "clair_jax, sync dispatch (ms)", ".2f"), ("cvxpy_s", "CVXPY-SCS (s)", ".2f"),
-    ("speedup_cvxpy", "SCS/clair async", ".0f"), ("speedup_cvxpy_sync", "SCS/clair sync", ".0f"),
-]
+
 CORES_COLUMNS = [
     ("size", "size", ""), ("program", "program", ""), ("jax_ms", "clair_jax 1 dev (ms)", ".1f"),
     ("jax_cores_ms", "clair_jax 2 dev (ms)", ".1f"), ("numpy_ms", "NumPy 1 thread (ms)", ".1f"),
@@ -302,8 +281,6 @@ def main(argv=None):
     parser.add_argument("--no-cvxpy", action="store_true")
     parser.add_argument("--cores", type=int, default=2,
                         help="also time the stacked-layer size on this many cores (1: skip)")
-    parser.add_argument("--no-sync", action="store_true",
-                        help="skip the extra timing with JAX's synchronous CPU dispatch")
     args = parser.parse_args(argv)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -315,13 +292,9 @@ def main(argv=None):
           f"load {info['loadavg_at_start']}")
     rows = run(sizes, repeats=args.repeats if not args.quick else 2, dtype=dtype, tol=tol,
                max_iter=args.max_iter, cvxpy_eps=args.cvxpy_eps, with_cvxpy=not args.no_cvxpy,
-               cores=args.cores, sync=not args.no_sync)
+               cores=args.cores)
     print()
     print(markdown_table(rows, COLUMNS))
-    synced = [r for r in rows if "jax_sync_ms" in r]
-    if synced:
-        print()
-        print(markdown_table(synced, SYNC_COLUMNS))
     multi = [r for r in rows if "jax_cores_ms" in r]
     if multi:
         print()

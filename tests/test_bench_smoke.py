@@ -34,8 +34,6 @@ def test_bench_solver_quick(tmp_path):
         assert r["numpy_vs_jax_objective"] < 1e-4
         assert abs(r["numpy_iters"] - r["jax_iters"]) <= 2
         assert r["cvxpy_s"] is not None and abs(r["gap_vs_cvxpy"]) < 1e-3
-        # The synchronous-dispatch rerun (a fresh process) solves the same problem.
-        assert r["jax_sync_ms"] > 0 and r["sync_objective_diff"] < 1e-5
 
 
 def test_bench_svt_quick(tmp_path):
