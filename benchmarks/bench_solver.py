@@ -137,7 +137,6 @@ import jax, jax.numpy as jnp, numpy as np
 from benchmarks._common import make_blocks, time_call
 from benchmarks.bench_solver import penalized_mu
 from benchmarks import numpy_reference
-import clair_jax as cj
 from clair_jax import linalg, sharding
 from clair_jax.decompose import solve_one
 k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what = {args}
@@ -222,8 +221,8 @@ def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cor
                        numpy_objective=float(obj_n.sum()),
                        numpy_vs_jax_objective=float(abs(obj_n.sum() - obj_j.sum()) / abs(obj_j.sum())),
                        speedup_numpy=t_np / t_jax, jax_ms=t_jax * 1e3, numpy_ms=t_np * 1e3)
-            args = (k, p, q, rank, layers, noise, lam, mu is None, tol, max_iter, repeats)
             if cores > 1 and layers:
+                args = (k, p, q, rank, layers, noise, lam, mu is None, tol, max_iter, repeats)
                 jax2 = in_fresh_process("jax-sharded", *args, cores=cores)
                 np2 = in_fresh_process("numpy", *args, cores=cores)
                 best_np = min(t_np, np2["seconds"])
@@ -260,7 +259,6 @@ COLUMNS = [
     ("gap_vs_cvxpy", "obj gap vs SCS", ".1e"), ("numpy_vs_jax_objective", "obj diff NumPy", ".1e"),
     ("iter_over_svd", "iter / SVD", ".2f"),
 ]
-
 CORES_COLUMNS = [
     ("size", "size", ""), ("program", "program", ""), ("jax_ms", "clair_jax 1 dev (ms)", ".1f"),
     ("jax_cores_ms", "clair_jax 2 dev (ms)", ".1f"), ("numpy_ms", "NumPy 1 thread (ms)", ".1f"),

@@ -289,13 +289,12 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
         accurate = jnp.all(jnp.where(kept, residual, 0.0) <= allowed) & jnp.all(jnp.isfinite(s))
         low = jnp.where(below, 0.0, (u * s_shrunk[None, :]) @ vt)
         spec = jnp.zeros((short,), dtype).at[:k].set(jnp.where(below, 0.0, s_shrunk))
-        return (low, spec, jnp.swapaxes(vt, 0, 1)), budget_ok, accurate | below
+        return (low, spec, jnp.where(below, basis, jnp.swapaxes(vt, 0, 1))), budget_ok, accurate | below
 
     basis = state.basis.astype(dtype)
     for _ in range(power_iters):
         basis = _orth(x.T @ _orth(x @ basis))
     answer, budget_ok, accurate = rayleigh_ritz(basis)
-    answer = answer[:2] + (jnp.where(below, basis, answer[2]),)
 
     # Refinement: while only accuracy is missing, step on from the Ritz vectors (a
     # budget that is too small needs the full SVD whatever we do).

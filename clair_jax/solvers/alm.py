@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax import linalg
-from clair_jax.linalg import partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
 from clair_jax.stack import from_stacked, to_stacked
@@ -113,7 +112,7 @@ def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, s
         if svt_budget is None:
             return svt_with_spectrum(x, tau), svt_state
         slack = svt_slack * m_norm * jnp.minimum(primal_res, 1e-2)
-        return partial_svt_with_spectrum(x, tau, svt_state, atol=slack)
+        return linalg.partial_svt_with_spectrum(x, tau, svt_state, atol=slack)
 
     def body(s):
         (low_rank_stacked, sv), svt_state = svt_step(

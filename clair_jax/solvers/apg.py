@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax import linalg
-from clair_jax.linalg import partial_svt_with_spectrum
 from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
 from clair_jax.stack import from_stacked, to_stacked
@@ -92,7 +91,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
             (low_rank_stacked, sv) = svt_with_spectrum(x, mu_now)
         else:
             slack = svt_slack * m_norm * jnp.minimum(step_res, 1e-2)
-            (low_rank_stacked, sv), svt_state = partial_svt_with_spectrum(x, mu_now, svt_state, atol=slack)
+            (low_rank_stacked, sv), svt_state = linalg.partial_svt_with_spectrum(x, mu_now, svt_state, atol=slack)
         return from_stacked(low_rank_stacked, num_clients), sv, svt_state
 
     # Residuals certify the target problem only when the step that produced them was
