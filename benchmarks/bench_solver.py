@@ -14,6 +14,10 @@ For each size and each program (exact: ALM; penalised: FISTA):
   time (not for the stacked-layer size: that would be 32 separate SDPs).
 * **SVD floor**: one jitted batched SVD of the stacked (p, K·q) matrices; the
   table reports time-per-iteration / SVD time.
+* **One core each** (stacked layers only): ``cj.decompose`` and NumPy (one BLAS
+  thread), each in a fresh process pinned to one CPU core (``sched_setaffinity``).
+  The main process's clair_jax column is not one core: XLA:CPU may spread its
+  small ops over every core it sees, which on 2 cores made it slower, not faster.
 * **Both cores** (stacked layers only, ``--cores 2``): clair_jax with the layer
   axis sharded over 2 forced host devices (:func:`clair_jax.sharding.map_over_layers`
   of the same single-problem solve), and NumPy with ``OPENBLAS_NUM_THREADS=2``, each
@@ -130,6 +134,8 @@ def cvxpy_solve(blocks, lam, mu, eps):
 
 WORKER = """
 import os, sys, json
+if {pin}:  # one core for the whole process, before XLA sizes its thread pool
+    os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={cores}"
 os.environ["OPENBLAS_NUM_THREADS"] = "{threads}"
 sys.path.insert(0, {root!r})
@@ -143,7 +149,10 @@ k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what = {args}
 blocks = make_blocks(0, k, p, q, rank=rank, contaminated=0.25, noise=noise, layers=layers, dtype=np.float32)[0]
 mu = None if exact else penalized_mu(blocks, noise)
 jb = jnp.asarray(blocks)
-if what == "jax-sharded":
+if what == "jax":
+    import clair_jax as cj
+    run = lambda: jax.block_until_ready(cj.decompose(jb, lam=lam, mu=mu, tol=tol, max_iter=max_iter).objective)
+elif what == "jax-sharded":
     budget = linalg.choose_svt_budget((p, k * q), "auto")  # what cj.decompose picks
     fn = sharding.map_over_layers(lambda b: solve_one(b, lam, 0.0 if exact else mu, exact=exact, tol=tol,
                                                       max_iter=max_iter, svt_budget=budget).objective)
@@ -157,14 +166,17 @@ print("RESULT" + json.dumps(dict(devices=len(jax.devices()), seconds=t, objectiv
 """
 
 
-def in_fresh_process(what, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, *, cores=1):
+def in_fresh_process(what, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, *, cores=1,
+                     pin=False):
     """Seconds (and objective) of one configuration, timed in a fresh process (the
-    host device count and BLAS threads are fixed when a process starts).
+    host device count, BLAS threads and CPU affinity are fixed when a process starts).
 
-    ``what``: ``"jax-sharded"`` (the layer axis sharded over ``cores`` host devices)
-    or ``"numpy"`` (``cores`` BLAS threads).
+    ``what``: ``"jax"`` (``cj.decompose`` on one device), ``"jax-sharded"`` (the
+    layer axis sharded over ``cores`` host devices) or ``"numpy"`` (``cores`` BLAS
+    threads). ``pin``: the process may use one CPU core only (``sched_setaffinity``).
     """
     code = WORKER.format(cores=cores if what == "jax-sharded" else 1, threads=cores if what == "numpy" else 1,
+                         pin=bool(pin),
                          root=str(Path(__file__).resolve().parents[1]),
                          args=(k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what))
     env = {key: v for key, v in os.environ.items() if key not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS")}
@@ -221,16 +233,26 @@ def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cor
                        numpy_objective=float(obj_n.sum()),
                        numpy_vs_jax_objective=float(abs(obj_n.sum() - obj_j.sum()) / abs(obj_j.sum())),
                        speedup_numpy=t_np / t_jax, jax_ms=t_jax * 1e3, numpy_ms=t_np * 1e3)
-            if cores > 1 and layers:
+            if layers and hasattr(os, "sched_setaffinity"):
+                # One core each, for real: both pinned to one core in fresh processes
+                # (a one-device XLA:CPU run is slower when it may spread over two).
                 args = (k, p, q, rank, layers, noise, lam, mu is None, tol, max_iter, repeats)
-                jax2 = in_fresh_process("jax-sharded", *args, cores=cores)
-                np2 = in_fresh_process("numpy", *args, cores=cores)
-                best_np = min(t_np, np2["seconds"])
-                row.update(jax_cores_ms=jax2["seconds"] * 1e3, numpy_cores_ms=np2["seconds"] * 1e3,
-                           numpy_best_ms=best_np * 1e3, speedup_numpy_cores=best_np / jax2["seconds"],
-                           cores_objective_diff=abs(jax2["objective"] - obj_j.sum()) / abs(obj_j.sum()))
-                print(f"  {name:>14} {program:>9}: {cores} host devices {jax2['seconds']*1e3:.1f} ms, "
-                      f"NumPy {cores} threads {np2['seconds']*1e3:.1f} ms", flush=True)
+                jax1 = in_fresh_process("jax", *args, pin=True)
+                np1 = in_fresh_process("numpy", *args, pin=True)
+                row.update(jax_pinned_ms=jax1["seconds"] * 1e3, numpy_pinned_ms=np1["seconds"] * 1e3,
+                           speedup_numpy_pinned=np1["seconds"] / jax1["seconds"],
+                           pinned_objective_diff=abs(jax1["objective"] - np1["objective"]) / abs(np1["objective"]))
+                print(f"  {name:>14} {program:>9}: one core each: clair_jax {jax1['seconds']*1e3:.1f} ms, "
+                      f"NumPy {np1['seconds']*1e3:.1f} ms", flush=True)
+                if cores > 1:
+                    jax2 = in_fresh_process("jax-sharded", *args, cores=cores)
+                    np2 = in_fresh_process("numpy", *args, cores=cores)
+                    best_np = min(t_np, np1["seconds"], np2["seconds"])
+                    row.update(jax_cores_ms=jax2["seconds"] * 1e3, numpy_cores_ms=np2["seconds"] * 1e3,
+                               numpy_best_ms=best_np * 1e3, speedup_numpy_cores=best_np / jax2["seconds"],
+                               cores_objective_diff=abs(jax2["objective"] - obj_j.sum()) / abs(obj_j.sum()))
+                    print(f"  {name:>14} {program:>9}: {cores} host devices {jax2['seconds']*1e3:.1f} ms, "
+                          f"NumPy {cores} threads {np2['seconds']*1e3:.1f} ms", flush=True)
             floor = svd_floor(blocks, repeats)
             row["svd_floor_s"] = floor
             row["iter_over_svd"] = (t_jax / max(int(it_j.max()), 1)) / floor
@@ -260,9 +282,10 @@ COLUMNS = [
     ("iter_over_svd", "iter / SVD", ".2f"),
 ]
 CORES_COLUMNS = [
-    ("size", "size", ""), ("program", "program", ""), ("jax_ms", "clair_jax 1 dev (ms)", ".1f"),
-    ("jax_cores_ms", "clair_jax 2 dev (ms)", ".1f"), ("numpy_ms", "NumPy 1 thread (ms)", ".1f"),
-    ("numpy_cores_ms", "NumPy 2 threads (ms)", ".1f"),
+    ("size", "size", ""), ("program", "program", ""),
+    ("jax_pinned_ms", "clair_jax 1 core (ms)", ".1f"), ("numpy_pinned_ms", "NumPy 1 core (ms)", ".1f"),
+    ("speedup_numpy_pinned", "NumPy/clair, 1 core each", ".1f"), ("pinned_objective_diff", "obj diff", ".1e"),
+    ("jax_cores_ms", "clair_jax 2 dev (ms)", ".1f"), ("numpy_cores_ms", "NumPy 2 threads (ms)", ".1f"),
     ("speedup_numpy_cores", "NumPy best / clair 2 dev", ".1f"), ("cores_objective_diff", "obj diff 2 dev", ".1e"),
 ]
 
@@ -293,7 +316,7 @@ def main(argv=None):
                cores=args.cores)
     print()
     print(markdown_table(rows, COLUMNS))
-    multi = [r for r in rows if "jax_cores_ms" in r]
+    multi = [r for r in rows if "jax_pinned_ms" in r]
     if multi:
         print()
         print(markdown_table(multi, CORES_COLUMNS))

@@ -80,6 +80,35 @@ def test_refinement_certifies_where_one_step_cannot():
     assert float(jnp.linalg.norm(low - low_ref) / jnp.linalg.norm(low_ref)) < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(16, 160), (200, 24), (9, 9)])
+def test_whole_spectrum_from_gram_is_certified(shape):
+    """Budget = short side: the Gram eigendecomposition. Where τ is large enough
+    against rounding (the certificate passes) it matches the float64 SVT to the
+    certificate's tolerance; where τ is tiny it must fall back to the full SVD."""
+    m, n = shape
+    x = np.asarray(_low_rank_plus_noise(m, n, 3, 1e-2, seed=4), np.float64)
+    x /= np.linalg.norm(x, 2)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    step = jax.jit(linalg.partial_svt_with_spectrum)
+    for tau, certifies in ((0.05, True), (1e-4, False)):
+        state = linalg.init_subspace(shape, min(shape))
+        assert state.basis.shape == (n, 0)
+        (low, spec), state = step(jnp.asarray(x, jnp.float32), tau, state)
+        assert int(state.fallbacks) == (0 if certifies else 1)
+        want = (u * np.maximum(s - tau, 0)) @ vt
+        assert np.linalg.norm(np.asarray(low, np.float64) - want, 2) < 3e-5  # rtol·σ₁, σ₁ = 1
+        np.testing.assert_allclose(spec, np.maximum(s - tau, 0), atol=3e-5)
+
+
+def test_whole_spectrum_zero_and_vmapped():
+    xs = jnp.stack([jnp.zeros((16, 40)), _low_rank_plus_noise(16, 40, 2, 0.0, seed=5)])
+    states = jax.vmap(lambda _: linalg.init_subspace((16, 40), 16))(jnp.arange(2))
+    (low, spec), states = jax.vmap(lambda x, s: linalg.partial_svt_with_spectrum(x, 0.5, s))(xs, states)
+    assert float(jnp.max(jnp.abs(low[0]))) == 0.0 and float(jnp.max(spec[0])) == 0.0
+    np.testing.assert_allclose(low[1], svt_with_spectrum(xs[1], 0.5)[0], atol=1e-4)
+    assert np.asarray(states.fallbacks).tolist() == [0, 0]
+
+
 @pytest.mark.parametrize("shape", [(16, 160), (300, 20), (7, 7)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_spectral_norm_matches_svd(shape, dtype):
@@ -94,7 +123,10 @@ def test_rule():
     assert not linalg.use_partial_svt((16, 32), 16)
     assert linalg.use_partial_svt((512, 512), linalg.rank_budget((512, 512), 16))
     assert linalg.choose_svt_budget((512, 512), "full") is None
-    assert linalg.choose_svt_budget((16, 160), "partial") is None  # budget = whole spectrum
+    # A budget that covers the short side is the whole spectrum, from the Gram matrix.
+    assert linalg.choose_svt_budget((16, 160), "partial") == 16
+    assert linalg.choose_svt_budget((16, 160), "auto") == 16
+    assert linalg.choose_svt_budget((64, 640), "auto") == linalg.rank_budget((64, 640))
     assert linalg.choose_svt_budget((512, 512), "auto") == linalg.rank_budget((512, 512))
     with pytest.raises(ValueError, match="svt must be one of"):
         linalg.choose_svt_budget((512, 512), "fast")
