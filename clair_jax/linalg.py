@@ -220,15 +220,15 @@ def _orth(y):
 
 
 def _full_branch(x, tau, k):
-    """Exact SVT by full SVD + new basis (exact zero when ‖X‖_F ≤ τ).
+    """Exact SVT by full SVD + new basis (exact zero when ‖X‖_2 ≤ τ).
 
     Unlike prox.svt_with_spectrum it does not swap in an anchor matrix at X = 0:
     the solvers' while_loop is not reverse-differentiable, so gradient safety is
     moot here, and that data-dependent swap inside the solver loop's fallback
     wedged XLA:CPU (jax 0.10.2, see the note in partial_svt_with_spectrum).
     """
-    below = safe_frobenius_norm(x) <= tau
     u, s, vt = thin_svd(x)
+    below = s[0] <= tau  # from σ₁ itself: ‖X‖_F would underflow for tiny entries
     s_shrunk = jnp.where(below, 0.0, jnp.maximum(s - tau, 0.0))
     return (u * s_shrunk[None, :]) @ vt, s_shrunk, jnp.swapaxes(vt[:k], 0, 1)
 
@@ -250,21 +250,24 @@ def _whole_space_ritz(x, tau, rtol, allowed_floor):
     m, n = x.shape
     wide = x if m <= n else x.T
     dtype = x.dtype
-    peak = jnp.max(jnp.abs(wide))
-    unit = wide / jnp.where(peak > 0, peak, 1.0)              # squaring cannot overflow
-    lam, vecs = jnp.linalg.eigh(unit @ unit.T)
-    lam, vecs = jnp.maximum(lam[::-1], 0.0), vecs[:, ::-1]    # descending
-    s = jnp.sqrt(lam) * peak
-    coeff = vecs.T @ unit                                     # rows σᵢ vᵢᵀ / peak
+    # No rescaling (on small problems each extra pass costs as much as its work): an
+    # overflowing Gram matrix gives non-finite values, an underflowing one a λ_max
+    # below tiny/eps; both fail the certificate and take the full SVD.
+    lam, vecs = jnp.linalg.eigh(wide @ wide.T)                # ascending; reordered only at the end
+    lam = jnp.maximum(lam, 0.0)
+    s = jnp.sqrt(lam)
+    coeff = vecs.T @ wide                                     # rows σᵢ vᵢᵀ
     s_shrunk = jnp.maximum(s - tau, 0.0)
     kept = s_shrunk > 0
     shrink = jnp.where(kept, s_shrunk / jnp.where(kept, s, 1.0), 0.0)
-    low = ((vecs * shrink[None, :]) @ coeff) * peak
-    ritz = jnp.sqrt(jnp.sum(jnp.square(unit @ coeff.T - vecs * lam[None, :]), axis=0))
-    residual = ritz * jnp.square(peak) / jnp.where(kept, s, 1.0)
-    allowed = jnp.maximum(rtol * jnp.maximum(s[0], jnp.finfo(dtype).tiny), allowed_floor)
-    accurate = jnp.all(jnp.where(kept, residual, 0.0) <= allowed) & jnp.all(jnp.isfinite(s))
-    return (low if m <= n else low.T), s_shrunk, accurate
+    low = (vecs * shrink[None, :]) @ coeff
+    ritz = jnp.sqrt(jnp.sum(jnp.square(wide @ coeff.T - vecs * lam[None, :]), axis=0))
+    residual = ritz / jnp.where(kept, s, 1.0)
+    finfo = jnp.finfo(dtype)
+    allowed = jnp.maximum(rtol * jnp.maximum(s[-1], finfo.tiny), allowed_floor)
+    representable = (lam[-1] >= finfo.tiny / finfo.eps) & jnp.all(jnp.isfinite(lam))
+    accurate = jnp.all(jnp.where(kept, residual, 0.0) <= allowed) & representable
+    return (low if m <= n else low.T), s_shrunk[::-1], accurate
 
 
 def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=2, atol=0.0, refine=2):
@@ -317,6 +320,11 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
     if rtol is None:
         rtol = 1e-9 if dtype == jnp.float64 else 3e-5
     allowed_floor = jnp.asarray(atol, dtype)
+    if k == 0:  # the whole spectrum: Rayleigh–Ritz over the whole space, no subspace to iterate
+        # (‖X‖_F ≤ τ needs no special case here: every σᵢ ≤ τ shrinks to an exact 0.)
+        low, spec, accurate = _whole_space_ritz(x, tau, rtol, allowed_floor)
+        return _fall_back_unless(accurate, x, tau, (low, spec, state.basis.astype(dtype)), state)
+
     below = safe_frobenius_norm(x) <= tau
 
     def rayleigh_ritz(basis):
@@ -336,12 +344,6 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
         low = jnp.where(below, 0.0, (u * s_shrunk[None, :]) @ vt)
         spec = jnp.zeros((short,), dtype).at[:k].set(jnp.where(below, 0.0, s_shrunk))
         return (low, spec, jnp.where(below, basis, jnp.swapaxes(vt, 0, 1))), budget_ok, accurate | below
-
-    if k == 0:  # the whole spectrum: Rayleigh–Ritz over the whole space, no subspace to iterate
-        low, spec, accurate = _whole_space_ritz(x, tau, rtol, allowed_floor)
-        ok = accurate | below
-        low, spec = jnp.where(below, 0.0, low), jnp.where(below, 0.0, spec)
-        return _fall_back_unless(ok, x, tau, (low, spec, state.basis.astype(dtype)), state)
 
     basis = state.basis.astype(dtype)
     for _ in range(power_iters):

@@ -106,7 +106,21 @@ def test_whole_spectrum_zero_and_vmapped():
     (low, spec), states = jax.vmap(lambda x, s: linalg.partial_svt_with_spectrum(x, 0.5, s))(xs, states)
     assert float(jnp.max(jnp.abs(low[0]))) == 0.0 and float(jnp.max(spec[0])) == 0.0
     np.testing.assert_allclose(low[1], svt_with_spectrum(xs[1], 0.5)[0], atol=1e-4)
-    assert np.asarray(states.fallbacks).tolist() == [0, 0]
+    # A zero Gram matrix cannot tell a zero X from an underflowed one: that one takes the full SVD.
+    assert np.asarray(states.fallbacks).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_whole_spectrum_out_of_gram_range_falls_back(scale):
+    """Entries whose squares underflow or overflow float32 must not give a silently
+    wrong answer: the certificate fails and the full SVD answers."""
+    x = _low_rank_plus_noise(16, 40, 2, 0.01, seed=6)
+    state = linalg.init_subspace(x.shape, 16)
+    (low, spec), state = linalg.partial_svt_with_spectrum(x * scale, 0.5 * scale, state)
+    assert int(state.fallbacks) == 1
+    want, want_spec = svt_with_spectrum(x, 0.5)
+    np.testing.assert_allclose(np.asarray(low) / scale, want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(spec) / scale, want_spec, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(16, 160), (300, 20), (7, 7)])
@@ -151,26 +165,29 @@ def test_fast_svt_solver_same_verdicts_and_refined(program):
     m = jnp.asarray(blocks)
     m = m / jnp.linalg.norm(to_stacked(m), ord=2)
     outs = []
-    for budget in (None, 16):
+    for budget in (None, 16, 64):  # full SVD, rank-16 partial, whole spectrum from the Gram matrix
         if program == "exact":
             out = solve_exact(m, 0.7, tol=3e-6, max_iter=1000, svt_budget=budget)
         else:
             out = solve_penalized(m, 1.2, 0.02, tol=3e-6, max_iter=1000, svt_budget=budget)
         outs.append(out)
-    full, fast = outs
-    assert bool(full.converged) and bool(fast.converged)
-    rel = abs(float(fast.objective - full.objective)) / abs(float(full.objective))
-    assert rel < 1e-4
+    full = outs[0]
+    assert all(bool(o.converged) for o in outs)
+    for fast in outs[1:]:
+        rel = abs(float(fast.objective - full.objective)) / abs(float(full.objective))
+        assert rel < 1e-4
+    assert int(outs[2].svt_fallbacks) < int(outs[2].iterations)  # the Gram path did answer
     scores = [np.linalg.norm(np.asarray(o.sparse), axis=(1, 2)) / np.linalg.norm(blocks, axis=(1, 2))
               for o in outs]
     verdicts = [s <= 1e-3 * (1 if program == "exact" else 1e2) for s in scores]
-    np.testing.assert_array_equal(verdicts[0], verdicts[1])
     # Refined updates: project the benign blocks on the top-r left singular space of L.
     refined = []
     for o, v in zip(outs, verdicts):
         u = np.linalg.svd(np.asarray(to_stacked(o.low_rank)), full_matrices=False)[0][:, :3]
         refined.append(np.einsum("pr,sr,ksq->kpq", u, u, np.asarray(m)[v]))
-    np.testing.assert_allclose(refined[0], refined[1], atol=1e-4)
+    for v, r in zip(verdicts[1:], refined[1:]):
+        np.testing.assert_array_equal(v, verdicts[0])
+        np.testing.assert_allclose(r, refined[0], atol=1e-4)
 
 
 def test_decompose_svt_modes_agree():
@@ -218,3 +235,18 @@ def test_clair_fast_svt_and_factored_paths_equal_dense_full():
     scale = float(jnp.max(jnp.abs(blocks)))
     np.testing.assert_allclose(fast.refined, full.refined, atol=1e-6 * scale)
     np.testing.assert_allclose(dense(fact.refined), full.refined, atol=1e-6 * scale)
+
+
+def test_clair_gram_svt_equals_full_on_small_federation():
+    """Small stacks (short side < 64): "auto" takes the whole spectrum from the Gram
+    matrix; verdicts and refined updates equal the full-SVD path's."""
+    import clair_jax as cj
+
+    fed = cj.data.make_federation(2, num_clients=20, p=16, q=6, rank=2, noise=0.05)
+    assert linalg.choose_svt_budget((16, 20 * 6), "auto") == 16
+    full = cj.clair(fed.updates, svt="full")
+    gram = cj.clair(fed.updates, svt="auto")
+    np.testing.assert_array_equal(gram.client_benign, full.client_benign)
+    np.testing.assert_array_equal(gram.client_benign, np.asarray(fed.benign))
+    scale = float(jnp.max(jnp.abs(fed.updates)))
+    np.testing.assert_allclose(gram.refined, full.refined, atol=1e-5 * scale)

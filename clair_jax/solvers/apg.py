@@ -105,10 +105,14 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         beta = (s.momentum - 1.0) / (0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
         y = s.low_rank + beta * (s.low_rank - s.previous)
         new, sv, svt_state = prox_grad(y, s.mu, s.svt_state, s.primal_residual)
-        step_res = safe_frobenius_norm(to_stacked(new - y)) / m_norm
-        change = safe_frobenius_norm(to_stacked(new - s.low_rank)) / m_norm
+        # ‖L⁺ − Y‖², ‖L⁺ − L‖² and ⟨Y − L⁺, L⁺ − L⁾ as one reduction (on small problems
+        # every separate reduction is a kernel launch that costs as much as its work).
+        step, move = new - y, new - s.low_rank
+        sq_step, sq_move, inner = jnp.sum(jnp.stack([step * step, move * move, -step * move]), axis=(1, 2, 3))
+        step_res = jnp.sqrt(sq_step) / m_norm
+        change = jnp.sqrt(sq_move) / m_norm
         # Restart momentum when the step points against it, or when μ moves on.
-        against = jnp.sum((y - new) * (new - s.low_rank)) > 0
+        against = inner > 0
         next_mu = jnp.maximum(s.mu * continuation, mu)
         restart = against | (next_mu < s.mu)
         t_next = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
