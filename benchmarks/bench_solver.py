@@ -15,7 +15,8 @@ For each size and each program (exact: ALM; penalised: FISTA):
 * **SVD floor**: one jitted batched SVD of the stacked (p, K·q) matrices; the
   table reports time-per-iteration / SVD time.
 * **One core each** (stacked layers only): ``cj.decompose`` and NumPy (one BLAS
-  thread), each in a fresh process pinned to one CPU core (``sched_setaffinity``).
+  thread) in one fresh process pinned to one CPU core (``sched_setaffinity``),
+  timed in 5 alternating rounds; the ratio is the median of the per-round ratios.
   The main process's clair_jax column is not one core: XLA:CPU may spread its
   small ops over every core it sees, which on 2 cores made it slower, not faster.
 * **Both cores** (stacked layers only, ``--cores 2``): clair_jax with the layer
@@ -57,7 +58,7 @@ FULL_SIZES = [
     ("medium", None, 40, 64, 16, 4, True),
     ("32 layers", 32, 32, 64, 16, 4, False),
 ]
-QUICK_SIZES = [("tiny", None, 8, 8, 4, 2, True)]
+QUICK_SIZES = [("tiny", None, 8, 8, 4, 2, True), ("tiny layers", 2, 8, 8, 4, 2, False)]
 LAM_EXACT = 0.7     # inside the exact-recovery window for these federations (checked)
 LAM_PENALIZED = 1.2  # DESIGN §2 default check
 NOISE = 0.05
@@ -145,40 +146,52 @@ from benchmarks.bench_solver import penalized_mu
 from benchmarks import numpy_reference
 from clair_jax import linalg, sharding
 from clair_jax.decompose import solve_one
-k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what = {args}
+k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, whats, rounds = {args}
 blocks = make_blocks(0, k, p, q, rank=rank, contaminated=0.25, noise=noise, layers=layers, dtype=np.float32)[0]
 mu = None if exact else penalized_mu(blocks, noise)
 jb = jnp.asarray(blocks)
-if what == "jax":
-    import clair_jax as cj
-    run = lambda: jax.block_until_ready(cj.decompose(jb, lam=lam, mu=mu, tol=tol, max_iter=max_iter).objective)
-elif what == "jax-sharded":
-    budget = linalg.choose_svt_budget((p, k * q), "auto")  # what cj.decompose picks
-    fn = sharding.map_over_layers(lambda b: solve_one(b, lam, 0.0 if exact else mu, exact=exact, tol=tol,
-                                                      max_iter=max_iter, svt_budget=budget).objective)
-    run = lambda: jax.block_until_ready(fn(jb))
-else:
-    run = lambda: numpy_reference.decompose(blocks, lam=lam, mu=mu, tol=tol, max_iter=max_iter)[0]
-    repeats = min(repeats, 3)
-obj = np.asarray(run())
-t = time_call(run, repeats=repeats)[0]
-print("RESULT" + json.dumps(dict(devices=len(jax.devices()), seconds=t, objective=float(np.sum(obj)))))
+
+def runner(what):
+    if what == "jax":
+        import clair_jax as cj
+        return lambda: jax.block_until_ready(cj.decompose(jb, lam=lam, mu=mu, tol=tol, max_iter=max_iter).objective)
+    if what == "jax-sharded":
+        budget = linalg.choose_svt_budget((p, k * q), "auto")  # what cj.decompose picks
+        fn = sharding.map_over_layers(lambda b: solve_one(b, lam, 0.0 if exact else mu, exact=exact, tol=tol,
+                                                          max_iter=max_iter, svt_budget=budget).objective)
+        return lambda: jax.block_until_ready(fn(jb))
+    return lambda: numpy_reference.decompose(blocks, lam=lam, mu=mu, tol=tol, max_iter=max_iter)[0]
+
+runs = {{w: runner(w) for w in whats}}
+objective = {{w: float(np.sum(np.asarray(run()))) for w, run in runs.items()}}  # also the warm-up
+times = {{w: [] for w in whats}}
+for _ in range(rounds):  # alternate, so that this VM's drift hits every side alike
+    for w, run in runs.items():
+        times[w].append(time_call(run, repeats=repeats if w.startswith("jax") else 1, warmup=0)[0])
+out = {{w: dict(seconds=float(np.median(times[w])), objective=objective[w], rounds=times[w]) for w in whats}}
+if len(whats) == 2:
+    out["ratio"] = float(np.median(np.array(times[whats[1]]) / np.array(times[whats[0]])))
+print("RESULT" + json.dumps(dict(devices=len(jax.devices()), **out)))
 """
 
 
-def in_fresh_process(what, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, *, cores=1,
-                     pin=False):
-    """Seconds (and objective) of one configuration, timed in a fresh process (the
-    host device count, BLAS threads and CPU affinity are fixed when a process starts).
+def in_fresh_process(whats, k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, *, cores=1,
+                     pin=False, rounds=3):
+    """Seconds (and objective) of one configuration per implementation in ``whats``,
+    timed in one fresh process (the host device count, BLAS threads and CPU affinity
+    are fixed when a process starts), in ``rounds`` alternating rounds.
 
-    ``what``: ``"jax"`` (``cj.decompose`` on one device), ``"jax-sharded"`` (the
-    layer axis sharded over ``cores`` host devices) or ``"numpy"`` (``cores`` BLAS
+    ``whats``: any of ``"jax"`` (``cj.decompose`` on one device), ``"jax-sharded"``
+    (the layer axis sharded over ``cores`` host devices), ``"numpy"`` (``cores`` BLAS
     threads). ``pin``: the process may use one CPU core only (``sched_setaffinity``).
+    Returns ``{what: {seconds (median over rounds), objective, rounds}}``, plus for two
+    implementations ``ratio``: the median over rounds of second / first.
     """
-    code = WORKER.format(cores=cores if what == "jax-sharded" else 1, threads=cores if what == "numpy" else 1,
-                         pin=bool(pin),
+    sharded, numpy_side = "jax-sharded" in whats, "numpy" in whats
+    code = WORKER.format(cores=cores if sharded else 1, threads=cores if numpy_side else 1, pin=bool(pin),
                          root=str(Path(__file__).resolve().parents[1]),
-                         args=(k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, what))
+                         args=(k, p, q, rank, layers, noise, lam, exact, tol, max_iter, repeats, tuple(whats),
+                               rounds))
     env = {key: v for key, v in os.environ.items() if key not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
@@ -234,19 +247,20 @@ def run(sizes, *, repeats, dtype, tol, max_iter, cvxpy_eps, with_cvxpy=True, cor
                        numpy_vs_jax_objective=float(abs(obj_n.sum() - obj_j.sum()) / abs(obj_j.sum())),
                        speedup_numpy=t_np / t_jax, jax_ms=t_jax * 1e3, numpy_ms=t_np * 1e3)
             if layers and hasattr(os, "sched_setaffinity"):
-                # One core each, for real: both pinned to one core in fresh processes
-                # (a one-device XLA:CPU run is slower when it may spread over two).
+                # One core each, for real: both pinned to one core, in one fresh process,
+                # alternating (a one-device XLA:CPU run is slower when it may spread over two).
                 args = (k, p, q, rank, layers, noise, lam, mu is None, tol, max_iter, repeats)
-                jax1 = in_fresh_process("jax", *args, pin=True)
-                np1 = in_fresh_process("numpy", *args, pin=True)
+                pinned = in_fresh_process(("jax", "numpy"), *args, pin=True, rounds=5)
+                jax1, np1 = pinned["jax"], pinned["numpy"]
                 row.update(jax_pinned_ms=jax1["seconds"] * 1e3, numpy_pinned_ms=np1["seconds"] * 1e3,
-                           speedup_numpy_pinned=np1["seconds"] / jax1["seconds"],
+                           speedup_numpy_pinned=pinned["ratio"],
+                           pinned_rounds=dict(jax=jax1["rounds"], numpy=np1["rounds"]),
                            pinned_objective_diff=abs(jax1["objective"] - np1["objective"]) / abs(np1["objective"]))
                 print(f"  {name:>14} {program:>9}: one core each: clair_jax {jax1['seconds']*1e3:.1f} ms, "
-                      f"NumPy {np1['seconds']*1e3:.1f} ms", flush=True)
+                      f"NumPy {np1['seconds']*1e3:.1f} ms, ratio {pinned['ratio']:.1f}", flush=True)
                 if cores > 1:
-                    jax2 = in_fresh_process("jax-sharded", *args, cores=cores)
-                    np2 = in_fresh_process("numpy", *args, cores=cores)
+                    jax2 = in_fresh_process(("jax-sharded",), *args, cores=cores)["jax-sharded"]
+                    np2 = in_fresh_process(("numpy",), *args, cores=cores)["numpy"]
                     best_np = min(t_np, np1["seconds"], np2["seconds"])
                     row.update(jax_cores_ms=jax2["seconds"] * 1e3, numpy_cores_ms=np2["seconds"] * 1e3,
                                numpy_best_ms=best_np * 1e3, speedup_numpy_cores=best_np / jax2["seconds"],
@@ -284,7 +298,7 @@ COLUMNS = [
 CORES_COLUMNS = [
     ("size", "size", ""), ("program", "program", ""),
     ("jax_pinned_ms", "clair_jax 1 core (ms)", ".1f"), ("numpy_pinned_ms", "NumPy 1 core (ms)", ".1f"),
-    ("speedup_numpy_pinned", "NumPy/clair, 1 core each", ".1f"), ("pinned_objective_diff", "obj diff", ".1e"),
+    ("speedup_numpy_pinned", "NumPy/clair, 1 core each (median of 5 alternating rounds)", ".1f"), ("pinned_objective_diff", "obj diff", ".1e"),
     ("jax_cores_ms", "clair_jax 2 dev (ms)", ".1f"), ("numpy_cores_ms", "NumPy 2 threads (ms)", ".1f"),
     ("speedup_numpy_cores", "NumPy best / clair 2 dev", ".1f"), ("cores_objective_diff", "obj diff 2 dev", ".1e"),
 ]
