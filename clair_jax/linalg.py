@@ -24,8 +24,9 @@ exact path by more than the certified residual.
 A budget equal to the short side is the *whole* spectrum: the Rayleigh–Ritz step
 is then over the whole space, i.e. the eigendecomposition of the smaller Gram
 matrix X Xᵀ, with the same certificate (computed without forming the Gram
-matrix). On CPU it is 2.5–4× cheaper than LAPACK's SVD from 16 × 160 to 256 × 2048,
-so ``svt="auto"`` takes it wherever the rank-k partial step does not pay.
+matrix). On CPU it takes whole exact solves 1.1–2.1× faster than the full SVD from
+16 × 160 to 1024 × 1024 (``benchmarks/bench_svt.py``), less than the rank-k step
+where that pays, so ``svt="auto"`` takes it wherever the rank-k step does not.
 
 The fallback is a ``while_loop`` that runs zero times or once: under ``jax.vmap``
 a batched ``while_loop`` runs its body only while *some* problem still needs it,
@@ -171,8 +172,8 @@ def choose_svt_budget(shape, svt="auto", expected_rank=None):
         return None
     if budget < short and (svt == "partial" or use_partial_svt(shape, budget)):
         return budget
-    # Everything else takes the whole spectrum from the Gram matrix: 2.5–4× cheaper
-    # than the SVD on CPU from 16 × 160 to 256 × 2048 (benchmarks/bench_svt.py).
+    # Everything else takes the whole spectrum from the Gram matrix: whole solves
+    # 1.1–2.1× faster than with the full SVD on CPU (benchmarks/bench_svt.py).
     return short
 
 

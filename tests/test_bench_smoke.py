@@ -45,6 +45,8 @@ def test_bench_svt_quick(tmp_path):
     for r in rows:
         assert r["same_verdicts"] == "yes" and r["verdicts_correct"]
         assert r["objective_rel_diff"] < 1e-4
+        assert r["gram_same_verdicts"] == "yes" and r["gram_objective_rel_diff"] < 1e-4
+        assert r["svt_gram_rel_err"] < 1e-4 and not r["svt_gram_fallback"]
 
 
 def test_bench_llm_quick(tmp_path):
