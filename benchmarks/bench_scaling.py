@@ -1,7 +1,8 @@
 """Scaling of the exact-program solve with K, p, the number of layers, and devices.
 
-* K, p, layers: one process, the default (full-SVD) jitted+vmapped solve, and the
-  same solve with the partial SVT where :func:`clair_jax.linalg.use_partial_svt` picks it.
+* K, p, layers: one process, the full-SVD jitted+vmapped solve, and the same solve
+  with the SVT ``svt="auto"`` picks (:func:`clair_jax.linalg.choose_svt_budget`:
+  the rank-k partial SVT, or the whole spectrum from the Gram matrix).
 * devices: one subprocess per device count with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (CPU "devices" share the
   machine's cores: on 2 cores expect at most ~2×), the layer axis sharded with
@@ -64,7 +65,8 @@ def time_solve(k, p, q, rank, layers, repeats, *, partial):
     fn = jax.jit(_solver(budget if use else None))
     out = jax.block_until_ready(fn(blocks))
     t = time_call(lambda: jax.block_until_ready(fn(blocks)), repeats=repeats)[0]
-    return t, int(np.max(out[1])), bool(np.all(out[2])), use
+    label = "full" if not use else ("gram" if budget == min(shape) else "partial")
+    return t, int(np.max(out[1])), bool(np.all(out[2])), label
 
 
 def sweep(cfg, repeats):
@@ -77,7 +79,7 @@ def sweep(cfg, repeats):
         t_full, it, conv, _ = time_solve(k, p, q, r, n, repeats, partial=False)
         t_auto, it_a, conv_a, used = time_solve(k, p, q, r, n, repeats, partial=True)
         rows.append(dict(vary=axis, K=k, p=p, q=q, layers=n, matrix=f"{p}x{k * q}",
-                         full_ms=t_full * 1e3, auto_ms=t_auto * 1e3, auto_svt="partial" if used else "full",
+                         full_ms=t_full * 1e3, auto_ms=t_auto * 1e3, auto_svt=used,
                          iters=it, per_layer_ms=t_auto * 1e3 / n, converged=conv and conv_a))
         print(f"  vary {axis:>6}: K={k} p={p} layers={n}: {t_full*1e3:.1f} ms (auto {t_auto*1e3:.1f})",
               flush=True)
