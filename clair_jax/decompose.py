@@ -155,9 +155,11 @@ def decompose(blocks, *, lam=None, mu=None, side="left", tol=None, max_iter=None
         svt: how the solvers threshold singular values: ``"full"`` (a full SVD per
             iteration), ``"partial"`` (the certified, warm-started partial SVT of
             :mod:`clair_jax.linalg`, which falls back to the full SVD whenever it
-            cannot certify its answer), or ``"auto"`` (partial where
-            :func:`clair_jax.linalg.choose_svt_budget` measured that it pays).
-            All three agree to the solver tolerance.
+            cannot certify its answer; where the budget covers the short side, the
+            whole spectrum from the certified Gram eigendecomposition), or
+            ``"auto"`` (the rank-k partial SVT where
+            :func:`clair_jax.linalg.choose_svt_budget` measured that it pays, the
+            Gram path elsewhere). All three agree to the solver tolerance.
 
     Returns:
         :class:`Decomposition`, in the layout of ``blocks``; check ``converged``.

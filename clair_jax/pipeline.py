@@ -326,7 +326,8 @@ def clair(
             refit test allows.
         svt: ``"auto"`` (default), ``"full"`` or ``"partial"``: the solvers' singular-value
             thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance;
-            ``"auto"`` takes the partial SVT only for stacks with a short side ≥ 64).
+            ``"auto"`` takes the rank-k partial SVT for stacks with a short side ≥ 64,
+            the whole spectrum from the Gram matrix below that).
 
     Returns:
         :class:`ClairResult`.

@@ -65,3 +65,12 @@ def test_bench_lambda_path_quick(tmp_path):
     pytest.importorskip("clair_jax.decompose")
     rows, _ = _run("bench_lambda_path", tmp_path)
     assert rows[0]["grid"] > 1 and np.isfinite(rows[0]["batch_ms"])
+
+
+def test_gram_svt_accuracy_quick(tmp_path):
+    rows, _ = _run("gram_svt_accuracy", tmp_path)
+    for r in rows:
+        assert r["max_c"] < 10  # the error model err ≈ c·eps·σ₁²/τ holds
+        if r["max_err_certified"] is not None:
+            assert r["max_err_certified"] < 5e-5  # what the certificate lets through ≈ rtol·σ₁
+    assert rows[0]["certified"] == 1.0  # τ = 0.3 σ₁: always certified

@@ -105,7 +105,7 @@ def solve_penalized(blocks, lam, mu, *, tol, max_iter, continuation=0.6, spectra
         beta = (s.momentum - 1.0) / (0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
         y = s.low_rank + beta * (s.low_rank - s.previous)
         new, sv, svt_state = prox_grad(y, s.mu, s.svt_state, s.primal_residual)
-        # ‖L⁺ − Y‖², ‖L⁺ − L‖² and ⟨Y − L⁺, L⁺ − L⁾ as one reduction (on small problems
+        # ‖L⁺ − Y‖², ‖L⁺ − L‖² and ⟨Y − L⁺, L⁺ − L⟩ as one reduction (on small problems
         # every separate reduction is a kernel launch that costs as much as its work).
         step, move = new - y, new - s.low_rank
         sq_step, sq_move, inner = jnp.sum(jnp.stack([step * step, move * move, -step * move]), axis=(1, 2, 3))
