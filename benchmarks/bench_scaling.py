@@ -65,8 +65,7 @@ def time_solve(k, p, q, rank, layers, repeats, *, partial):
     fn = jax.jit(_solver(budget if use else None))
     out = jax.block_until_ready(fn(blocks))
     t = time_call(lambda: jax.block_until_ready(fn(blocks)), repeats=repeats)[0]
-    label = "full" if not use else ("gram" if budget == min(shape) else "partial")
-    return t, int(np.max(out[1])), bool(np.all(out[2])), label
+    return t, int(np.max(out[1])), bool(np.all(out[2])), linalg.svt_method(shape, budget if use else None)
 
 
 def sweep(cfg, repeats):

@@ -60,8 +60,7 @@ def run(sizes, repeats):
         shape = (p, k * q)
         budget = linalg.rank_budget(shape, rank)
         short = min(shape)
-        auto = linalg.choose_svt_budget(shape, "auto", rank)
-        rule = "full" if auto is None else ("gram" if auto == short else "partial")
+        rule = linalg.svt_method(shape, linalg.choose_svt_budget(shape, "auto", rank))
 
         # --- whole solves ---
         solves = {}

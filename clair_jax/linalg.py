@@ -71,6 +71,7 @@ __all__ = [
     "partial_svt_with_spectrum",
     "rank_budget",
     "spectral_norm",
+    "svt_method",
     "use_partial_svt",
 ]
 
@@ -177,6 +178,15 @@ def choose_svt_budget(shape, svt="auto", expected_rank=None):
     return short
 
 
+def svt_method(shape, budget):
+    """What a :func:`choose_svt_budget` result means for an (m, n) matrix:
+    ``"full"`` (None: the full SVD), ``"gram"`` (the whole short side: the
+    certified Gram eigendecomposition) or ``"partial"`` (the rank-k step)."""
+    if budget is None:
+        return "full"
+    return "gram" if int(budget) >= min(shape[-2:]) else "partial"
+
+
 def use_partial_svt(shape, budget):
     """Whether the partial SVT is expected to beat a full SVD (static rule).
 
@@ -197,11 +207,9 @@ def spectral_norm(x):
     ``jnp.linalg.norm(x, ord=2)``) and exact to a few ulps, since λ_max of the Gram
     matrix is. Entries are divided by max |x| first, so squaring cannot overflow.
     """
-    m, n = x.shape[-2:]
     peak = jnp.max(jnp.abs(x), axis=(-2, -1))
-    unit = x / jnp.where(peak > 0, peak, 1.0)[..., None, None]
-    gram = unit @ jnp.swapaxes(unit, -1, -2) if m <= n else jnp.swapaxes(unit, -1, -2) @ unit
-    top = jnp.linalg.eigvalsh(gram)[..., -1]
+    unit = _wide(x) / jnp.where(peak > 0, peak, 1.0)[..., None, None]
+    top = jnp.linalg.eigvalsh(unit @ jnp.swapaxes(unit, -1, -2))[..., -1]
     return peak * jnp.sqrt(jnp.maximum(top, 0.0))
 
 
@@ -209,7 +217,7 @@ def init_subspace(shape, budget, dtype=jnp.float32, *, seed=0):
     """A deterministic random orthonormal (n, k) start for an (m, n) matrix
     ((n, 0) when the budget covers the whole short side: nothing to start)."""
     n = shape[-1]
-    if int(budget) >= min(shape[-2:]):
+    if svt_method(shape, budget) == "gram":
         return SubspaceState(basis=jnp.zeros((n, 0), dtype), fallbacks=jnp.asarray(0, jnp.int32))
     gauss = jax.random.normal(jax.random.PRNGKey(seed), (n, int(budget)), dtype)
     basis, _ = jnp.linalg.qr(gauss)
@@ -235,6 +243,18 @@ def _full_branch(x, tau, k):
     return (u * s_shrunk[None, :]) @ vt, s_shrunk, jnp.swapaxes(vt[:k], 0, 1)
 
 
+def _ritz_pairs_certified(residual, kept, sigma_1, rtol, allowed_floor):
+    """The certificate of both Rayleigh–Ritz steps: every kept pair's residual
+    ‖X vᵢ − σᵢ uᵢ‖ ≤ max(rtol·σ₁, atol)."""
+    allowed = jnp.maximum(rtol * jnp.maximum(sigma_1, jnp.finfo(residual.dtype).tiny), allowed_floor)
+    return jnp.all(jnp.where(kept, residual, 0.0) <= allowed)
+
+
+def _wide(x):
+    """The trailing (m, n) matrices oriented with m ≤ n (the smaller Gram matrix is x xᵀ)."""
+    return x if x.shape[-2] <= x.shape[-1] else jnp.swapaxes(x, -1, -2)
+
+
 def _whole_space_ritz(x, tau, rtol, allowed_floor):
     """SVT from the eigendecomposition of the smaller Gram matrix, with its certificate.
 
@@ -249,8 +269,7 @@ def _whole_space_ritz(x, tau, rtol, allowed_floor):
     noise) and the exact program's 1/ρ usually is; below that the full SVD takes
     over. Certified answers were within 1.6e-5·σ₁ of the float64 SVT there.
     """
-    m, n = x.shape
-    wide = x if m <= n else x.T
+    wide = _wide(x)
     dtype = x.dtype
     # No rescaling (on small problems each extra pass costs as much as its work): an
     # overflowing Gram matrix gives non-finite values, an underflowing one a λ_max
@@ -266,10 +285,9 @@ def _whole_space_ritz(x, tau, rtol, allowed_floor):
     ritz = jnp.sqrt(jnp.sum(jnp.square(wide @ coeff.T - vecs * lam[None, :]), axis=0))
     residual = ritz / jnp.where(kept, s, 1.0)
     finfo = jnp.finfo(dtype)
-    allowed = jnp.maximum(rtol * jnp.maximum(s[-1], finfo.tiny), allowed_floor)
     representable = (lam[-1] >= finfo.tiny / finfo.eps) & jnp.all(jnp.isfinite(lam))
-    accurate = jnp.all(jnp.where(kept, residual, 0.0) <= allowed) & representable
-    return (low if m <= n else low.T), s_shrunk[::-1], accurate
+    accurate = _ritz_pairs_certified(residual, kept, s[-1], rtol, allowed_floor) & representable
+    return (low if wide.shape == x.shape else low.T), s_shrunk[::-1], accurate
 
 
 def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=2, atol=0.0, refine=2):
@@ -341,8 +359,7 @@ def partial_svt_with_spectrum(x, tau, state, *, power_iters=0, rtol=None, guard=
         # (a) the budget reaches below the threshold, (b) kept Ritz pairs have converged.
         budget_ok = jnp.sum(kept) <= k - guard
         residual = jnp.sqrt(jnp.sum(jnp.square(x @ vt.T - u * s[None, :]), axis=0))
-        allowed = jnp.maximum(rtol * jnp.maximum(s[0], jnp.finfo(dtype).tiny), allowed_floor)
-        accurate = jnp.all(jnp.where(kept, residual, 0.0) <= allowed) & jnp.all(jnp.isfinite(s))
+        accurate = _ritz_pairs_certified(residual, kept, s[0], rtol, allowed_floor) & jnp.all(jnp.isfinite(s))
         low = jnp.where(below, 0.0, (u * s_shrunk[None, :]) @ vt)
         spec = jnp.zeros((short,), dtype).at[:k].set(jnp.where(below, 0.0, s_shrunk))
         return (low, spec, jnp.where(below, basis, jnp.swapaxes(vt, 0, 1))), budget_ok, accurate | below

@@ -141,6 +141,7 @@ def test_rule():
     assert linalg.choose_svt_budget((16, 160), "partial") == 16
     assert linalg.choose_svt_budget((16, 160), "auto") == 16
     assert linalg.choose_svt_budget((64, 640), "auto") == linalg.rank_budget((64, 640))
+    assert [linalg.svt_method((16, 160), b) for b in (None, 16, 8)] == ["full", "gram", "partial"]
     assert linalg.choose_svt_budget((512, 512), "auto") == linalg.rank_budget((512, 512))
     with pytest.raises(ValueError, match="svt must be one of"):
         linalg.choose_svt_budget((512, 512), "fast")
