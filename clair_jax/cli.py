@@ -24,6 +24,7 @@ COMMANDS = {
     "regression": ("clair_jax.experiments.regression", "multi-response linear regression clients, end to end"),
     "mlp": ("clair_jax.experiments.mlp", "MLP clients fine-tuned with optax, end to end"),
     "copy-task": ("clair_jax.experiments.copy_task", "Transformer LoRA text-copying experiment"),
+    "aggregate": ("clair_jax.adapters.cli", "PEFT LoRA adapter directories in, refined adapters out"),
 }
 
 
