@@ -32,7 +32,7 @@ MARKER = "<!-- api-reference -->"
 
 # Entry points first, in this order when present; then the other names of
 # __all__ in their order; then the public submodules.
-FIRST = ["clair", "clair_groups", "pool_verdicts", "ClairResult", "ClientVerdict", "LoRAFactors",
+FIRST = ["clair", "clair_groups", "pool_verdicts", "ClairResult", "ClientVerdict", "ClairOptions", "LoRAFactors",
          "decompose", "Decomposition"]
 
 
