@@ -126,7 +126,8 @@ def clair(
             input's units (0 means noiseless).
         side: ``"left"`` shares the column space (span of the B's), ``"right"`` the row space.
         threshold: fixed score threshold τ in [0, 1] (Ŝ = {s_k ≤ τ}); default: widest gap.
-        tol: solver tolerance (default by dtype). max_iter: solver iteration cap.
+        tol: solver tolerance (default by dtype).
+        max_iter: solver iteration cap.
         min_gap: smallest score gap read as contamination (see :mod:`clair_jax.detect`).
         refit: after the score split, re-test every client by its off-subspace
             energy against the benign population (:func:`clair_jax.detect.residual_test`).

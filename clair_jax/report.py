@@ -35,7 +35,8 @@ class ClairResult(NamedTuple):
         refined: refined updates, the same kind as the input (array or LoRAFactors).
         decomposition: :class:`~clair_jax.Decomposition` at the chosen λ (for LoRA
             input, of the reduced problem).
-        lam: (...,) λ chosen. noise_level: (...,) σ̂ per entry, in the input's units.
+        lam: (...,) λ chosen.
+        noise_level: (...,) σ̂ per entry, in the input's units.
         converged: (...,) bool, whether the chosen decomposition converged.
     """
 
