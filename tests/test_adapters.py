@@ -37,7 +37,7 @@ def _expected_refined(deltas, names, clients):
     b = np.stack([np.stack([np.asarray(deltas[m][0][k], np.float32) for k in range(clients)]) for m in names])
     a = np.stack([np.stack([np.asarray(deltas[m][1][k], np.float32) for k in range(clients)]) for m in names])
     factors = cj.LoRAFactors(jnp.asarray(b), jnp.asarray(a))
-    res = cj.clair_groups([factors])[0] if hasattr(cj, "clair_groups") else cj.clair(factors)
+    (res,) = cj.clair_groups([factors])
     return res, np.asarray(res.refined.B)
 
 

@@ -119,25 +119,15 @@ def _clair_call(factors, clients=None, **options):
     if clients is not None:
         factors = [cj.LoRAFactors(f.B[:, clients], f.A[:, clients]) for f in factors]
     factors = [cj.LoRAFactors(jnp.asarray(f.B), jnp.asarray(f.A)) for f in factors]
-    if hasattr(cj, "clair_groups"):
-        return cj.clair_groups(factors, **options)
-    return tuple(cj.clair(f, **options) for f in factors)  # TEMPORARY until cj.clair_groups lands
+    return cj.clair_groups(factors, **options)
 
 
-def _pool(results):
+def _pool(results, options):
+    """One client verdict over every call's results (the pooling rule of ``cj.clair_groups``)."""
     import clair_jax as cj
 
-    if hasattr(cj, "pool_verdicts"):
-        return cj.pool_verdicts(results)
-    # TEMPORARY until cj.pool_verdicts lands: problem-weighted means, majority vote.
-    from types import SimpleNamespace
-
-    w = np.array([np.size(r.rank) for r in results], float)
-    scores = sum(wi * np.asarray(r.client_scores) for wi, r in zip(w, results)) / w.sum()
-    z = sum(wi * np.asarray(r.client_z) for wi, r in zip(w, results)) / w.sum()
-    votes = sum(wi * np.asarray(r.client_benign) for wi, r in zip(w, results)) / w.sum()
-    nonfinite = np.any([np.asarray(r.nonfinite) for r in results], axis=0)
-    return SimpleNamespace(benign=(votes > 0.5) & (z <= 5.0) & ~nonfinite, scores=scores, z=z, nonfinite=nonfinite)
+    pooling = {k: options[k] for k in ("z_crit", "min_gap", "threshold") if k in options}
+    return cj.pool_verdicts(results, **pooling)
 
 
 def _refined_outputs(federation, chunk, factors, result, clients, store):
@@ -332,7 +322,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             bar.step(f"{len(chunk.modules)} × {federation.groups[chunk.group].shape}")
         results_by_call.append(tuple(_light(r) for r in results))
         del factors, results
-    verdict = _pool([r for results in results_by_call for r in results])
+    verdict = _pool([r for results in results_by_call for r in results], clair_options)
     benign = np.asarray(verdict.benign, bool)
 
     # A module group whose own verdict let in a client the pooled verdict flags is
