@@ -329,3 +329,14 @@ def test_module_groups_pool_to_one_verdict(tmp_path):
     assert len(report["groups"][0]["rank"]) == 4
     written = [c for c in report["clients"] if c["output"]]
     assert all(c["local_modules"] is not None for c in written)
+
+
+@pytest.mark.slow
+def test_bench_aggregate_quick(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_aggregate
+
+    (row,) = bench_aggregate.main(["--quick", "--gqa", "--json", str(tmp_path / "b.json")])
+    payload = json.loads((tmp_path / "b.json").read_text())
+    assert payload["benchmark"] == "bench_aggregate" and row["verdicts_correct"]
+    assert row["peak_rss_gib"] > 0 and row["module_groups"] == 2

@@ -60,13 +60,13 @@ _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16"
 _VARIANTS = {
     "use_dora": "DoRA (use_dora): its ΔW depends on the base model's weights",
     "use_qalora": "QA-LoRA (use_qalora): its A acts on pooled inputs",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "kasa_config": "KaSA (kasa_config)",
-    "velora_config": "VeLoRA (velora_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "layer_replication": "layer_replication (modules share weights)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora): its factors are not plain B and A",
+    "target_parameters": "LoRA on raw parameters (target_parameters): its factors are not plain B and A",
+    "kasa_config": "KaSA (kasa_config): its update is not s·B·A",
+    "velora_config": "VeLoRA (velora_config): its update is not s·B·A",
+    "monteclora_config": "MonteCLoRA (monteclora_config): its update is not s·B·A",
+    "arrow_config": "Arrow routing (arrow_config): its update is not s·B·A",
+    "layer_replication": "layer_replication: replicated layers share their adapters",
 }
 
 
@@ -192,7 +192,7 @@ def read_client(path) -> ClientAdapter:
         raise AdapterError(path, f"peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be aggregated")
     for option, what in _VARIANTS.items():
         if config.get(option):
-            raise AdapterError(path, f"{what} is not supported: its update is not s·B·A")
+            raise AdapterError(path, f"not supported: {what}")
     for option in ("r", "lora_alpha"):
         value = config.get(option)
         if option in config and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
