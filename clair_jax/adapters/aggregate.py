@@ -130,18 +130,16 @@ def _pool(results, options):
     return cj.pool_verdicts(results, **pooling)
 
 
-def _refined_outputs(federation, chunk, factors, result, clients, store):
+def _refined_outputs(federation, chunk, result, clients, store):
     """Cut the refined B of ``clients`` back to each one's rank, divide its scaling
     out, cast to its dtype and keep it in ``store[(client, key)]``."""
     refined = np.asarray(result.refined.B)
-    group = federation.groups[chunk.group]
     for col, j in enumerate(clients):
         client = federation.clients[j]
         for i, name in enumerate(chunk.modules):
             entry = client.modules[name]
             b = refined[i, col, :, :entry.rank] / np.float32(entry.scaling)
             store[(j, entry.key_b)] = b.astype(_np_dtype(entry.dtype))
-    del group, factors
 
 
 def _np_dtype(code):
@@ -317,8 +315,8 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         t = time.perf_counter()
         results = _clair_call(factors, **clair_options)
         t_solve += time.perf_counter() - t
-        for chunk, f, res in zip(call, factors, results):
-            _refined_outputs(federation, chunk, f, res, everyone, store)
+        for chunk, res in zip(call, results):
+            _refined_outputs(federation, chunk, res, everyone, store)
             bar.step(f"{len(chunk.modules)} × {federation.groups[chunk.group].shape}")
         results_by_call.append(tuple(_light(r) for r in results))
         del factors, results
@@ -336,10 +334,9 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         resolved.append(ci)
         factors = [federation.factors(c.group, c.modules) for c in call]
         again = _clair_call(factors, clients=keep, **clair_options)
-        for chunk, f, res in zip(call, factors, again):
-            _refined_outputs(federation, chunk, f, res, keep, store)
+        for chunk, res in zip(call, again):
+            _refined_outputs(federation, chunk, res, keep, store)
         results_by_call[ci] = tuple(_light(r) for r in again)
-        calls[ci] = call
     t_solve_total = time.perf_counter() - t0
 
     # Where each client kept its local lora_B: flagged in that call, or no subspace.
