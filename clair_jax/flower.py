@@ -318,6 +318,15 @@ class ClairStrategy(FedAvg):
         reference = {n: b for n, b in self.bank.items() if n not in valid and n not in rejected and b.benign
                      and self._matches_layout(b.arrays, valid)}
         verdicts, refined, judged = self._judge(server_round, valid, reference)
+        for node_id, banked in reference.items():
+            # A banked adapter judged anew: one now flagged stops serving as a reference.
+            verdict = verdicts.get(node_id)
+            if verdict is not None and not verdict.benign:
+                self.bank[node_id] = _Banked(banked.server_round, banked.arrays, banked.weight, False)
+                self._personal.pop(node_id, None)
+                self._record(node_id, NodeVerdict(
+                    server_round, False, True, f"its banked adapter of round {banked.server_round} was flagged "
+                    "against this round's pool", verdict.score, verdict.z))
         for node_id, (arrays, weight, _) in valid.items():
             verdict = verdicts[node_id]
             self._record(node_id, verdict)
@@ -531,7 +540,7 @@ class ClairStrategy(FedAvg):
         scores = np.asarray(verdict.scores)[:k]
         zs = np.asarray(verdict.z)[:k]
         verdicts = {n: NodeVerdict(server_round, bool(benign[j]), True, "clair", float(scores[j]), float(zs[j]))
-                    for j, n in enumerate(valid)}
+                    for j, n in enumerate(nodes)}
         refined = {}
         for j, node_id in enumerate(valid):
             if not benign[j]:
