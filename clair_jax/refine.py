@@ -8,12 +8,17 @@ own coefficients inside the subspace are kept. Contaminated clients keep Θ̂_k.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
+from clair_jax.lora import LoRAFactors
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project"]
+__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "Refinement", "refine"]
 
 
 def benign_spectrum(blocks, benign):
@@ -77,3 +82,69 @@ def project(basis, blocks, benign):
     """Θ̃_k = Û Ûᵀ Θ̂_k for benign k, Θ̂_k otherwise. basis: (p, r), blocks: (K, p, q)."""
     projected = basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
     return jnp.where(benign[:, None, None], projected, blocks)
+
+
+# --------------------------------------------- the stage: every problem at once
+
+
+def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims):
+    """Û and r̂ of one problem from the clients in ``used``."""
+    u, sv = benign_spectrum(blocks, used)
+    if rank is not None:  # a user-given rank is taken as is
+        r = jnp.minimum(jnp.asarray(rank), jnp.sum(sv > 0))
+        return subspace(u, r), r.astype(jnp.int32)
+    r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
+    return shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
+def _bases(blocks, used, rank_cap, columns, *, rank, margin, dims):
+    return jax.vmap(functools.partial(_basis_one, rank=rank, margin=margin, dims=dims))(
+        blocks, used, rank_cap, columns)
+
+
+class Refinement(NamedTuple):
+    """Stage 6's answer for a batch of n problems.
+
+    Attributes:
+        subspace: (n, p, r_max) Û in the user's (dense, oriented) space; columns ≥ rank are 0.
+        rank: (n,) r̂; 0 where no shared direction was found.
+        refined: (n, K, p, q) blocks, or flat oriented :class:`~clair_jax.LoRAFactors`.
+        used: (n, K) clients whose update was refined.
+    """
+
+    subspace: jax.Array
+    rank: jax.Array
+    refined: object
+    used: jax.Array
+
+
+def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refinement:
+    """Stage 6: Û from the stacked updates of the benign clients, then Θ̃_k = Û Ûᵀ Θ̂_k.
+
+    r̂ is the number of singular values of the benign stack above the noise edge
+    ``margin``·σ̂(√p + √n) (:func:`select_rank`), at most rank(L̂) near the
+    chosen λ, counting only directions shared by several clients
+    (:func:`shared_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
+    shared direction exists and the benign clients keep their own update.
+    Contaminated clients always keep theirs. For LoRA input Û = Q Ũ maps the
+    reduced problem's basis back, and B̃_k = Û Ûᵀ B_k (A_k unchanged), so no
+    dense ΔW is formed.
+
+    Args:
+        problems: :class:`clair_jax.stack.Problems`.
+        detection: :class:`clair_jax.detect.Detection` (its rank caps and noise columns).
+        client_benign: (K,) the pooled client verdict.
+    """
+    used = jnp.broadcast_to(client_benign, problems.usable.shape)
+    basis, ranks = _bases(problems.blocks, used, detection.rank_cap, detection.columns,
+                          rank=rank, margin=margin, dims=problems.dims)
+    basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
+    used = used & (ranks > 0)[:, None]
+    if problems.factored:
+        b = problems.factors.B
+        full_basis = jnp.einsum("npd,ndr->npr", problems.basis, basis)
+        coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
+        refined_b = jnp.where(used[..., None, None], jnp.einsum("npr,nkrl->nkpl", full_basis, coords), b)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used)
+    return Refinement(basis, ranks, jax.vmap(project)(basis, problems.blocks, used), used)
