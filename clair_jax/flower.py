@@ -579,11 +579,11 @@ def _short(items, limit=3):
 
 
 def _clair_groups(problems, options):
-    """One CLAIR verdict over all groups: ``(results, verdict)`` with verdict.benign/scores/z (K,)."""
-    if hasattr(cj, "clair_groups"):
-        results = cj.clair_groups(problems, **options)
-        return results, cj.pool_verdicts(results)
-    return _clair_groups_local(problems, options)
+    """One CLAIR verdict over all groups: ``(results, verdict)``, verdict with benign/scores/z (K,)."""
+    results = cj.clair_groups(problems, **options)
+    first = results[0]  # every result carries the same pooled verdict
+    return results, _Verdict(np.asarray(first.client_benign), np.asarray(first.client_scores),
+                             np.asarray(first.client_z))
 
 
 @dataclass(frozen=True)
@@ -591,25 +591,3 @@ class _Verdict:
     benign: np.ndarray
     scores: np.ndarray
     z: np.ndarray
-
-
-def _clair_groups_local(problems, options):
-    """Per-group ``cj.clair``, pooled: a client is benign only where every group finds it benign.
-
-    The refinement of each group is redone with the pooled verdict (B̃ = ÛÛᵀB for
-    pooled-benign clients, B otherwise), from each group's subspace.
-    """
-    results = [cj.clair(p, **options) for p in problems]
-    benign = np.all([np.asarray(r.client_benign) for r in results], axis=0)
-    weights = np.array([np.asarray(r.benign).reshape(-1, benign.shape[0]).shape[0] for r in results], float)
-    scores = np.average([np.asarray(r.client_scores) for r in results], axis=0, weights=weights)
-    z = np.average([np.asarray(r.client_z) for r in results], axis=0, weights=weights)
-    out = []
-    for p, r in zip(problems, results):
-        b = np.asarray(p.B)
-        u = np.asarray(r.subspace)                                   # (n, P, r_max)
-        has = np.asarray(r.rank) > 0                                 # (n,)
-        proj = np.einsum("npr,nqr,nkql->nkpl", u, u, np.nan_to_num(b))
-        keep = benign[None, :, None, None] & has[:, None, None, None]
-        out.append(r._replace(refined=cj.LoRAFactors(np.where(keep, proj, b), np.asarray(p.A))))
-    return out, _Verdict(benign, scores, z)
