@@ -360,3 +360,17 @@ def test_scaling_is_folded_and_unfolded():
     config_scaled = ClairStrategy()
     config_scaled._train_config = {"lora-alpha": 16, "lora-r": 4}
     assert config_scaled._scaling("m") == 4.0
+
+
+@pytest.mark.slow
+def test_example_runs_three_rounds_with_run_simulation(tmp_path):
+    """examples/flower_lora under Flower's simulation runtime (Ray): the poisoned partitions are flagged."""
+    pytest.importorskip("ray")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "examples.flower_lora.run", "--backend", "ray"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for server_round in (1, 2, 3):
+        assert f"round {server_round}: flagged partitions [12, 13, 14]" in out.stdout, out.stdout[-3000:]

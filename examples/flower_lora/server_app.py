@@ -21,6 +21,8 @@ app = ServerApp()
 
 #: The last run's outcome, for scripts that run the app in this process.
 LAST_RUN: dict = {}
+#: Run-config defaults (``run_simulation`` passes no run config; run.py sets these).
+DEFAULTS: dict = {"strategy": "clair", "num-rounds": 3, "fraction-train": 1.0}
 
 
 def benign_error(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -50,7 +52,10 @@ def make_strategy(name: str, cfg: task.TaskConfig, fraction_train: float = 1.0):
                "multikrum": flwr_strategy.MultiKrum, "bulyan": flwr_strategy.Bulyan, "clair": ClairStrategy}
     if name not in classes:
         raise ValueError(f"strategy must be one of {sorted(classes)}, got {name!r}")
+    # min_train_nodes: FedAvg samples max(fraction × connected, min_train_nodes) nodes, and under
+    # run_simulation none are connected yet when round 1 is configured.
     common = dict(fraction_train=fraction_train, fraction_evaluate=1.0, min_available_nodes=cfg.num_nodes,
+                  min_train_nodes=max(2, int(cfg.num_nodes * fraction_train)),
                   evaluate_metrics_aggr_fn=benign_error)
     cls = type(f"{classes[name].__name__}WithPartitions", (_Partitions, classes[name]), {})
     return cls(**_kwargs(name, common, cfg))
@@ -94,7 +99,6 @@ def main(grid: Grid, context: Context) -> None:
     """Run the strategy named by the run config (``strategy``, default clair)."""
     fields = {f: context.run_config[f] for f in task.TaskConfig.__dataclass_fields__ if f in context.run_config}
     cfg = task.TaskConfig(**fields)
-    name = str(context.run_config.get("strategy", "clair"))
+    conf = {**DEFAULTS, **context.run_config}
     LAST_RUN.clear()
-    LAST_RUN.update(run(grid, name, cfg, int(context.run_config.get("num-rounds", 3)),
-                        float(context.run_config.get("fraction-train", 1.0))))
+    LAST_RUN.update(run(grid, str(conf["strategy"]), cfg, int(conf["num-rounds"]), float(conf["fraction-train"])))
