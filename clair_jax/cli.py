@@ -28,8 +28,15 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = ("CLAIR: robust aggregation of federated client updates (low-rank plus block-sparse). "
+               "Also runs as 'python -m clair_jax COMMAND'; 'clair COMMAND --help' lists a command's options.")
+
+
 def build_parser(argv=None):
-    parser = argparse.ArgumentParser(prog="clair", description=__doc__.splitlines()[0])
+    from clair_jax import __version__  # the package is imported already (this module lives in it)
+
+    parser = argparse.ArgumentParser(prog="clair", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"clair_jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
     if argv:

@@ -13,13 +13,17 @@ away (FedAvg-like) and heterogeneous ones keep their own coordinates.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from clair_jax.lora import LoRAFactors
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "partial_pool", "POOLING"]
+__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "partial_pool", "POOLING", "Refinement", "refine"]
 
 #: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
 POOLING = ("auto", "none", "full")
@@ -178,3 +182,79 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
     pooled = centre + shrink[..., None] * (coords - centre)                 # (K, r, q)
     refined = jnp.einsum("pr,krq->kpq", basis, pooled)
     return jnp.where(benign[:, None, None], refined, blocks), shrink
+
+
+# --------------------------------------------- the stage: every problem at once
+
+
+def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims):
+    """Û and r̂ of one problem from the clients in ``used``."""
+    u, sv = benign_spectrum(blocks, used)
+    if rank is not None:  # a user-given rank is taken as is
+        r = jnp.minimum(jnp.asarray(rank), jnp.sum(sv > 0))
+        return subspace(u, r), r.astype(jnp.int32)
+    r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
+    return shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
+def _bases(blocks, used, rank_cap, columns, *, rank, margin, dims):
+    return jax.vmap(functools.partial(_basis_one, rank=rank, margin=margin, dims=dims))(
+        blocks, used, rank_cap, columns)
+
+
+class Refinement(NamedTuple):
+    """Stage 6's answer for a batch of n problems.
+
+    Attributes:
+        subspace: (n, p, r_max) Û in the user's (dense, oriented) space; columns ≥ rank are 0.
+        rank: (n,) r̂; 0 where no shared direction was found.
+        refined: (n, K, p, q) blocks, or flat oriented :class:`~clair_jax.LoRAFactors`.
+        used: (n, K) clients whose update was refined.
+        shrinkage: (n, K, r_max) Λ of :func:`partial_pool` (1: the client's own
+            coordinates, 0: the benign centre's; all 1 without pooling).
+    """
+
+    subspace: jax.Array
+    rank: jax.Array
+    refined: object
+    used: jax.Array
+    shrinkage: jax.Array
+
+
+def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none") -> Refinement:
+    """Stage 6: Û from the stacked updates of the benign clients, then Θ̃_k = Û Ûᵀ Θ̂_k.
+
+    r̂ is the number of singular values of the benign stack above the noise edge
+    ``margin``·σ̂(√p + √n) (:func:`select_rank`), at most rank(L̂) near the
+    chosen λ, counting only directions shared by several clients
+    (:func:`shared_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
+    shared direction exists and the benign clients keep their own update.
+    Contaminated clients always keep theirs. For LoRA input Û = Q Ũ maps the
+    reduced problem's basis back, and B̃_k = Û Ûᵀ B_k (A_k unchanged), so no
+    dense ΔW is formed.
+
+    Args:
+        problems: :class:`clair_jax.stack.Problems`.
+        detection: :class:`clair_jax.detect.Detection` (its rank caps and noise columns).
+        client_benign: (K,) the pooled client verdict.
+        pooling: ``"none"``: Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"`` / ``"full"``: partial / full
+            pooling of the coordinates inside Û (:func:`partial_pool`, with the
+            detection's σ̂ and noise columns). Dense input only: LoRA factors keep
+            the projection (a pooled update would not have the client's LoRA shape).
+    """
+    used = jnp.broadcast_to(client_benign, problems.usable.shape)
+    basis, ranks = _bases(problems.blocks, used, detection.rank_cap, detection.columns,
+                          rank=rank, margin=margin, dims=problems.dims)
+    basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
+    used = used & (ranks > 0)[:, None]
+    if problems.factored:
+        b = problems.factors.B
+        full_basis = jnp.einsum("npd,ndr->npr", problems.basis, basis)
+        coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
+        refined_b = jnp.where(used[..., None, None], jnp.einsum("npr,nkrl->nkpl", full_basis, coords), b)
+        ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, ones)
+    refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
+        basis, problems.blocks, used, detection.noise_level, detection.columns)
+    return Refinement(basis, ranks, refined, used, shrinkage)

@@ -107,3 +107,22 @@ def test_dtype_kept_and_vmap_equals_loop(dtype):
         o, lm = refine.partial_pool(us[i], bs[i], benign[i], sig[i])
         np.testing.assert_allclose(out[i], o, rtol=tol, atol=tol)
         np.testing.assert_allclose(lam[i], lm, rtol=tol, atol=tol)
+
+
+def test_clair_pooling_option_reports_shrinkage():
+    import clair_jax as cj
+
+    fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2, contamination=0.25, noise=0.3)
+    plain = cj.clair(fed.updates)
+    assert np.all(np.asarray(plain.shrinkage) == 1.0)
+    auto = cj.clair(fed.updates, pooling="auto")
+    np.testing.assert_array_equal(auto.client_benign, plain.client_benign)
+    used = np.asarray(auto.client_benign)
+    assert auto.shrinkage.shape == (16, auto.subspace.shape[-1])
+    assert np.all(np.asarray(auto.shrinkage)[~used] == 1.0)
+    # The same as pooling from outside with the reported σ̂ (full-rank blocks: q noise columns).
+    expect, lam = refine.partial_pool(auto.subspace, fed.updates, auto.client_benign, auto.noise_level)
+    np.testing.assert_allclose(auto.refined, expect, atol=1e-10)
+    np.testing.assert_allclose(auto.shrinkage, lam, atol=1e-12)
+    with pytest.raises(ValueError, match="pooling"):
+        cj.clair(fed.updates, pooling="half")

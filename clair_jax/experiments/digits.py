@@ -177,15 +177,15 @@ def _oracle_s(updates, benign, pooling):
     return refined
 
 
-def pooled_refinement(result, updates, pooling="auto"):
-    """Partial pooling on a :class:`clair_jax.ClairResult` of one (K, p, q) problem."""
-    blocks = jnp.asarray(updates, result.subspace.dtype)
-    return cj.refine.partial_pool(result.subspace, blocks, result.client_benign & (result.rank > 0),
-                                  result.noise_level, pooling=pooling)
+def _used(result):
+    return result.client_benign & (result.rank > 0)
 
 
 def evaluate_digits(fed, *, clair_kwargs=None):
     """CLAIR, the baselines, benign FedAvg and the oracle-S refinement on one federation.
+
+    CLAIR runs once with ``pooling="auto"``; its Û and verdict also give the
+    refinement without pooling (Û Ûᵀ Θ̂_k) and with full pooling (Λ = 0).
 
     Returns:
         (accuracies: method → (K,) accuracy of every client, clair result, Λ used
@@ -193,8 +193,8 @@ def evaluate_digits(fed, *, clair_kwargs=None):
     """
     b = cj.baselines
     x = jnp.asarray(fed.updates)
-    result = cj.clair(x, **(clair_kwargs or {}))
-    pooled, shrink = pooled_refinement(result, x)
+    result = cj.clair(x, **{"pooling": "auto", **(clair_kwargs or {})})
+    used = _used(result)
     estimates = {
         "local": b.local(x),
         "fedavg": b.fedavg(x),
@@ -202,12 +202,13 @@ def evaluate_digits(fed, *, clair_kwargs=None):
         "trimmed mean": b.trimmed_mean(x),
         "multi-krum": b.multi_krum(x),
         "benign fedavg": b.fedavg(x, weights=jnp.asarray(fed.benign, x.dtype)),
-        "clair (no pooling)": result.refined,
-        "clair (pooling)": pooled,
-        "clair (full pooling)": pooled_refinement(result, x, "full")[0],
+        "clair (no pooling)": cj.refine.project(result.subspace, x, used),
+        "clair (pooling)": result.refined,
+        "clair (full pooling)": cj.refine.partial_pool(result.subspace, x, used, result.noise_level,
+                                                       pooling="full")[0],
         "oracle S": _oracle_s(x, fed.benign, "auto"),
     }
-    return {name: accuracy(est, fed) for name, est in estimates.items()}, result, np.asarray(shrink)
+    return {name: accuracy(est, fed) for name, est in estimates.items()}, result, np.asarray(result.shrinkage)
 
 
 def run_digits(seed=0, *, kind="mixed", num_clients=40, contamination=0.3, num_samples=(30, 60), dirichlet=0.5,
