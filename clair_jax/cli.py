@@ -23,6 +23,7 @@ COMMANDS = {
     "demo": ("clair_jax.demo", "synthetic federation: CLAIR against local, FedAvg and robust baselines"),
     "regression": ("clair_jax.experiments.regression", "multi-response linear regression clients, end to end"),
     "mlp": ("clair_jax.experiments.mlp", "MLP clients fine-tuned with optax, end to end"),
+    "digits": ("clair_jax.experiments.digits", "real data: scikit-learn's 8x8 digits, ridge-classifier clients"),
     "copy-task": ("clair_jax.experiments.copy_task", "Transformer LoRA text-copying experiment"),
     "aggregate": ("clair_jax.adapters.cli", "PEFT LoRA adapter directories in, refined adapters out"),
 }

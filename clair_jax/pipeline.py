@@ -72,7 +72,7 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
     verdict = pool.client_verdict(
         *(_concat([getattr(d, field) for d in detections]) for field in ("benign", "scores", "z", "usable")),
         z_crit=opts.z_crit, min_gap=opts.min_gap, threshold=opts.threshold)
-    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank) for p, d in zip(problems, detections)]
+    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling) for p, d in zip(problems, detections)]
 
     n_empty = sum(int((r.rank == 0).sum()) for r in refinements)
     if n_empty:
@@ -123,6 +123,7 @@ def clair(
     z_crit: float = 5.0,
     svt: str = "auto",
     devices=None,
+    pooling: str = "none",
 ) -> report.ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -173,6 +174,11 @@ def clair(
             verdicts and refinement are then computed on ``devices[0]``. Same
             results as one device. With several hosts (``jax.distributed``), pass
             this process's ``jax.local_devices()``.
+        pooling: ``"none"`` (default): Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"``: each benign client's
+            coordinates inside Û shrunk toward the benign centre by an empirical-Bayes Λ
+            (homogeneous clients get about the benign FedAvg, heterogeneous ones keep
+            theirs); ``"full"``: Λ = 0. Λ is reported as ``shrinkage``. Dense input only
+            (LoRA factors keep the projection). See :func:`clair_jax.refine.partial_pool`.
 
     Returns:
         :class:`~clair_jax.ClairResult`.
@@ -185,4 +191,5 @@ def clair(
         True
     """
     return clair_groups([updates], rank=rank, lam=lam, noise=noise, side=side, threshold=threshold, tol=tol,
-                        max_iter=max_iter, min_gap=min_gap, refit=refit, z_crit=z_crit, svt=svt, devices=devices)[0]
+                        max_iter=max_iter, min_gap=min_gap, refit=refit, z_crit=z_crit, svt=svt, devices=devices,
+                        pooling=pooling)[0]

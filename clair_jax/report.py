@@ -38,6 +38,9 @@ class ClairResult(NamedTuple):
         lam: (...,) λ chosen.
         noise_level: (...,) σ̂ per entry, in the input's units.
         converged: (...,) bool, whether the chosen decomposition converged.
+        shrinkage: (..., K, r_max) Λ used inside the subspace per client and
+            direction: 1 keeps the client's own coordinate, 0 takes the benign
+            centre's (all 1 with ``pooling="none"``; see :func:`clair_jax.refine.partial_pool`).
     """
 
     benign: jax.Array
@@ -54,6 +57,7 @@ class ClairResult(NamedTuple):
     lam: jax.Array
     noise_level: jax.Array
     converged: jax.Array
+    shrinkage: jax.Array
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -116,4 +120,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         lam=dec.lam,
         noise_level=unflatten(detection.noise_level),
         converged=dec.converged,
+        shrinkage=unflatten(refinement.shrinkage),
     )
