@@ -91,7 +91,8 @@ def main(argv=None):
     parser.add_argument("--chunk-mib", type=float, default=256)
     parser.add_argument("--dir", help="where to write the federation (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the federation and outputs")
-    parser.add_argument("--json", metavar="PATH", default="bench_aggregate.json")
+    parser.add_argument("--devices", type=int, default=1, help="clair aggregate --devices N")
+    parser.add_argument("--json", metavar="PATH", default="bench_results/bench_aggregate.json")
     args = parser.parse_args(argv)
     d, kv = (4096, 1024 if args.gqa else 4096)
     if args.quick:
@@ -108,7 +109,7 @@ def main(argv=None):
               f"(written in {t_make:.1f} s)", file=sys.stderr)
         report_path = os.path.join(root, "report.json")
         cmd = [sys.executable, "-m", "clair_jax", "aggregate", *dirs, "--out", os.path.join(root, "out"),
-               "--json", report_path, "--chunk-mib", str(args.chunk_mib)]
+               "--json", report_path, "--chunk-mib", str(args.chunk_mib), "--devices", str(args.devices)]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         load_before = os.getloadavg()[0]
         t = time.perf_counter()
@@ -125,7 +126,7 @@ def main(argv=None):
         out_size = sum(os.path.getsize(os.path.join(c["output"], "adapter_model.safetensors"))
                        for c in report["clients"] if c["output"])
         row = dict(
-            clients=args.clients, modules=args.layers * 4, shapes="q/o %dx%d, k/v %dx%d" % (d, d, kv, d), r=args.rank,
+            clients=args.clients, modules=args.layers * 4, devices=args.devices, shapes="q/o %dx%d, k/v %dx%d" % (d, d, kv, d), r=args.rank,
             dtype="bf16", input_gib=size / 2**30, output_gib=out_size / 2**30, wall_s=wall, cpu_s=cpu,
             read_s=report["seconds"]["read"], solve_s=report["seconds"]["solve"], write_s=report["seconds"]["write"],
             module_groups=report["module_groups"], peak_rss_gib=peak,
@@ -135,7 +136,7 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    cols = [("clients", "K", "d"), ("modules", "modules", "d"), ("shapes", "shapes", "s"), ("r", "r", "d"),
+    cols = [("clients", "K", "d"), ("modules", "modules", "d"), ("shapes", "shapes", "s"), ("r", "r", "d"), ("devices", "devices", "d"),
             ("input_gib", "input (GiB)", ".2f"), ("wall_s", "wall (s)", ".1f"), ("cpu_s", "CPU (s)", ".1f"), ("read_s", "read (s)", ".1f"),
             ("solve_s", "CLAIR (s)", ".1f"), ("write_s", "write (s)", ".1f"), ("module_groups", "module groups", "d"),
             ("peak_rss_gib", "peak RSS (GiB)", ".2f"), ("verdicts_correct", "verdicts correct", ""),

@@ -7,6 +7,7 @@ stderr naming it and the reason; nothing is written).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["add_arguments", "run", "format_table"]
@@ -33,6 +34,9 @@ def add_arguments(parser):
                         help="refit test: robust standard deviations allowed above the benign median (default 5)")
     parser.add_argument("--chunk-mib", type=float, default=256,
                         help="float32 factors per module group, MiB (default 256): bounds peak memory")
+    parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+                        help="solve each module group's modules on N devices at once (default 1); on a CPU "
+                             "host XLA makes N host devices (at most one per core pays)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
@@ -46,11 +50,28 @@ def format_table(report) -> str:
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows)
 
 
+def _devices(n):
+    """``n`` local devices; on a CPU host, ask XLA for ``n`` host devices first (only
+    possible before JAX has started its backends, as here)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    import jax
+
+    local = jax.local_devices()
+    if n > len(local):
+        raise SystemExit(f"clair aggregate: --devices {n}: only {len(local)} device(s) available")
+    return local[:n]
+
+
 def run(args) -> int:
+    options = dict(z_crit=args.z_crit)
+    if args.devices > 1:
+        options["devices"] = _devices(args.devices)
+
     from clair_jax.adapters.aggregate import aggregate
     from clair_jax.adapters.peft_format import AdapterError
 
-    options = dict(z_crit=args.z_crit)
     if args.rank is not None:
         options["rank"] = args.rank
     try:
