@@ -20,12 +20,29 @@ import jax.numpy as jnp
 
 from clair_jax.prox import safe_frobenius_norm
 
-__all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP"]
+__all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "scaled_norms",
+           "robust_units", "MIN_GAP", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
 #: step above them.
 MIN_GAP = 0.1
+
+#: The refit estimates Û from blocks whose norms are capped at SUBSPACE_CLIP ×
+#: the median norm of the current set: a block's column space is kept, but a few
+#: aligned huge blocks can no longer choose Û or r̂ on their own.
+SUBSPACE_CLIP = 2.0
+
+#: Blocks above ENERGY_CAP × the median client norm are scaled down to it before
+#: energies are squared (float32 squares overflow near 1e19). Such a block's
+#: off-subspace energy is still ~ENERGY_CAP² times a benign one: it is flagged.
+ENERGY_CAP = 1e6
+
+#: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
+#: deviations (of the current set's pooled residual entries) before energies are
+#: summed: heavy-tailed noise (Student-t) then gives energies with a finite spread,
+#: while dense contamination keeps nearly all its energy.
+ENTRY_CLIP = 4.0
 
 
 def block_scores(sparse, blocks, usable):
@@ -83,6 +100,31 @@ def masked_median(values, mask):
     return ordered[(jnp.maximum(jnp.sum(mask), 1) - 1) // 2]
 
 
+def scaled_norms(blocks):
+    """(K,) Frobenius norms that neither overflow nor underflow for any finite input.
+
+    Each block is divided by its largest |entry| before squaring, then multiplied back.
+    """
+    peak = jnp.max(jnp.abs(blocks), axis=(-2, -1))
+    unit = blocks / jnp.where(peak > 0, peak, 1.0)[..., None, None]
+    return peak * jnp.sqrt(jnp.sum(jnp.square(unit), axis=(-2, -1)))
+
+
+def robust_units(blocks, usable, cap=ENERGY_CAP):
+    """Blocks in units of the median usable client norm, norms capped at ``cap``.
+
+    Returns (scaled blocks, the unit): every statistic of the refit test is then
+    computed on numbers near 1, whatever the input's scale (1e-20 or 1e30).
+    """
+    norms = scaled_norms(blocks)
+    positive = usable & (norms > 0)
+    unit = masked_median(norms, positive)
+    unit = jnp.where(jnp.any(positive) & jnp.isfinite(unit) & (unit > 0), unit, 1.0)
+    rel = norms / unit
+    shrink = jnp.where(rel > cap, cap / jnp.where(rel > 0, rel, 1.0), 1.0)
+    return blocks * (shrink / unit)[:, None, None], unit
+
+
 class ResidualTest(NamedTuple):
     benign: jax.Array      # (K,) bool
     z: jax.Array           # (K,) standardised excess off-subspace energy
@@ -119,25 +161,43 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     """
     k, p, q = blocks.shape
     p, q = (p, q) if dims is None else dims
-    norms2 = jnp.sum(jnp.square(blocks), axis=(-2, -1))
+    # Scale first: every energy below is a number near 1 (overflow/underflow safe).
+    blocks, unit = robust_units(blocks, usable)
+    norms = scaled_norms(blocks)
+    norms2 = jnp.square(norms)
     cols = jnp.full((k,), q) if columns is None else columns
     from clair_jax import refine  # local import: refine imports tuning, not detect
 
     def one_round(state):
         current = state.benign
+        # Û from blocks capped at SUBSPACE_CLIP × the set's median norm (refine.capped).
         u, sv = refine.benign_spectrum(blocks, current)
         basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
+        # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
+        # robust sd. Heavy-tailed noise inflates only the plain one, so a client is
+        # flagged when both are out of the set's range.
+        abs_mean = jnp.mean(jnp.abs(resid), axis=(-2, -1))
+        spread = masked_median(abs_mean, current) * jnp.sqrt(jnp.pi / 2).astype(blocks.dtype)
+        limit = jnp.where(spread > 0, ENTRY_CLIP * spread, jnp.inf)
         energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
-        m = masked_median(energy, current)
-        mad = masked_median(jnp.abs(energy - m), current)
+        clipped = jnp.sum(jnp.square(jnp.clip(resid, -limit, limit)), axis=(-2, -1))
         dof = jnp.maximum((p - r) * masked_median(cols, current), 1).astype(blocks.dtype)
-        s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
-        z = (energy - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
-        keep = usable & (energy <= m + z_crit * s + rel_floor * norms2)
+
+        def standardise(e, size2):
+            m = masked_median(e, current)
+            mad = masked_median(jnp.abs(e - m), current)
+            s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
+            z = (e - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
+            return z, e <= m + z_crit * s + rel_floor * size2
+
+        z_plain, ok_plain = standardise(energy, norms2)
+        z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(blocks, -limit, limit)), axis=(-2, -1)))
+        z = jnp.minimum(z_plain, z_clip)
+        keep = usable & (ok_plain | ok_clip)
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
-        return ResidualTest(keep, z, r, sv, jnp.all(keep == current), state.rounds + 1)
+        return ResidualTest(keep, z, r, sv * unit, jnp.all(keep == current), state.rounds + 1)
 
     # A round that keeps its set would repeat itself: stop there (one SVD instead
     # of ``rounds`` in the common case).

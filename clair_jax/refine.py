@@ -10,17 +10,39 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from clair_jax.detect import SUBSPACE_CLIP, masked_median, scaled_norms
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project"]
+__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "subspace", "project"]
+
+
+def capped(blocks, benign, clip=SUBSPACE_CLIP):
+    """Benign blocks with norms capped at ``clip`` × their median norm; others zeroed.
+
+    Scaling a block keeps its column space, so every shared direction is still
+    there, but a few aligned huge blocks no longer decide which directions lead
+    the spectrum (nor, through its top singular value, the rank floor).
+    """
+    norms = scaled_norms(blocks)
+    cap = clip * masked_median(norms, benign & (norms > 0))
+    weight = jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
+    return jnp.where(benign[:, None, None], blocks * weight[:, None, None], 0.0)
 
 
 def benign_spectrum(blocks, benign):
-    """SVD of the stacked benign blocks (contaminated blocks zeroed): (U, s)."""
-    masked = jnp.where(benign[:, None, None], blocks, 0.0)
-    u, s, _ = jnp.linalg.svd(to_stacked(masked), full_matrices=False)
-    return u, s
+    """SVD of the stacked benign blocks (contaminated blocks zeroed): (U, s).
+
+    Blocks above SUBSPACE_CLIP × the benign median norm are scaled down to it
+    first (:func:`capped`), and the stack is divided by its largest |entry|
+    (then s is multiplied back), so no intermediate overflows or underflows
+    for any finite input.
+    """
+    masked = capped(blocks, benign)
+    peak = jnp.max(jnp.abs(masked))
+    peak = jnp.where(peak > 0, peak, 1.0)
+    u, s, _ = jnp.linalg.svd(to_stacked(masked / peak), full_matrices=False)
+    return u, s * peak
 
 
 def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
@@ -47,21 +69,40 @@ def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
     return jnp.maximum(rank, jnp.where(singular_values[0] > 0, 1, 0)), sigma
 
 
-def shared_basis(u, rank, blocks, benign, max_share=0.5):
+def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
     """The first ``rank`` columns of u that are *shared*, compacted to the front.
 
-    A direction carrying more than ``max_share`` of its energy from a single
-    benign client is that client's own (an absorbed rank-one attack, an
-    outlier) rather than a shared one: it is dropped, so it cannot shelter its
-    owner from detection nor enter everyone's refinement.
+    A direction is one client's own (an absorbed rank-one attack, an outlier)
+    rather than a shared one when a single benign client carries more than
+    ``max_share`` of its energy *and* the other clients carry no more than
+    noise along it: at most ``noise_factor`` × the energy a noise direction of
+    the stack holds (the median squared singular value past ``rank``), or a
+    rounding share of the direction's energy in noiseless data. Such a
+    direction is dropped, so it cannot shelter its owner from detection nor
+    enter everyone's refinement. A direction that one client dominates but
+    others also carry above the noise is shared and kept: with few clients a
+    true direction is often carried mostly by one of them (noiseless exact-rank
+    data then keep their whole rank).
 
     Returns:
         (basis with kept columns first and the rest zero, number kept).
     """
-    masked = jnp.where(benign[:, None, None], blocks, 0.0)
+    masked = capped(blocks, benign)
+    peak = jnp.max(jnp.abs(masked))
+    masked = masked / jnp.where(peak > 0, peak, 1.0)   # squares below cannot overflow
     per_client = jnp.square(jnp.einsum("pm,kpq->kmq", u, masked)).sum(-1)   # (K, m)
-    total = jnp.maximum(jnp.sum(per_client, axis=0), jnp.finfo(u.dtype).tiny)
-    keep = (jnp.arange(u.shape[-1]) < rank) & (jnp.max(per_client, axis=0) <= max_share * total)
+    total = jnp.sum(per_client, axis=0)                                     # s_j², j < m
+    top = jnp.max(per_client, axis=0)
+    others = total - top
+    # Energy of one noise direction: median of the tail of the spectrum (past the
+    # candidate rank, structural zeros excluded).
+    eps = jnp.finfo(u.dtype).eps
+    tail = (jnp.arange(u.shape[-1]) >= rank) & (total > eps * total[0])
+    noise = masked_median(total, tail)
+    noise = jnp.where(jnp.any(tail), noise, 0.0)
+    own = (top > max_share * jnp.maximum(total, jnp.finfo(u.dtype).tiny)) & \
+        (others <= jnp.maximum(noise_factor * noise, 1e3 * eps * total))
+    keep = (jnp.arange(u.shape[-1]) < rank) & ~own
     order = jnp.argsort(~keep, stable=True)                                # kept columns first
     kept = jnp.sum(keep).astype(jnp.int32)
     return subspace(u[:, order], kept), kept
