@@ -9,25 +9,34 @@ Pipeline: estimators → stack → decompose → detect → refine → report.
 (20,)
 """
 
-from clair_jax import baselines, data, detect, metrics, prox, refine, solvers, tuning
+from clair_jax import baselines, data, detect, metrics, pool, prox, refine, solvers, stack, tuning
 from clair_jax.decompose import Decomposition, decompose
 from clair_jax.lora import LoRAFactors
-from clair_jax.pipeline import ClairResult, clair
+from clair_jax.options import ClairOptions
+from clair_jax.pipeline import clair, clair_groups
+from clair_jax.pool import ClientVerdict, pool_verdicts
+from clair_jax.report import ClairResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClairOptions",
     "ClairResult",
+    "ClientVerdict",
     "Decomposition",
     "LoRAFactors",
     "baselines",
     "clair",
+    "clair_groups",
     "data",
     "decompose",
     "detect",
     "metrics",
+    "pool",
+    "pool_verdicts",
     "prox",
     "refine",
     "solvers",
+    "stack",
     "tuning",
 ]

@@ -30,11 +30,7 @@ def as_float_array(x, name, *, min_ndim):
 def check_blocks(blocks, name="blocks"):
     """Validate a (..., K, p, q) stack of client blocks."""
     blocks = as_float_array(blocks, name, min_ndim=3)
-    k, p, q = blocks.shape[-3:]
-    if k < 2:
-        raise ValueError(f"{name} must hold at least 2 clients (axis -3), got K = {k}")
-    if p < 1 or q < 1:
-        raise ValueError(f"{name} blocks must be non-empty, got p × q = {p} × {q}")
+    _check_sizes(blocks.shape, name)
     return blocks
 
 
@@ -79,3 +75,71 @@ def check_matching_leading(a, b, name_a, name_b, axes):
             raise ValueError(
                 f"{name_a} and {name_b} disagree on axis {ax}: {tuple(a.shape)} vs {tuple(b.shape)}"
             )
+
+
+def check_real(value, name, *, low=None, high=None, open_low=False, open_high=False, hint=""):
+    """A finite real scalar in [low, high] (ends open where asked), as a float, or a clear error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        if not (hasattr(value, "shape") and np.shape(value) == () and np.issubdtype(np.asarray(value).dtype, np.number)):
+            raise TypeError(f"{name} must be a single real number{hint}, got {value!r}")
+    value = float(value)
+    lo = "(" if open_low else "["
+    hi = ")" if open_high else "]"
+    interval = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    bad_low = low is not None and (value <= low if open_low else value < low)
+    bad_high = high is not None and (value >= high if open_high else value > high)
+    if not np.isfinite(value) or bad_low or bad_high:
+        raise ValueError(f"{name} must be a finite number in {interval}{hint}, got {value}")
+    return value
+
+
+def check_choice(value, name, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_updates(updates, name="updates"):
+    """A (..., K, p, q) array or :class:`clair_jax.LoRAFactors`, checked; the same kind back."""
+    from clair_jax.lora import LoRAFactors
+
+    if isinstance(updates, tuple) and not isinstance(updates, LoRAFactors):
+        raise TypeError(f"{name} is a plain {type(updates).__name__}: pass LoRA factors as "
+                        f"cj.LoRAFactors(B, A), or dense updates as one (..., K, p, q) array")
+    if isinstance(updates, LoRAFactors):
+        b = as_float_array(updates.B, f"{name}.B", min_ndim=3)
+        a = as_float_array(updates.A, f"{name}.A", min_ndim=3)
+        if b.shape[:-2] != a.shape[:-2]:
+            raise ValueError(f"{name}.B and {name}.A must share leading (…, K) axes, got {b.shape} and {a.shape}")
+        if b.shape[-1] != a.shape[-2]:
+            raise ValueError(f"LoRA rank mismatch: {name}.B is (…, p, {b.shape[-1]}) "
+                             f"but {name}.A is (…, {a.shape[-2]}, q)")
+        if b.dtype != a.dtype:
+            raise TypeError(f"{name}.B and {name}.A must have the same dtype, got {b.dtype} and {a.dtype}")
+        if b.shape[-1] == 0:
+            raise ValueError(f"{name} has LoRA rank 0 (B is {b.shape}): there is no update to aggregate")
+        _check_sizes(b.shape[:-2] + (b.shape[-2], a.shape[-1]), name)
+        return LoRAFactors(b, a)
+    return check_blocks(updates, name)
+
+
+def _check_sizes(shape, name):
+    *lead, k, p, q = shape
+    if k < 2:
+        raise ValueError(f"{name} must hold at least 2 clients (axis -3), got K = {k}")
+    if p < 1 or q < 1:
+        raise ValueError(f"{name} blocks must be non-empty, got p × q = {p} × {q}")
+    if any(n == 0 for n in lead):
+        raise ValueError(f"{name} has an empty leading (layer) axis: shape {tuple(shape)} holds no problem")
+
+
+def check_rank(rank, dims, num_clients, name="rank"):
+    """A user-given r̂ must fit the stacked problem: 1 ≤ r ≤ min(p, K·q)."""
+    if rank is None:
+        return None
+    p, q = dims
+    most = min(p, num_clients * q)
+    if rank > most:
+        raise ValueError(f"{name} = {rank} is larger than the stacked updates allow: min(p, K·q) = "
+                         f"min({p}, {num_clients}·{q}) = {most}")
+    return rank

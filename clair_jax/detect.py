@@ -13,15 +13,23 @@ grid the λ whose scores split most clearly wins.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from clair_jax import linalg, refine, sharding, tuning
+from clair_jax.decompose import Decomposition, spectral_scale
 from clair_jax.prox import safe_frobenius_norm
+from clair_jax.solvers import solve_alm_path
+from clair_jax.solvers.common import default_tolerance
+from clair_jax.stack import to_stacked
 
-__all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "scaled_norms",
-           "robust_units", "MIN_GAP", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP"]
+__all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
+           "residual_test", "Detection", "until_settled", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
+           "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
@@ -166,7 +174,6 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     norms = scaled_norms(blocks)
     norms2 = jnp.square(norms)
     cols = jnp.full((k,), q) if columns is None else columns
-    from clair_jax import refine  # local import: refine imports tuning, not detect
 
     def one_round(state):
         current = state.benign
@@ -208,3 +215,265 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
                         jnp.zeros((min(blocks.shape[1], k * blocks.shape[2]),), blocks.dtype),
                         jnp.asarray(False), jnp.asarray(0, jnp.int32))
     return jax.lax.while_loop(more, one_round, init)
+
+
+# --------------------------------------------- the stage: every problem, all passes
+
+#: Blocks larger than NORM_CLIP × the median client norm are scaled down to it
+#: before the decomposition. Scaling a block keeps its column space, so the
+#: low-rank + block-sparse structure is unchanged, but one huge update can no
+#: longer dominate ‖M‖_2 and hide everyone else below the solver tolerance.
+NORM_CLIP = 2.0
+
+#: Another detection pass runs at the benign stack's noise level when the μ it
+#: gives differs from the last pass's by more than this factor, up to MAX_PASSES
+#: passes in all (see :func:`until_settled`).
+STACK_NOISE_RATIO = 1.5
+MAX_PASSES = 3
+
+
+def _rel_floor(dtype):
+    # Off-subspace energy below this share of a block's energy is rounding error.
+    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
+def _mu_floor(dtype):
+    # Below this μ (in units of ‖M‖_2) the noise is rounding error: the exact program
+    # (μ = 0) is solved, and a second pass never runs for rounding-level differences.
+    return 1e-4 if jnp.dtype(dtype) == jnp.float64 else 1e-3
+
+
+class _Prepared(NamedTuple):
+    """One problem made scale free: what every detection pass starts from."""
+
+    x: jax.Array        # (K, d, w) blocks, outliers equalised, divided by ``scale``
+    scale: jax.Array    # ‖stack‖_2 after equalisation
+    weights: jax.Array  # (K,) equalisation factors (1 for most clients)
+    cols: jax.Array     # (K,) noise columns each block adds (tuning.effective_columns)
+    sigma: jax.Array    # first noise estimate σ̂ (clients' median; the whole stack's for rank-deficient blocks), units of ``x``
+    edge: jax.Array     # √p + √(noise columns): μ = σ·edge is the noise's spectral norm
+
+
+def _equalise(blocks, usable):
+    """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP)."""
+    norms = safe_frobenius_norm(blocks)
+    cap = NORM_CLIP * masked_median(norms, usable)
+    return jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
+
+
+def _prepare_one(blocks, usable, *, dims):
+    p, _ = dims
+    weights = _equalise(blocks, usable)
+    x = blocks * weights[:, None, None]
+    scale = spectral_scale(x)
+    x = x / scale
+    # One per-client SVD serves both per-client rules (block ranks are scale free).
+    client_sv = jnp.linalg.svd(x, compute_uv=False)
+    cols = tuning.effective_columns(x, dims, singular_values=client_sv)
+    width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
+    # Rank-deficient blocks (LoRA updates) each look noiseless on their own: their
+    # noise shows only in the stack, whose median singular value contamination
+    # barely moves (it adds a minority of columns at the top of the spectrum).
+    rank_deficient = 2 * masked_median(cols, usable) < min(dims)
+    stack_sv = jnp.linalg.svd(to_stacked(x), compute_uv=False)
+    sigma = jnp.where(rank_deficient, refine.select_rank(stack_sv, usable, *dims, columns=cols)[1],
+                      tuning.noise_level(x, usable, dims=dims, singular_values=client_sv))
+    return _Prepared(x, scale, weights, cols, sigma, float(np.sqrt(p)) + jnp.sqrt(width))
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _prepare_all(blocks, usable, *, dims):
+    return jax.vmap(functools.partial(_prepare_one, dims=dims))(blocks, usable)
+
+
+class _Static(NamedTuple):
+    """The hashable part of one detection pass (a jit static argument)."""
+
+    tol: float
+    max_iter: int
+    svt_budget: object
+    min_gap: float
+    has_threshold: bool
+    refit: bool
+    rank: object
+    z_crit: float
+    dims: tuple
+
+
+class _Pass(NamedTuple):
+    """One detection pass over one problem."""
+
+    benign: jax.Array         # (K,) collaborative set
+    scores: jax.Array         # (K,) ‖Ĉ_k‖/‖Θ̂_k‖ at the chosen λ
+    z: jax.Array              # (K,) refit statistic (0 without refit)
+    decomposition: Decomposition
+    rank_cap: jax.Array       # rank(L̂) near the chosen λ: r̂ never exceeds it
+    sigma_stack: jax.Array    # noise level of the benign stack, units of the prepared problem
+
+
+def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
+    """Decompose one (K, p, q) problem on a λ grid and keep the clearest split.
+
+    ``mu`` is in units of ``prep.x`` (0: the exact program, for noiseless data).
+    ``static.dims`` is the dense (p, q): for an exact LoRA reduction every
+    data-driven rule is evaluated as on the dense blocks, so factors and dense
+    input agree.
+    """
+    p, q = static.dims
+    x, scale, weights, cols = prep.x, prep.scale, prep.weights, prep.cols
+
+    # The smallest λ (the grid ascends) whose scores split cleanly while L̂ keeps
+    # some rank: below the window everything is pushed into C and no clean split
+    # exists; above it contaminated blocks are absorbed into L one after another,
+    # so the first clean split is the one that flags the most of them. A benign
+    # client flagged there is recovered by the refit test. With no split anywhere,
+    # the grid's middle (no contamination found).
+    def split_at(sol):
+        score = block_scores(sol.sparse, x, usable)
+        split = split_scores(score, usable, static.min_gap)
+        return score, split, (split.gap > 0) & (sol.singular_values[0] > 0)
+
+    # One ALM path up the grid, stopped one λ after the first clean split (the rank
+    # cap below reads that next λ too).
+    sols = solve_alm_path(x, lams, mu, tol=static.tol, max_iter=static.max_iter, spectral_norm=1.0,
+                          svt_budget=static.svt_budget, until=lambda sol: split_at(sol)[2], extra=1)
+    scores, splits, clean = jax.vmap(split_at)(sols)
+    valid = (sols.iterations > 0) & clean  # the path's unsolved tail is zeros
+    best = jnp.where(jnp.any(valid), jnp.argmax(valid), lams.shape[0] // 2)
+    sol = jax.tree_util.tree_map(lambda a: a[best], sols)
+    score = scores[best]
+    # rank(L̂) at the chosen λ caps r̂: SVT at the noise level has removed the
+    # noise, and contamination sits in Ĉ, so a contaminated client that slips
+    # into the set cannot add its own directions to the subspace. Taken at the
+    # chosen λ and the next one up: at the smallest clean λ a weak benign
+    # direction may still be shrunk away.
+    ranks_l = jnp.sum(sols.singular_values > 0, axis=-1)
+    rank_cap = jnp.maximum(ranks_l[best], ranks_l[jnp.minimum(best + 1, lams.shape[0] - 1)]).astype(jnp.int32)
+    benign = usable & (score <= threshold) if static.has_threshold else splits.benign[best]
+    if static.refit:
+        def rank_fn(sv, current):
+            if static.rank is not None:
+                return jnp.asarray(static.rank)
+            return jnp.minimum(refine.select_rank(sv, current, p, q, columns=cols)[0], rank_cap)
+
+        test = residual_test(blocks, benign, usable, rank_fn, z_crit=static.z_crit, rel_floor=_rel_floor(x.dtype),
+                             rounds=3, dims=static.dims, columns=cols)
+        benign, z = test.benign, test.z
+        # A refit that settled has already computed its set's spectrum.
+        spectrum = jax.lax.cond(test.stable, lambda: test.spectrum,
+                                lambda: refine.benign_spectrum(blocks, benign)[1])
+    else:
+        z = jnp.zeros_like(score)
+        spectrum = refine.benign_spectrum(blocks, benign)[1]
+    unweight = (scale / weights)[:, None, None]
+    # The exact program's objective is homogeneous of degree 1, the penalised one's of degree 2.
+    dec = Decomposition(
+        low_rank=sol.low_rank * unweight,
+        sparse=sol.sparse * unweight,
+        block_norms=safe_frobenius_norm(sol.sparse * unweight),
+        singular_values=sol.singular_values * scale,
+        iterations=sol.iterations,
+        converged=sol.converged,
+        objective=sol.objective * jnp.where(mu > 0, scale**2, scale),
+        primal_residual=sol.primal_residual,
+        dual_residual=sol.dual_residual,
+        lam=lams[best],
+        mu=mu * scale,
+    )
+    sigma_stack = refine.select_rank(spectrum, benign, p, q, columns=cols)[1]
+    return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale)
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _pass_all(prep, blocks, usable, lams, mu, threshold, *, static):
+    def one(pr, b, u, m):
+        return _pass_one(pr, b, u, lams, m, threshold, static)
+
+    # One problem after another on CPU: a vmapped path would pay its slowest member's
+    # iterations (and every member's SVT fallbacks) at every step.
+    return sharding.over_problems(one)(prep, blocks, usable, mu)
+
+
+class Detection(NamedTuple):
+    """Stage 4's answer for a batch of n problems of K clients (see :func:`until_settled`).
+
+    Attributes:
+        benign: (n, K) collaborative set of each problem.
+        scores: (n, K) contamination scores ‖Ĉ_k‖_F/‖Θ̂_k‖_F.
+        z: (n, K) refit statistic (off-subspace energy in robust standard deviations).
+        usable: (n, K) the client's update is finite.
+        decomposition: :class:`~clair_jax.Decomposition` at the chosen λ, per problem.
+        rank_cap: (n,) rank(L̂) near the chosen λ; r̂ never exceeds it.
+        noise_level: (n,) σ̂ per entry, in the input's units.
+        columns: (n, K) noise columns each block adds.
+        passes: how many detection passes ran.
+    """
+
+    benign: jax.Array
+    scores: jax.Array
+    z: jax.Array
+    usable: jax.Array
+    decomposition: Decomposition
+    rank_cap: jax.Array
+    noise_level: jax.Array
+    columns: jax.Array
+    passes: int
+
+
+def until_settled(problems, options) -> Detection:
+    """Stage 4 over a batch of problems: detection passes until the noise level settles.
+
+    Each pass solves the λ grid of :func:`clair_jax.tuning.lambda_grid` as one ALM
+    path per problem at μ = σ̂(√p + √n) (the exact program, μ = 0, where μ is
+    below a rounding floor), keeps the first clean score split and confirms it
+    with :func:`residual_test`. Another pass runs while the benign stack's own
+    noise level gives a μ more than :data:`STACK_NOISE_RATIO` away from the one
+    used (heterogeneous clients; for rank-deficient updates, contamination that
+    moved the stack's median), at most :data:`MAX_PASSES` in all. Noiseless
+    low-rank data settle at once.
+
+    Args:
+        problems: :class:`clair_jax.stack.Problems`.
+        options: :class:`clair_jax.options.ClairOptions`.
+    """
+    blocks, usable, dims = problems.blocks, problems.usable, problems.dims
+    k = problems.num_clients
+    dtype = blocks.dtype
+    p, q = dims
+    lams = jnp.asarray(tuning.lambda_grid(k, p, q) if options.lam is None else [options.lam], dtype)
+    tol = default_tolerance(dtype) if options.tol is None else options.tol
+    static = _Static(
+        tol=float(tol), max_iter=options.max_iter, min_gap=options.min_gap,
+        has_threshold=options.threshold is not None, refit=options.refit and options.threshold is None,
+        rank=options.rank, z_crit=float(options.z_crit), dims=dims,
+        # A LoRA stack's L̂ has about the adapters' rank: budget the partial SVT for it.
+        svt_budget=linalg.choose_svt_budget(
+            (blocks.shape[-2], k * blocks.shape[-1]), options.svt,
+            expected_rank=problems.factors.B.shape[-1] if problems.factored else None),
+    )
+    threshold = jnp.asarray(options.threshold or 0.0, dtype)
+    prep = _prepare_all(blocks, usable, dims=dims)
+    estimated = options.noise is None
+    # σ in units of each problem's scaled stack, and μ = σ·(noise edge).
+    sigma = prep.sigma if estimated else jnp.asarray(options.noise, dtype) / prep.scale
+    floor = _mu_floor(dtype)
+
+    def mu_of(s):  # noise below the rounding floor is no noise: the exact program (μ = 0)
+        return jnp.where(s * prep.edge < floor, 0.0, s * prep.edge)
+
+    def run(mu):
+        return _pass_all(prep, blocks, usable, lams, mu, threshold, static=static)
+
+    mu = mu_of(sigma)
+    out, passes = run(mu), 1
+    # Each further pass re-reads σ̂ from the benign stack of the previous verdict.
+    while estimated and passes < MAX_PASSES:
+        mu_stack = mu_of(out.sigma_stack)
+        again = (mu_stack > STACK_NOISE_RATIO * mu) | (mu > STACK_NOISE_RATIO * mu_stack)
+        if not bool(jnp.any(again)):
+            break
+        sigma = jnp.where(again, out.sigma_stack, sigma)
+        mu = mu_of(sigma)
+        out, passes = run(mu), passes + 1
+    return Detection(out.benign, out.scores, out.z, usable, out.decomposition, out.rank_cap,
+                     sigma * prep.scale, prep.cols, passes)

@@ -8,9 +8,14 @@ Functions here take one problem; callers vmap over leading axes.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
-__all__ = ["to_stacked", "from_stacked", "orient", "SIDES"]
+from clair_jax.lora import LoRAFactors, reduce_factors
+
+__all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems"]
 
 SIDES = ("left", "right")
 
@@ -33,3 +38,76 @@ def orient(blocks, side):
     The map is its own inverse, so it also brings results back to the user's side.
     """
     return blocks if side == "left" else jnp.swapaxes(blocks, -1, -2)
+
+
+class Problems(NamedTuple):
+    """A user's updates as a flat batch of single (K, p, q) problems.
+
+    Dense input keeps its blocks (oriented so the shared space is the column
+    space); LoRA input is reduced exactly (:func:`clair_jax.lora.reduce_factors`)
+    and keeps its factors and reduction bases to map results back. Non-finite
+    clients are zeroed here and marked not ``usable``.
+    """
+
+    blocks: jax.Array          # (n, K, d, w): what the solvers see
+    usable: jax.Array          # (n, K) bool: the client's update is finite
+    dims: tuple                # dense (p, q) of one block: every data-driven rule is read for it
+    lead: tuple                # the user's leading (layer / module) axes
+    side: str
+    factors: object = None     # LoRA input: flat oriented LoRAFactors (n, K, p, r), (n, K, r, q)
+    basis: object = None       # LoRA input: (n, p, d) orthonormal Q of each reduction
+
+    @property
+    def factored(self) -> bool:
+        return self.factors is not None
+
+    @property
+    def num_clients(self) -> int:
+        return self.blocks.shape[1]
+
+    def unflatten(self, x):
+        """(n, ...) per-problem values → the user's (lead..., ...) layout."""
+        return x.reshape(self.lead + x.shape[1:])
+
+    def restore(self, refined):
+        """Refined blocks (n, K, p, q) or factors → the user's layout and kind."""
+        if self.factored:
+            out = LoRAFactors(self.unflatten(refined.B), self.unflatten(refined.A))
+            return out if self.side == "left" else out.transpose()
+        return orient(self.unflatten(refined), self.side)
+
+
+def problems(updates, side) -> Problems:
+    """Stage 2: flatten the leading axes, orient, zero non-finite clients, reduce LoRA exactly.
+
+    Args:
+        updates: checked (..., K, p, q) array or :class:`clair_jax.LoRAFactors`.
+        side: ``"left"`` or ``"right"``.
+    """
+    if isinstance(updates, LoRAFactors):
+        oriented = updates if side == "left" else updates.transpose()
+        lead = oriented.B.shape[:-3]
+        b = oriented.B.reshape((-1,) + oriented.B.shape[-3:])
+        a = oriented.A.reshape((-1,) + oriented.A.shape[-3:])
+        usable = _finite(b) & _finite(a)
+        b, a = _zero(b, usable), _zero(a, usable)
+        reduced = _reduce_all(b, a)
+        return Problems(reduced.blocks, usable, (b.shape[-2], a.shape[-1]), lead, side,
+                        LoRAFactors(b, a), reduced.basis)
+    oriented = orient(updates, side)
+    blocks = oriented.reshape((-1,) + oriented.shape[-3:])
+    usable = _finite(blocks)
+    return Problems(_zero(blocks, usable), usable, tuple(blocks.shape[-2:]), oriented.shape[:-3], side)
+
+
+def _finite(x):
+    return jnp.all(jnp.isfinite(x), axis=(-2, -1))
+
+
+def _zero(x, usable):
+    return jnp.where(usable[..., None, None], x, 0.0)
+
+
+@jax.jit
+def _reduce_all(b, a):
+    return jax.vmap(reduce_factors)(b, a)

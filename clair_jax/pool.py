@@ -1,0 +1,105 @@
+"""Stage 5: one verdict per client from the evidence of many problems.
+
+A client's update spans several problems (the layers or modules of one model,
+or the shape groups of :func:`clair_jax.clair_groups`); each problem gives it a
+verdict, a score and a refit statistic. :func:`client_verdict` combines them;
+:func:`pool_verdicts` does the same for several :class:`~clair_jax.ClairResult`
+objects, so a user can judge clients over results computed separately.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from clair_jax.detect import MIN_GAP, split_scores
+
+__all__ = ["ClientVerdict", "client_verdict", "pool_verdicts"]
+
+
+class ClientVerdict(NamedTuple):
+    """One verdict per client, pooled over problems.
+
+    Attributes:
+        benign: (K,) bool, the client-level collaborative set.
+        scores: (K,) mean contamination score over problems.
+        z: (K,) mean refit statistic over problems.
+        nonfinite: (K,) bool, clients whose update holds NaN/Inf in some problem.
+    """
+
+    benign: jax.Array
+    scores: jax.Array
+    z: jax.Array
+    nonfinite: jax.Array
+
+
+def client_verdict(benign, scores, z, usable, *, z_crit=5.0, min_gap=MIN_GAP, threshold=None) -> ClientVerdict:
+    """Pool per-problem verdicts (each argument (n, K)) into one per client.
+
+    With one problem its own verdict (refit included) is the client's. With
+    several, a client is benign when all three kinds of evidence agree:
+
+    * it is benign in most problems (a majority vote);
+    * its mean score over problems does not split off from the others'
+      (contamination confined to a few modules shows there), or, with a fixed
+      ``threshold``, stays at most the threshold;
+    * its mean refit statistic is at most ``z_crit`` (weak but consistent excess
+      off-subspace energy adds up over problems).
+
+    A client whose update is non-finite anywhere is contaminated.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> benign = jnp.array([[True, True, False], [True, True, False]])
+        >>> scores = jnp.array([[0.0, 0.0, 0.8], [0.0, 0.1, 0.7]])
+        >>> v = cj.pool.client_verdict(benign, scores, jnp.zeros((2, 3)), jnp.ones((2, 3), bool))
+        >>> v.benign.tolist()
+        [True, True, False]
+    """
+    benign, scores, z, usable = (jnp.asarray(a) for a in (benign, scores, z, usable))
+    n = benign.shape[0]
+    client_usable = jnp.all(usable, axis=0)
+    mean_scores = jnp.mean(scores, axis=0)
+    mean_z = jnp.mean(z, axis=0)
+    if n == 1:
+        return ClientVerdict(benign[0] & client_usable, mean_scores, mean_z, ~client_usable)
+    by_vote = 2 * jnp.sum(benign, axis=0) > n
+    if threshold is not None:
+        by_score = mean_scores <= threshold
+    else:
+        by_score = split_scores(mean_scores, client_usable, min_gap).benign
+    by_z = mean_z <= z_crit
+    return ClientVerdict(client_usable & by_vote & by_score & by_z, mean_scores, mean_z, ~client_usable)
+
+
+def pool_verdicts(results: Sequence, *, z_crit=5.0, min_gap=MIN_GAP, threshold=None) -> ClientVerdict:
+    """One client verdict from several :class:`~clair_jax.ClairResult` (same K clients, same order).
+
+    Every problem of every result counts once, exactly as if all problems had
+    been solved in one :func:`clair_jax.clair` call (use the same ``z_crit``,
+    ``min_gap`` and ``threshold`` as there). Results may differ in shapes and in
+    their leading (module) axes.
+
+    Example:
+        >>> import clair_jax as cj
+        >>> fed = cj.data.make_federation(0, num_clients=12, p=10, q=3, rank=2, contamination=0.25)
+        >>> both = [cj.clair(fed.updates), cj.clair(fed.updates[..., :2])]
+        >>> bool((cj.pool_verdicts(both).benign == fed.benign).all())
+        True
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("pool_verdicts needs at least one result")
+    ks = {int(r.client_benign.shape[-1]) for r in results}
+    if len(ks) != 1:
+        raise ValueError(f"results must hold the same clients, got client counts {sorted(ks)}")
+    k = ks.pop()
+
+    def stacked(field):
+        return jnp.concatenate([jnp.reshape(getattr(r, field), (-1, k)) for r in results])
+
+    usable = jnp.concatenate([jnp.broadcast_to(~r.nonfinite, jnp.reshape(r.benign, (-1, k)).shape) for r in results])
+    return client_verdict(stacked("benign"), stacked("scores"), stacked("residual_z"), usable,
+                          z_crit=z_crit, min_gap=min_gap, threshold=threshold)

@@ -1,0 +1,118 @@
+"""Stage 7: what CLAIR found, in the user's layout — :class:`ClairResult`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import jax
+import numpy as np
+
+from clair_jax.decompose import Decomposition
+from clair_jax.lora import LoRAFactors
+from clair_jax.stack import orient
+
+__all__ = ["ClairResult", "assemble"]
+
+
+class ClairResult(NamedTuple):
+    """What CLAIR found. ``...`` are the input's leading (layer / module) axes.
+
+    Attributes:
+        benign: (..., K) bool, the collaborative set of each problem.
+        scores: (..., K) contamination scores ‖Ĉ_k‖_F/‖Θ̂_k‖_F in [0, 1].
+        client_benign: (K,) bool verdict pooled over all problems (what the
+            refinement uses when there are leading axes); see
+            :func:`clair_jax.pool.client_verdict`.
+        client_scores: (K,) mean score over problems.
+        client_z: (K,) mean refit statistic over problems (the pooled verdict
+            flags a client whose mean exceeds ``z_crit``).
+        residual_z: (..., K) refit statistic: off-subspace energy above the benign
+            median, in robust standard deviations (0 when ``refit=False``).
+        nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).
+        subspace: (..., p, r_max) Û, orthonormal columns; columns ≥ ``rank`` are 0.
+        rank: (...,) r̂; 0 where no shared direction was found (the benign updates of
+            that problem are then returned unrefined, and a ``RuntimeWarning`` says so).
+        refined: refined updates, the same kind as the input (array or LoRAFactors).
+        decomposition: :class:`~clair_jax.Decomposition` at the chosen λ (for LoRA
+            input, of the reduced problem).
+        lam: (...,) λ chosen. noise_level: (...,) σ̂ per entry, in the input's units.
+        converged: (...,) bool, whether the chosen decomposition converged.
+    """
+
+    benign: jax.Array
+    scores: jax.Array
+    client_benign: jax.Array
+    client_scores: jax.Array
+    client_z: jax.Array
+    residual_z: jax.Array
+    nonfinite: jax.Array
+    subspace: jax.Array
+    rank: jax.Array
+    refined: Union[jax.Array, LoRAFactors]
+    decomposition: Decomposition
+    lam: jax.Array
+    noise_level: jax.Array
+    converged: jax.Array
+
+    def summary(self) -> str:
+        """A short human-readable report, one finding per line.
+
+        Example:
+            >>> import clair_jax as cj
+            >>> fed = cj.data.make_federation(0, num_clients=12, p=10, q=3, rank=2, contamination=0.25)
+            >>> print(cj.clair(fed.updates).summary().splitlines()[0])
+            clients: 12, flagged contaminated: 3 [6, 7, 8]
+        """
+        flagged = np.flatnonzero(~np.asarray(self.client_benign))
+        rank = np.asarray(self.rank)
+        converged = np.asarray(self.converged)
+        lines = [
+            f"clients: {self.client_benign.shape[-1]}, flagged contaminated: {len(flagged)} {flagged.tolist()}",
+            f"shared rank r̂ (per problem): {_span(rank, '{:d}')}",
+            f"λ chosen (sparsity weight):    {_span(np.asarray(self.lam), '{:.3g}')}",
+            f"noise level σ̂ (per entry):     {_span(np.asarray(self.noise_level), '{:.3g}')}",
+            f"solver converged: {int(converged.sum())}/{converged.size} problems",
+        ]
+        if not converged.all():
+            lines.append("  not converged: raise max_iter or loosen tol; verdicts of those problems are provisional")
+        if np.any(rank == 0):
+            lines.append(f"no shared subspace (r̂ = 0) in {int(np.sum(rank == 0))} problem(s): "
+                         "benign updates there are left as they were")
+        if np.any(self.nonfinite):
+            lines.append(f"non-finite updates (flagged, excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
+        return "\n".join(lines)
+
+
+def _span(values, fmt):
+    """One value, or 'min – max' over problems, formatted."""
+    values = np.ravel(values)
+    if values.dtype.kind in "iub":
+        values = values.astype(int)
+        lo, hi = int(values.min()), int(values.max())
+    else:
+        lo, hi = float(values.min()), float(values.max())
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)} – {fmt.format(hi)}"
+
+
+def assemble(problems, detection, verdict, refinement) -> ClairResult:
+    """Put one group's stages together in the user's layout."""
+    unflatten = problems.unflatten
+    dec = jax.tree_util.tree_map(unflatten, detection.decomposition)
+    if not problems.factored:
+        dec = dec._replace(low_rank=orient(dec.low_rank, problems.side), sparse=orient(dec.sparse, problems.side))
+    return ClairResult(
+        benign=unflatten(detection.benign),
+        scores=unflatten(detection.scores),
+        client_benign=verdict.benign,
+        client_scores=verdict.scores,
+        client_z=verdict.z,
+        residual_z=unflatten(detection.z),
+        nonfinite=verdict.nonfinite,
+        subspace=unflatten(refinement.subspace),
+        rank=unflatten(refinement.rank),
+        refined=problems.restore(refinement.refined),
+        decomposition=dec,
+        lam=dec.lam,
+        noise_level=unflatten(detection.noise_level),
+        converged=dec.converged,
+    )
