@@ -168,6 +168,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
             default q each.
     """
     k, p, q = blocks.shape
+    entrywise = dims is None or tuple(dims) == (p, q)   # not an exact (LoRA) reduction
     p, q = (p, q) if dims is None else dims
     # Scale first: every energy below is a number near 1 (overflow/underflow safe).
     blocks, unit = robust_units(blocks, usable)
@@ -200,8 +201,11 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
 
         z_plain, ok_plain = standardise(energy, norms2)
         z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(blocks, -limit, limit)), axis=(-2, -1)))
-        z = jnp.minimum(z_plain, z_clip)
-        keep = usable & (ok_plain | ok_clip)
+        # Only where the residual entries are one population: dense full-rank blocks
+        # (a LoRA block's residual lives in a few directions and its entries are not iid).
+        veto = entrywise & (masked_median(cols, current) >= q)
+        z = jnp.where(veto, jnp.minimum(z_plain, z_clip), z_plain)
+        keep = usable & (ok_plain | (veto & ok_clip))
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
         return ResidualTest(keep, z, r, sv * unit, jnp.all(keep == current), state.rounds + 1)
@@ -255,8 +259,8 @@ class _Prepared(NamedTuple):
 
 
 def _equalise(blocks, usable):
-    """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP)."""
-    norms = safe_frobenius_norm(blocks)
+    """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP); overflow safe."""
+    norms = scaled_norms(blocks)
     cap = NORM_CLIP * masked_median(norms, usable)
     return jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
 
@@ -373,7 +377,9 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
         block_norms=safe_frobenius_norm(sol.sparse * unweight),
         singular_values=sol.singular_values * scale,
         iterations=sol.iterations,
-        converged=sol.converged,
+        # A non-finite intermediate is never reported as converged.
+        converged=sol.converged & jnp.all(jnp.isfinite(sol.low_rank)) & jnp.all(jnp.isfinite(sol.sparse))
+        & jnp.isfinite(sol.objective) & jnp.all(jnp.isfinite(z)),
         objective=sol.objective * jnp.where(mu > 0, scale**2, scale),
         primal_residual=sol.primal_residual,
         dual_residual=sol.dual_residual,

@@ -149,6 +149,41 @@ def _bases(blocks, used, rank_cap, columns, *, rank, margin, dims):
         blocks, used, rank_cap, columns)
 
 
+def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
+    """(K,) share α_k of its off-subspace part each client keeps: 0 = projected, 1 = local.
+
+    The rule that makes refinement never worse than the local update by more
+    than the estimation noise. Client k's off-subspace energy
+    e_k = ‖(I − ÛÛᵀ)Θ̂_k‖² is compared with what noise alone would leave there,
+    N_k = σ̂²(p − r̂)·n_k (n_k its noise columns):
+
+        α_k = clip(1 − c·N_k/e_k, 0, 1),  c = 1 + ``slack``·√(2/((p − r̂)n_k)).
+
+    Pure noise off the subspace (e_k ≈ N_k, within ``slack`` χ² standard
+    deviations) gives α_k = 0: the plain projection. Signal the client clearly
+    carries outside Û (a true direction Û missed, with few clients or a rank
+    near Kq/2; its own heterogeneity) gives α_k → 1, so that part is kept, as
+    in James–Stein shrinkage toward the subspace. On noiseless data (σ̂ = 0)
+    every client keeps its exact update. Scale free (blocks are brought to the
+    median client norm first).
+
+    Args:
+        basis: (p', r_max) Û (columns past r̂ zero). blocks: (K, p', q').
+        rank: r̂. sigma: σ̂ per entry, in the blocks' units. columns: (K,) noise columns.
+        p: the dense row count (p' may be a reduction's).
+    """
+    from clair_jax import detect  # local import: detect imports refine
+
+    x, unit = detect.robust_units(blocks, jnp.ones(blocks.shape[0], bool))
+    resid = x - basis @ jnp.einsum("pr,kpq->krq", basis, x)
+    energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    dof = jnp.maximum((p - rank) * columns, 1).astype(x.dtype)
+    noise = jnp.square(sigma / unit) * dof
+    c = 1.0 + slack * jnp.sqrt(2.0 / dof)
+    share = 1.0 - c * noise / jnp.where(energy > 0, energy, 1.0)
+    return jnp.where(energy > 0, jnp.clip(share, 0.0, 1.0), 0.0).astype(x.dtype)
+
+
 class Refinement(NamedTuple):
     """Stage 6's answer for a batch of n problems.
 
@@ -157,25 +192,36 @@ class Refinement(NamedTuple):
         rank: (n,) r̂; 0 where no shared direction was found.
         refined: (n, K, p, q) blocks, or flat oriented :class:`~clair_jax.LoRAFactors`.
         used: (n, K) clients whose update was refined.
+        local_share: (n, K) α_k, the share of its off-subspace part a refined client
+            kept (:func:`local_share`; 0 = plain projection, 1 = its local update).
     """
 
     subspace: jax.Array
     rank: jax.Array
     refined: object
     used: jax.Array
+    local_share: jax.Array
 
 
 def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refinement:
-    """Stage 6: Û from the stacked updates of the benign clients, then Θ̃_k = Û Ûᵀ Θ̂_k.
+    """Stage 6: Û from the stacked updates of the benign clients, then Θ̃_k = Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k.
 
     r̂ is the number of singular values of the benign stack above the noise edge
     ``margin``·σ̂(√p + √n) (:func:`select_rank`), at most rank(L̂) near the
     chosen λ, counting only directions shared by several clients
     (:func:`shared_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
     shared direction exists and the benign clients keep their own update.
-    Contaminated clients always keep theirs. For LoRA input Û = Q Ũ maps the
-    reduced problem's basis back, and B̃_k = Û Ûᵀ B_k (A_k unchanged), so no
-    dense ΔW is formed.
+    Contaminated clients always keep theirs.
+
+    Never worse than local: α_k (:func:`local_share`) is 0 where client k's
+    off-subspace part is what noise at σ̂ leaves (the plain projection) and
+    grows toward 1 where the client clearly carries signal outside Û, so a
+    benign client never loses signal its own update carries for lack of
+    evidence of a shared direction; on noiseless data the refined update of a
+    benign client is its own update. ``local_share`` reports α per problem and client.
+
+    For LoRA input Û = Q Ũ maps the reduced problem's basis back, and
+    B̃_k = Û Ûᵀ B_k + α_k(I − Û Ûᵀ)B_k (A_k unchanged), so no dense ΔW is formed.
 
     Args:
         problems: :class:`clair_jax.stack.Problems`.
@@ -187,10 +233,17 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refi
                           rank=rank, margin=margin, dims=problems.dims)
     basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
     used = used & (ranks > 0)[:, None]
+    share = jax.vmap(functools.partial(local_share, p=problems.dims[0]))(
+        basis, problems.blocks, ranks, detection.noise_level, detection.columns)
+    share = jnp.where(used, share, 0.0)
     if problems.factored:
         b = problems.factors.B
         full_basis = jnp.einsum("npd,ndr->npr", problems.basis, basis)
         coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
-        refined_b = jnp.where(used[..., None, None], jnp.einsum("npr,nkrl->nkpl", full_basis, coords), b)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used)
-    return Refinement(basis, ranks, jax.vmap(project)(basis, problems.blocks, used), used)
+        projected = jnp.einsum("npr,nkrl->nkpl", full_basis, coords)
+        mixed = projected + share[..., None, None] * (b - projected)
+        refined_b = jnp.where(used[..., None, None], mixed, b)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, share)
+    projected = jax.vmap(project)(basis, problems.blocks, used)
+    mixed = projected + share[..., None, None] * (problems.blocks - projected)
+    return Refinement(basis, ranks, mixed, used, share)
