@@ -11,14 +11,17 @@ Each case reproduces one finding of issue 14 (the class number is the issue's):
    honest update plus one common direction;
 5. heavy-tailed (Student-t, df = 2) noise, attackers confined to one of six layers;
 6. the copy task's foreign-permutation client (``--copy-task``: trains models);
-8. honest clients that differ in norm or in noise.
+8. honest clients that differ in norm or in noise;
+
+and class 0, what no subspace method can see by design: attackers inside the
+shared subspace with benign-sized coefficients.
 
 Columns: TPR / FPR of the pooled verdict (``client_benign``; "positive" =
 contaminated), the benign clients' mean relative error ‖Θ̃_k − Θ_k‖/‖Θ_k‖ (Θ_k
 the noise-free update), that error over the local one (each client keeps Θ̂_k)
 and over the oracle's (true subspace and true set, :func:`cj.baselines.oracle`),
 r̂ against the true rank, and flags: ``nonfinite`` when any reported number
-(z, scores, refined updates, objective) is NaN/Inf, ``converged`` when every
+(z, scores, refined updates, Û, σ̂, objective) is NaN/Inf, by name, ``converged`` when every
 problem's decomposition converged. Only the public API is used.
 
 Usage::
@@ -278,6 +281,19 @@ def c8_noisy_client(rng, factor=5.0):
     return _case(updates, clean, u, benign)
 
 
+def c0_in_subspace(rng, frac=0.3):
+    """By design invisible: attackers send U·(−V̄)ᵀ (the honest mean coefficients, sign-flipped,
+    at a benign norm) plus noise: inside the shared subspace with benign-sized coefficients."""
+    updates, clean, u, benign = dense_case(rng)
+    bad = _attackers(rng, K, frac)
+    mean = np.mean(clean[~bad], axis=0)
+    flip = -mean / np.linalg.norm(mean) * np.median(np.linalg.norm(clean[~bad], axis=(-2, -1)))
+    for j in np.flatnonzero(bad):
+        clean[j] = flip
+        updates[j] = flip + _noise(rng, (P, Q))
+    return _case(updates, clean, u, ~bad)
+
+
 #: name → (class, builder, cheap). Cheap cases make up ``--quick``.
 CASES = {
     "lora noiseless K=8, 1 poisoned 50x": (1, lambda g: c1_lora_noiseless(g), True),
@@ -312,6 +328,7 @@ CASES = {
     "benign norm spread 1-100x": (8, lambda g: c8_spread(g, 100.0), False),
     "norm spread 1-100x, 20% small gaussian": (8, lambda g: c8_spread(g, 100.0, 0.2), False),
     "one honest client 5x noisier": (8, c8_noisy_client, True),
+    "in-subspace sign-flipped mean, benign norm, 30% (by design)": (0, c0_in_subspace, False),
 }
 
 
@@ -364,15 +381,16 @@ def run_case(name, seed):
     local = float(np.mean(_rel(dense, clean, usable)))
     orc = float(np.mean(_rel(oracle, clean, usable)))
     ranks = np.asarray(res.rank).ravel()
-    reported = [res.client_z, res.client_scores, res.scores, res.residual_z, refined,
-                res.decomposition.objective, res.noise_level]
+    reported = dict(client_z=res.client_z, scores=res.scores, residual_z=res.residual_z, refined=refined,
+                    subspace=res.subspace, noise_level=res.noise_level, objective=res.decomposition.objective)
     return dict(
         case=name, cls=cls, seed=seed,
         tpr=float(det["tpr"]), fpr=float(det["fpr"]),
         err=err, err_local=local, err_oracle=orc,
         vs_local=_ratio(err, local), vs_oracle=_ratio(err, orc),
         rank_min=int(ranks.min()), rank_max=int(ranks.max()), true_rank=int(case["rank"]),
-        nonfinite=not all(_finite(x) for x in reported),
+        nonfinite=",".join(k for k, x in reported.items() if not _finite(x)),
+        local_share=float(np.mean(np.asarray(getattr(res, "local_share", 0.0)))),
         converged=bool(np.all(np.asarray(res.converged))),
         warnings=sorted({str(w.message)[:80] for w in caught}),
         seconds=seconds,
@@ -395,7 +413,7 @@ def run_copy_task(seed, quick):
         err=float("nan"), err_local=float("nan"), err_oracle=float("nan"),
         vs_local=loss("clair") / loss("local"), vs_oracle=loss("clair") / loss("oracle"),
         rank_min=int(min(out["rank"].values())), rank_max=int(max(out["rank"].values())), true_rank=-1,
-        nonfinite=False, converged=bool(out["converged"]), warnings=[], seconds=sum(out["timings"].values()),
+        nonfinite="", converged=bool(out["converged"]), warnings=[], seconds=sum(out["timings"].values()),
         f1=out["detection"]["pooled"]["f1"],
     )
 
@@ -411,14 +429,15 @@ def summarise(rows):
             case=name, cls=group[0]["cls"], seeds=len(group), tpr=mean("tpr"), fpr=mean("fpr"),
             err=mean("err"), vs_local=mean("vs_local"), worst_vs_local=worst("vs_local"), vs_oracle=mean("vs_oracle"),
             rank=f"{min(r['rank_min'] for r in group)}-{max(r['rank_max'] for r in group)} / {group[0]['true_rank']}",
-            nonfinite=any(r["nonfinite"] for r in group), converged=all(r["converged"] for r in group),
+            nonfinite=",".join(sorted({f for r in group for f in r["nonfinite"].split(",") if f})) or "-",
+            converged=all(r["converged"] for r in group),
         ))
     return out
 
 
 COLUMNS = [("cls", "class", "d"), ("case", "case", ""), ("tpr", "TPR", ".2f"), ("fpr", "FPR", ".2f"),
            ("err", "benign err", ".3f"), ("vs_local", "/ local", ".2f"), ("worst_vs_local", "worst / local", ".2f"),
-           ("vs_oracle", "/ oracle", ".2f"), ("rank", "r̂ / r", ""), ("nonfinite", "non-finite", ""),
+           ("vs_oracle", "/ oracle", ".2f"), ("rank", "r̂ / r", ""), ("nonfinite", "non-finite fields", ""),
            ("converged", "converged", "")]
 
 

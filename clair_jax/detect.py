@@ -155,6 +155,16 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     contamination hides in noise; the convex decomposition supplies the
     robust starting set the refit needs.
 
+    Robustness: the blocks are first brought to the median client norm
+    (:func:`robust_units`, so no energy overflows or underflows in float32 for
+    any finite input); Û is fitted on blocks capped at :data:`SUBSPACE_CLIP` ×
+    the set's median norm (:func:`clair_jax.refine.capped`: a few aligned huge
+    blocks cannot choose Û or r̂); and for dense full-rank blocks a client is
+    flagged only when its energy is also out of range after its residual
+    entries are winsorised at :data:`ENTRY_CLIP` robust standard deviations, so
+    heavy-tailed noise (a few huge entries) is not read as contamination while
+    dense contamination is.
+
     Args:
         blocks: (K, p, q) with unusable clients zeroed.
         benign: (K,) starting set. usable: (K,) finite clients.
