@@ -298,10 +298,10 @@ def c0_in_subspace(rng, frac=0.3):
 CASES = {
     "lora noiseless K=8, 1 poisoned 50x": (1, lambda g: c1_lora_noiseless(g), True),
     "lora noiseless K=8, all honest": (1, lambda g: c1_lora_noiseless(g, poisoned=False), False),
-    "dense noiseless rank 3, 30% gaussian": (1, c1_dense_noiseless, True),
-    "K=3 all honest": (1, lambda g: c1_few(g, 3), True),
+    "dense noiseless rank 3, 30% gaussian": (1, c1_dense_noiseless, False),
+    "K=3 all honest": (1, lambda g: c1_few(g, 3), False),
     "K=4, 1 attacker": (1, lambda g: c1_few(g, 4, 1), False),
-    "K=2 all honest": (1, lambda g: c1_few(g, 2), True),
+    "K=2 all honest": (1, lambda g: c1_few(g, 2), False),
     "rank 14, K=10, q=4": (1, lambda g: c1_high_rank(g, 14), False),
     "rank 20 = Kq/2, K=10, q=4": (1, lambda g: c1_high_rank(g, 20), False),
     "40% copies of one honest update": (1, c1_copies, False),
@@ -309,7 +309,7 @@ CASES = {
     "same, LoRA input": (2, lambda g: c2_huge_in_subspace(g, lora=True), False),
     "3 clients 1e3x shared + common off-subspace 20": (2, lambda g: c2_huge_in_subspace(g, 1e3, off=20.0), False),
     "one client with entries 1e19": (3, c3_one_huge_entries, True),
-    "federation x1e19, 30% gaussian": (3, lambda g: c3_scaled(g, 1e19), True),
+    "federation x1e19, 30% gaussian": (3, lambda g: c3_scaled(g, 1e19), False),
     "federation x1e-20, 30% gaussian": (3, lambda g: c3_scaled(g, 1e-20), False),
     "federation x1e30, 30% gaussian": (3, lambda g: c3_scaled(g, 1e30), False),
     "one all-NaN client, one with an Inf": (3, c3_all_nan, False),
@@ -327,7 +327,7 @@ CASES = {
     "benign norm spread 1-3x": (8, lambda g: c8_spread(g, 3.0), True),
     "benign norm spread 1-100x": (8, lambda g: c8_spread(g, 100.0), False),
     "norm spread 1-100x, 20% small gaussian": (8, lambda g: c8_spread(g, 100.0, 0.2), False),
-    "one honest client 5x noisier": (8, c8_noisy_client, True),
+    "one honest client 5x noisier": (8, c8_noisy_client, False),
     "in-subspace sign-flipped mean, benign norm, 30% (by design)": (0, c0_in_subspace, False),
 }
 

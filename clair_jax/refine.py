@@ -184,6 +184,12 @@ def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
     return jnp.where(energy > 0, jnp.clip(share, 0.0, 1.0), 0.0).astype(x.dtype)
 
 
+#: A client whose refit statistic in one problem exceeds this is left out of that
+#: problem's Û even when the pooled verdict clears it (attackers confined to one
+#: layer of many: issue 14 measured z ≈ 15–21 for them, ≤ 2.7 for benign clients).
+DECISIVE_Z = 10.0
+
+
 class Refinement(NamedTuple):
     """Stage 6's answer for a batch of n problems.
 
@@ -217,7 +223,8 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refi
     off-subspace part is what noise at σ̂ leaves (the plain projection) and
     grows toward 1 where the client clearly carries signal outside Û, so a
     benign client never loses signal its own update carries for lack of
-    evidence of a shared direction; on noiseless data the refined update of a
+    evidence of a shared direction; a client flagged decisively in one problem
+    (refit z > :data:`DECISIVE_Z`) is left out of that problem's Û; on noiseless data the refined update of a
     benign client is its own update. ``local_share`` reports α per problem and client.
 
     For LoRA input Û = Q Ũ maps the reduced problem's basis back, and
@@ -229,7 +236,10 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refi
         client_benign: (K,) the pooled client verdict.
     """
     used = jnp.broadcast_to(client_benign, problems.usable.shape)
-    basis, ranks = _bases(problems.blocks, used, detection.rank_cap, detection.columns,
+    # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
+    # of this problem's Û even when the pooled verdict clears it; it is still refined.
+    fit = used & (detection.benign | (detection.z <= DECISIVE_Z))
+    basis, ranks = _bases(problems.blocks, fit, detection.rank_cap, detection.columns,
                           rank=rank, margin=margin, dims=problems.dims)
     basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
     used = used & (ranks > 0)[:, None]
