@@ -207,6 +207,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
             mad = masked_median(jnp.abs(e - m), current)
             s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
             z = (e - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
+            # An excess within rounding is no evidence (noiseless data: s is rounding too).
+            z = jnp.where(e - m <= rel_floor * size2, jnp.minimum(z, 0.0), z)
             return z, e <= m + z_crit * s + rel_floor * size2
 
         z_plain, ok_plain = standardise(energy, norms2)

@@ -64,6 +64,13 @@ def test_noiseless_lora_keeps_its_exact_rank_and_updates():
     assert row["err"] < 1e-4  # the benign clients' refined updates are their own (exact) ones
 
 
+def test_noiseless_honest_lora_clients_are_not_flagged_for_rounding():
+    # Rounding-level excess energy is no evidence: z ≤ 0 there, so the pooled
+    # mean z cannot flag an honest client of an exact (noiseless) federation.
+    row = _run("lora noiseless K=8, all honest")
+    assert row["fpr"] == 0.0 and row["rank_min"] == 4
+
+
 def test_local_share_is_zero_for_noise_and_one_for_missed_signal():
     rng = np.random.default_rng(1)
     p, q, k = 30, 8, 6
