@@ -143,3 +143,32 @@ def check_rank(rank, dims, num_clients, name="rank"):
         raise ValueError(f"{name} = {rank} is larger than the stacked updates allow: min(p, K·q) = "
                          f"min({p}, {num_clients}·{q}) = {most}")
     return rank
+
+
+def block_shape(updates, side):
+    """(K, p, q) of one oriented block of checked updates (dense or LoRA)."""
+    from clair_jax.lora import LoRAFactors
+
+    if isinstance(updates, LoRAFactors):
+        k, p, _ = updates.B.shape[-3:]
+        q = updates.A.shape[-1]
+    else:
+        k, p, q = updates.shape[-3:]
+    return (k, p, q) if side == "left" else (k, q, p)
+
+
+def check_devices(devices):
+    """None, or a non-empty list of distinct JAX devices of one platform."""
+    if devices is None:
+        return None
+    if isinstance(devices, jax.Device):
+        devices = [devices]
+    try:
+        devices = list(devices)
+    except TypeError:
+        raise TypeError(f"devices must be a list of JAX devices (e.g. jax.devices()), got {devices!r}") from None
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(f"devices must be a non-empty list of JAX devices (e.g. jax.devices()), got {devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct, got {devices}")
+    return devices

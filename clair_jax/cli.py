@@ -23,12 +23,21 @@ COMMANDS = {
     "demo": ("clair_jax.demo", "synthetic federation: CLAIR against local, FedAvg and robust baselines"),
     "regression": ("clair_jax.experiments.regression", "multi-response linear regression clients, end to end"),
     "mlp": ("clair_jax.experiments.mlp", "MLP clients fine-tuned with optax, end to end"),
+    "digits": ("clair_jax.experiments.digits", "real data: scikit-learn's 8x8 digits, ridge-classifier clients"),
     "copy-task": ("clair_jax.experiments.copy_task", "Transformer LoRA text-copying experiment"),
+    "aggregate": ("clair_jax.adapters.cli", "PEFT LoRA adapter directories in, refined adapters out"),
 }
 
 
+DESCRIPTION = ("CLAIR: robust aggregation of federated client updates (low-rank plus block-sparse). "
+               "Also runs as 'python -m clair_jax COMMAND'; 'clair COMMAND --help' lists a command's options.")
+
+
 def build_parser(argv=None):
-    parser = argparse.ArgumentParser(prog="clair", description=__doc__.splitlines()[0])
+    from clair_jax import __version__  # the package is imported already (this module lives in it)
+
+    parser = argparse.ArgumentParser(prog="clair", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"clair_jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
     if argv:

@@ -127,7 +127,8 @@ def make_federation(
     Args:
         seed: integer seed; the same seed gives the same federation.
         num_clients: K.
-        p, q: shape of each client's update Θ̂_k (p × q).
+        p: rows of each client's update Θ̂_k (p × q).
+        q: columns of each client's update Θ̂_k.
         rank: r, dimension of the shared subspace.
         contamination: fraction of contaminated clients, in [0, 1).
         kind: one of :data:`CONTAMINATION_KINDS`.

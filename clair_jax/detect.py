@@ -28,7 +28,7 @@ from clair_jax.solvers.common import default_tolerance
 from clair_jax.stack import to_stacked
 
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
-           "residual_test", "Detection", "until_settled", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
+           "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
            "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
@@ -495,3 +495,12 @@ def until_settled(problems, options) -> Detection:
         out, passes = run(mu), passes + 1
     return Detection(out.benign, out.scores, out.z, usable, out.decomposition, out.rank_cap,
                      sigma * prep.scale, prep.cols, passes)
+
+
+def concatenate(parts, device=None) -> Detection:
+    """Detections of consecutive chunks of problems → one, on ``device``."""
+    def join(*xs):
+        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)
+
+    arrays = jax.tree_util.tree_map(join, *[d._replace(passes=None) for d in parts])
+    return arrays._replace(passes=max(d.passes for d in parts))

@@ -29,7 +29,8 @@ def detection_rates(predicted_benign, true_benign):
     """Contamination detection rates; "positive" = flagged contaminated.
 
     Args:
-        predicted_benign, true_benign: (..., K) bool.
+        predicted_benign: (..., K) bool, the verdicts to score.
+        true_benign: (..., K) bool, the ground truth.
 
     Returns:
         dict with ``tpr`` (recall: share of contaminated clients flagged), ``fpr``

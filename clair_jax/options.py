@@ -40,10 +40,11 @@ class ClairOptions:
     refit: bool = True
     z_crit: float = 5.0
     svt: str = "auto"
+    pooling: str = "none"
 
     @classmethod
     def checked(cls, *, rank=None, lam=None, noise="auto", side="left", threshold=None, tol=None, max_iter=3000,
-                min_gap=MIN_GAP, refit=True, z_crit=5.0, svt="auto") -> "ClairOptions":
+                min_gap=MIN_GAP, refit=True, z_crit=5.0, svt="auto", pooling="none") -> "ClairOptions":
         """Validate every option (errors name the argument) and build the options."""
         if not (isinstance(noise, str) and noise == "auto"):
             if isinstance(noise, str) or noise is None:
@@ -67,4 +68,5 @@ class ClairOptions:
             refit=refit,
             z_crit=_checks.check_real(z_crit, "z_crit", low=0.0, open_low=True),
             svt=_checks.check_choice(svt, "svt", SVT_MODES),
+            pooling=_checks.check_choice(pooling, "pooling", ("auto", "none", "full")),
         )

@@ -8,9 +8,11 @@ after it and works on a flat batch of single (K, p, q) problems.
 
 from __future__ import annotations
 
+import concurrent.futures
 import warnings
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 from clair_jax import _checks, detect, pool, refine, report, stack
@@ -19,7 +21,7 @@ from clair_jax.options import ClairOptions
 __all__ = ["clair", "clair_groups"]
 
 
-def clair_groups(groups: Sequence, **options) -> tuple:
+def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
     """CLAIR on several groups of updates that share their clients; one verdict per client.
 
     A model's adapted modules need not share one shape (grouped-query attention:
@@ -32,6 +34,7 @@ def clair_groups(groups: Sequence, **options) -> tuple:
         groups: a sequence of (..., K, p, q) arrays or :class:`~clair_jax.LoRAFactors`,
             the same K clients in the same order in each; shapes, LoRA ranks and
             leading axes may differ between groups.
+        devices: as for :func:`clair`.
         **options: as for :func:`clair`.
 
     Returns:
@@ -52,18 +55,24 @@ def clair_groups(groups: Sequence, **options) -> tuple:
     if len(groups) == 0:
         raise ValueError("groups must hold at least one group of updates")
     names = ["updates"] if len(groups) == 1 else [f"groups[{i}]" for i in range(len(groups))]
-    problems = [stack.problems(_checks.check_updates(g, name), opts.side) for g, name in zip(groups, names)]
-    counts = {name: p.num_clients for name, p in zip(names, problems)}
-    if len(set(counts.values())) > 1:
-        raise ValueError(f"every group must hold the same clients, got client counts {counts}")
-    for p, name in zip(problems, names):
-        _checks.check_rank(opts.rank, p.dims, p.num_clients, "rank" if len(names) == 1 else f"rank (for {name})")
+    groups = [_checks.check_updates(g, name) for g, name in zip(groups, names)]
+    devices = _checks.check_devices(devices)
+    shapes = {name: _checks.block_shape(g, opts.side) for g, name in zip(groups, names)}
+    if len({k for k, _, _ in shapes.values()}) > 1:
+        raise ValueError(f"every group must hold the same clients, got client counts "
+                         f"{ {name: k for name, (k, _, _) in shapes.items()} }")
+    for (k, p, q), name in zip(shapes.values(), names):
+        _checks.check_rank(opts.rank, (p, q), k, "rank" if len(names) == 1 else f"rank (for {name})")
 
-    detections = [detect.until_settled(p, opts) for p in problems]
+    if devices is None:
+        problems = [stack.problems(g, opts.side) for g in groups]
+        detections = [detect.until_settled(p, opts) for p in problems]
+    else:
+        problems, detections = zip(*(_detect_on_devices(g, opts, devices) for g in groups))
     verdict = pool.client_verdict(
         *(_concat([getattr(d, field) for d in detections]) for field in ("benign", "scores", "z", "usable")),
         z_crit=opts.z_crit, min_gap=opts.min_gap, threshold=opts.threshold)
-    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank) for p, d in zip(problems, detections)]
+    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling) for p, d in zip(problems, detections)]
 
     n_empty = sum(int((r.rank == 0).sum()) for r in refinements)
     if n_empty:
@@ -71,6 +80,28 @@ def clair_groups(groups: Sequence, **options) -> tuple:
         warnings.warn(f"clair: no shared subspace found (r̂ = 0) in {n_empty} of {n_all} problem(s); "
                       "their benign clients keep their local updates", RuntimeWarning, stacklevel=3)
     return tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
+
+
+def _detect_on_devices(updates, opts, devices):
+    """Stages 2–4 with the problems cut into one contiguous chunk per device.
+
+    Each chunk runs as its own single-device program, dispatched from its own
+    thread (JAX releases the GIL while a program runs), so the devices work at
+    the same time and no sharded program holds nested solver loops (those hung
+    XLA:CPU with several host devices). Results are gathered on ``devices[0]``.
+    """
+    chunks, lead = stack.split(updates, len(devices))
+
+    def one(chunk, device):
+        with jax.default_device(device):
+            problems = stack.problems(jax.device_put(chunk, device), opts.side)
+            return problems, detect.until_settled(problems, opts)
+
+    with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool_:
+        parts = list(pool_.map(one, chunks, devices))
+    home = devices[0]
+    return (stack.concatenate([p for p, _ in parts], lead, home),
+            detect.concatenate([d for _, d in parts], home))
 
 
 def _concat(arrays):
@@ -91,6 +122,8 @@ def clair(
     refit: bool = True,
     z_crit: float = 5.0,
     svt: str = "auto",
+    devices=None,
+    pooling: str = "none",
 ) -> report.ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -126,7 +159,8 @@ def clair(
             input's units (0 means noiseless).
         side: ``"left"`` shares the column space (span of the B's), ``"right"`` the row space.
         threshold: fixed score threshold τ in [0, 1] (Ŝ = {s_k ≤ τ}); default: widest gap.
-        tol: solver tolerance (default by dtype). max_iter: solver iteration cap.
+        tol: solver tolerance (default by dtype).
+        max_iter: solver iteration cap.
         min_gap: smallest score gap read as contamination (see :mod:`clair_jax.detect`).
         refit: after the score split, re-test every client by its off-subspace
             energy against the benign population (:func:`clair_jax.detect.residual_test`).
@@ -134,6 +168,17 @@ def clair(
             refit test allows.
         svt: ``"auto"`` (default), ``"full"`` or ``"partial"``: the solvers' singular-value
             thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance).
+        devices: None (the default device), or a list of JAX devices: the problems
+            (leading axes) are cut into one contiguous chunk per device and each
+            chunk is decomposed and screened on its own device at the same time;
+            verdicts and refinement are then computed on ``devices[0]``. Same
+            results as one device. With several hosts (``jax.distributed``), pass
+            this process's ``jax.local_devices()``.
+        pooling: ``"none"`` (default): Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"``: each benign client's
+            coordinates inside Û shrunk toward the benign centre by an empirical-Bayes Λ
+            (homogeneous clients get about the benign FedAvg, heterogeneous ones keep
+            theirs); ``"full"``: Λ = 0. Λ is reported as ``shrinkage``. Dense input only
+            (LoRA factors keep the projection). See :func:`clair_jax.refine.partial_pool`.
 
     Returns:
         :class:`~clair_jax.ClairResult`.
@@ -146,4 +191,5 @@ def clair(
         True
     """
     return clair_groups([updates], rank=rank, lam=lam, noise=noise, side=side, threshold=threshold, tol=tol,
-                        max_iter=max_iter, min_gap=min_gap, refit=refit, z_crit=z_crit, svt=svt)[0]
+                        max_iter=max_iter, min_gap=min_gap, refit=refit, z_crit=z_crit, svt=svt, devices=devices,
+                        pooling=pooling)[0]

@@ -4,6 +4,11 @@
 (pooling every benign client is where the averaging gain comes from), and each
 benign client gets Θ̃_k = Û Ûᵀ Θ̂_k: its error off the subspace is removed, its
 own coefficients inside the subspace are kept. Contaminated clients keep Θ̂_k.
+
+:func:`partial_pool` goes one step further inside the subspace: each benign
+client's coordinates V_k = ÛᵀΘ̂_k are shrunk toward their robust centre V̄ by an
+empirical-Bayes factor Λ_k, so homogeneous clients pool their estimation noise
+away (FedAvg-like) and heterogeneous ones keep their own coordinates.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from clair_jax.lora import LoRAFactors
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "Refinement", "refine"]
+__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "local_share",
+           "partial_pool", "POOLING", "Refinement", "refine"]
+
+#: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
+POOLING = ("auto", "none", "full")
 
 
 def capped(blocks, benign, clip=None):
@@ -130,6 +139,98 @@ def project(basis, blocks, benign):
     return jnp.where(benign[:, None, None], projected, blocks)
 
 
+def _robust_centre(coords, benign, iterations=10, huber=2.0):
+    """Huber-weighted mean of the benign coordinate matrices (K, r, q) → (r, q).
+
+    Starts at the coordinate-wise median, then reweights: a client farther than
+    ``huber`` × the median distance gets weight huber·median/distance. Clients at
+    ordinary distances all weigh 1 (the centre is their mean); a minority far away
+    (a contaminated client that slipped into Ŝ) is down-weighted.
+    """
+    k = coords.shape[0]
+    flat = coords.reshape(k, -1)
+    big = jnp.finfo(coords.dtype).max
+    lower = jnp.sort(jnp.where(benign[:, None], flat, big), axis=0)
+    upper = jnp.sort(jnp.where(benign[:, None], flat, -big), axis=0)[::-1]
+    n = jnp.maximum(jnp.sum(benign), 1)
+    # Median of the benign rows: mean of the lower and upper median.
+    centre = 0.5 * (lower[(n - 1) // 2] + upper[(n - 1) // 2])
+    def step(centre, _):
+        dist = jnp.sqrt(jnp.sum(jnp.square(flat - centre), axis=-1))
+        scale = jnp.sort(jnp.where(benign, dist, jnp.inf))[(n - 1) // 2]
+        w = jnp.where(dist > huber * scale, huber * scale / jnp.maximum(dist, jnp.finfo(dist.dtype).tiny), 1.0)
+        w = jnp.where(benign, w, 0.0)
+        new = jnp.einsum("k,kd->d", w, flat) / jnp.maximum(jnp.sum(w), jnp.finfo(dist.dtype).tiny)
+        return new, None
+
+    centre, _ = jax.lax.scan(step, centre, None, length=iterations)
+    return centre.reshape(coords.shape[1:])
+
+
+def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="auto"):
+    r"""Partial pooling of the benign clients' coordinates inside the subspace.
+
+    Θ̃_k = Û(V̄ + Λ_k(V_k − V̄)) for benign k (Θ̂_k otherwise), with V_k = ÛᵀΘ̂_k,
+    V̄ a robust (Huber-weighted) centre of the benign V_k and Λ_k = diag(λ_k1 … λ_kr)
+    an empirical-Bayes shrinkage per direction j of Û:
+
+        λ_kj = τ_j² / (τ_j² + ν_k),   ν_k = σ_k² c_k,
+        τ_j² = max(0, median_{k∈Ŝ}(‖V_kj − V̄_j‖² − ν_k)),
+
+    where V_kj is row j of V_k (q coefficients), ν_k the estimation noise a
+    client's row carries (σ_k the per-entry noise level, c_k its noise columns: q
+    for a full-rank block, the LoRA rank for a factored one) and τ_j² the spread
+    of the true rows between clients. No spread beyond the noise: every benign
+    client gets ÛV̄ (the benign FedAvg projected on Û); spread far above the noise:
+    Λ_k → I and Θ̃_k → ÛÛᵀΘ̂_k (:func:`project`). Contaminated clients never enter
+    V̄ nor τ².
+
+    Args:
+        basis: (p, r) Û, orthonormal columns; all-zero columns (beyond r̂) are ignored.
+        blocks: (K, p, q) local updates Θ̂_k.
+        benign: (K,) bool collaborative set.
+        noise_level: σ̂ per entry, a scalar or (K,) per client (input units).
+        columns: (K,) noise columns per block (default q each).
+        pooling: ``"auto"`` (empirical Bayes), ``"none"`` (Λ = I: the projection)
+            or ``"full"`` (Λ = 0: every benign client gets ÛV̄).
+
+    Returns:
+        (refined (K, p, q), shrinkage (K, r)): Λ's diagonal per client (1 for
+        contaminated clients and for the zero columns of ``basis``).
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> u = jnp.eye(4)[:, :1]
+        >>> blocks = jnp.stack([jnp.outer(u[:, 0], jnp.array([1.0, 2.0])) + e
+        ...                     for e in (0.0, 1e-3, -1e-3)])
+        >>> refined, lam = cj.refine.partial_pool(u, blocks, jnp.ones(3, bool), 0.5)
+        >>> lam.ravel().tolist()   # noise far above the spread: pooled fully
+        [0.0, 0.0, 0.0]
+    """
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
+    k, _, q = blocks.shape
+    dtype = blocks.dtype
+    coords = jnp.einsum("pr,kpq->krq", basis, blocks)                       # V_k, (K, r, q)
+    live = jnp.sum(jnp.square(basis), axis=0) > 0                          # (r,)
+    centre = _robust_centre(coords, benign)                                # V̄, (r, q)
+    cols = jnp.full((k,), q) if columns is None else jnp.asarray(columns)
+    sigma2 = jnp.broadcast_to(jnp.square(jnp.asarray(noise_level, dtype)), (k,))
+    nu = sigma2 * cols.astype(dtype)                                       # (K,)
+    if pooling == "auto":
+        spread = jnp.sum(jnp.square(coords - centre), axis=-1)              # (K, r)
+        excess = jnp.where(benign[:, None], spread - nu[:, None], jnp.inf)
+        tau2 = jnp.maximum(jnp.sort(excess, axis=0)[(jnp.maximum(jnp.sum(benign), 1) - 1) // 2], 0.0)  # (r,)
+        denom = tau2[None, :] + nu[:, None]
+        shrink = jnp.where(denom > 0, tau2[None, :] / jnp.where(denom > 0, denom, 1.0), 1.0)
+    else:
+        shrink = jnp.full((k, basis.shape[-1]), 1.0 if pooling == "none" else 0.0, dtype)
+    shrink = jnp.where(benign[:, None] & live[None, :], shrink, 1.0).astype(dtype)
+    pooled = centre + shrink[..., None] * (coords - centre)                 # (K, r, q)
+    refined = jnp.einsum("pr,krq->kpq", basis, pooled)
+    return jnp.where(benign[:, None, None], refined, blocks), shrink
+
+
 # --------------------------------------------- the stage: every problem at once
 
 
@@ -198,6 +299,8 @@ class Refinement(NamedTuple):
         rank: (n,) r̂; 0 where no shared direction was found.
         refined: (n, K, p, q) blocks, or flat oriented :class:`~clair_jax.LoRAFactors`.
         used: (n, K) clients whose update was refined.
+        shrinkage: (n, K, r_max) Λ of :func:`partial_pool` (1: the client's own
+            coordinates, 0: the benign centre's; all 1 without pooling).
         local_share: (n, K) α_k, the share of its off-subspace part a refined client
             kept (:func:`local_share`; 0 = plain projection, 1 = its local update).
     """
@@ -206,11 +309,12 @@ class Refinement(NamedTuple):
     rank: jax.Array
     refined: object
     used: jax.Array
+    shrinkage: jax.Array
     local_share: jax.Array
 
 
-def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refinement:
-    """Stage 6: Û from the stacked updates of the benign clients, then Θ̃_k = Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k.
+def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none") -> Refinement:
+    """Stage 6: Û from the benign clients' stacked updates, then Θ̃_k = Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k.
 
     r̂ is the number of singular values of the benign stack above the noise edge
     ``margin``·σ̂(√p + √n) (:func:`select_rank`), at most rank(L̂) near the
@@ -234,6 +338,10 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refi
         problems: :class:`clair_jax.stack.Problems`.
         detection: :class:`clair_jax.detect.Detection` (its rank caps and noise columns).
         client_benign: (K,) the pooled client verdict.
+        pooling: ``"none"``: Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"`` / ``"full"``: partial / full
+            pooling of the coordinates inside Û (:func:`partial_pool`, with the
+            detection's σ̂ and noise columns). Dense input only: LoRA factors keep
+            the projection (a pooled update would not have the client's LoRA shape).
     """
     used = jnp.broadcast_to(client_benign, problems.usable.shape)
     # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
@@ -253,7 +361,11 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2) -> Refi
         projected = jnp.einsum("npr,nkrl->nkpl", full_basis, coords)
         mixed = projected + share[..., None, None] * (b - projected)
         refined_b = jnp.where(used[..., None, None], mixed, b)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, share)
-    projected = jax.vmap(project)(basis, problems.blocks, used)
-    mixed = projected + share[..., None, None] * (problems.blocks - projected)
-    return Refinement(basis, ranks, mixed, used, share)
+        ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, ones, share)
+    refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
+        basis, problems.blocks, used, detection.noise_level, detection.columns)
+    # The off-subspace part each client keeps (α_k; 0 outside ``used``).
+    off = problems.blocks - jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, problems.blocks))
+    refined = refined + share[..., None, None] * off
+    return Refinement(basis, ranks, refined, used, shrinkage, share)

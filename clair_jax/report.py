@@ -35,9 +35,13 @@ class ClairResult(NamedTuple):
         refined: refined updates, the same kind as the input (array or LoRAFactors).
         decomposition: :class:`~clair_jax.Decomposition` at the chosen λ (for LoRA
             input, of the reduced problem).
-        lam: (...,) λ chosen. noise_level: (...,) σ̂ per entry, in the input's units.
+        lam: (...,) λ chosen.
+        noise_level: (...,) σ̂ per entry, in the input's units.
         converged: (...,) bool, whether the chosen decomposition converged (False
             where any of its numbers is non-finite).
+        shrinkage: (..., K, r_max) Λ used inside the subspace per client and
+            direction: 1 keeps the client's own coordinate, 0 takes the benign
+            centre's (all 1 with ``pooling="none"``; see :func:`clair_jax.refine.partial_pool`).
         local_share: (..., K) α_k in [0, 1], the share of its off-subspace part each
             refined client kept (:func:`clair_jax.refine.local_share`): 0 is the plain
             projection ÛÛᵀΘ̂_k; above 0 the client carried more outside Û than noise
@@ -58,6 +62,7 @@ class ClairResult(NamedTuple):
     lam: jax.Array
     noise_level: jax.Array
     converged: jax.Array
+    shrinkage: jax.Array
     local_share: jax.Array
 
     def summary(self) -> str:
@@ -126,5 +131,6 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         lam=dec.lam,
         noise_level=unflatten(detection.noise_level),
         converged=dec.converged,
+        shrinkage=unflatten(refinement.shrinkage),
         local_share=unflatten(refinement.local_share),
     )

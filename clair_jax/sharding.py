@@ -21,12 +21,10 @@ function ``fn(x[...]) -> pytree`` and runs it over ``x[B, ...]`` with
 On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set before JAX
 is imported) gives N host devices to try this on.
 
-:func:`clair_jax.clair` itself is not sharded: with 2 host devices its detection
-pass, split with :func:`over_problems` ``(mesh=...)``, ran and matched the
-single-device verdicts on some shapes (1.6× on 8 modules of 1024²) but hung
-XLA:CPU on others (4 modules of 256², with or without the scheduler flag of
-:mod:`clair_jax.linalg`), and a per-device ``lax.map`` of the LoRA reduction's
-QRs alone hung too (jax 0.10.2). That needs a GPU or a newer jaxlib to settle.
+:func:`clair_jax.clair` does not use this module: with several host devices a
+sharded program holding its nested λ-path and solver loops hung XLA:CPU
+(jax 0.10.2). ``cj.clair(..., devices=...)`` instead runs one single-device
+program per device on its own chunk of problems, from its own thread.
 
 Example:
     >>> import jax, jax.numpy as jnp

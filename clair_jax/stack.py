@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from clair_jax.lora import LoRAFactors, reduce_factors
 
-__all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems"]
+__all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems", "split", "concatenate"]
 
 SIDES = ("left", "right")
 
@@ -111,3 +111,36 @@ def _zero(x, usable):
 @jax.jit
 def _reduce_all(b, a):
     return jax.vmap(reduce_factors)(b, a)
+
+
+def split(updates, parts):
+    """Flatten the leading axes of checked updates and cut them into ≤ ``parts`` contiguous chunks.
+
+    Returns:
+        (chunks, lead): non-empty chunks of the same kind as ``updates``, each with
+        one leading problem axis, and the user's leading shape.
+    """
+    if isinstance(updates, LoRAFactors):
+        lead = updates.B.shape[:-3]
+        flat = LoRAFactors(updates.B.reshape((-1,) + updates.B.shape[-3:]),
+                           updates.A.reshape((-1,) + updates.A.shape[-3:]))
+        n = flat.B.shape[0]
+    else:
+        lead = updates.shape[:-3]
+        flat = updates.reshape((-1,) + updates.shape[-3:])
+        n = flat.shape[0]
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    chunks = [jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], flat) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return chunks, lead
+
+
+def concatenate(parts, lead, device=None):
+    """Problems built chunk by chunk (:func:`split`) → one batch in the ``lead`` layout, on ``device``."""
+    first = parts[0]
+
+    def join(*xs):
+        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)
+
+    arrays = [(p.blocks, p.usable, p.factors, p.basis) for p in parts]
+    blocks, usable, factors, basis = jax.tree_util.tree_map(join, *arrays)
+    return Problems(blocks, usable, first.dims, tuple(lead), first.side, factors, basis)

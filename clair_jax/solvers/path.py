@@ -62,9 +62,14 @@ def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0
     the previous λ's L̂ at the target μ (neighbouring λ have nearby optima).
 
     Args:
-        blocks: (K, p, q), scaled to ‖M‖_2 ≈ 1. lams: (G,) λ values, ascending.
-        mu, tol, max_iter, kwargs: as :func:`~clair_jax.solvers.solve_penalized` (``max_iter`` per λ).
-        until, extra: as :func:`solve_path`.
+        blocks: (K, p, q), scaled to ‖M‖_2 ≈ 1.
+        lams: (G,) λ values, ascending.
+        mu: as :func:`~clair_jax.solvers.solve_penalized`.
+        tol: as :func:`~clair_jax.solvers.solve_penalized`.
+        max_iter: as :func:`~clair_jax.solvers.solve_penalized`, per λ.
+        until: as :func:`solve_path`.
+        extra: as :func:`solve_path`.
+        **kwargs: as :func:`~clair_jax.solvers.solve_penalized`.
     """
     lams = jnp.asarray(lams, blocks.dtype)
     def solve(lam, previous):

@@ -1,0 +1,95 @@
+"""``clair aggregate CLIENT_DIR ... --out OUT_DIR``: PEFT adapters in, refined adapters out.
+
+Exit status 0 on success, 2 when a client directory cannot be used (one line on
+stderr naming it and the reason; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["add_arguments", "run", "format_table"]
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser):
+    parser.add_argument("clients", nargs="+", metavar="CLIENT_DIR",
+                        help="PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors), K >= 3")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR",
+                        help="write OUT_DIR/<client dir name>/ for every benign client")
+    parser.add_argument("--json", metavar="REPORT", help="also write the report as JSON")
+    parser.add_argument("--global-rank", type=_positive_int, metavar="R",
+                        help="also write OUT_DIR/global_adapter/: rank-R SVD of the mean refined benign update")
+    parser.add_argument("--keep-flagged", metavar="DIR", help="copy each flagged client's adapter here unchanged")
+    parser.add_argument("--rank", type=_positive_int, help="shared rank r̂ (default: chosen from the spectrum)")
+    parser.add_argument("--z-crit", type=float, default=5.0,
+                        help="refit test: robust standard deviations allowed above the benign median (default 5)")
+    parser.add_argument("--chunk-mib", type=float, default=256,
+                        help="float32 factors per module group, MiB (default 256): bounds peak memory")
+    parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+                        help="solve each module group's modules on N devices at once (default 1); on a CPU "
+                             "host XLA makes N host devices (at most one per core pays)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+
+
+def format_table(report) -> str:
+    """The terminal table: client, verdict, score, z, output."""
+    rows = [("client", "verdict", "score", "z", "output")]
+    for c in report["clients"]:
+        verdict = "benign" if c["benign"] else ("flagged (non-finite)" if c["nonfinite"] else "flagged")
+        rows.append((c["name"], verdict, f"{c['score']:.3f}", f"{c['z']:.2f}", c["output"] or c["flagged_copy"] or "—"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows)
+
+
+def _devices(n):
+    """``n`` local devices; on a CPU host, ask XLA for ``n`` host devices first (only
+    possible before JAX has started its backends, as here)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    import jax
+
+    local = jax.local_devices()
+    if n > len(local):
+        raise SystemExit(f"clair aggregate: --devices {n}: only {len(local)} device(s) available")
+    return local[:n]
+
+
+def run(args) -> int:
+    options = dict(z_crit=args.z_crit)
+    if args.devices > 1:
+        options["devices"] = _devices(args.devices)
+
+    from clair_jax.adapters.aggregate import aggregate
+    from clair_jax.adapters.peft_format import AdapterError
+
+    if args.rank is not None:
+        options["rank"] = args.rank
+    try:
+        report = aggregate(args.clients, args.out, json_path=args.json, global_rank=args.global_rank,
+                           keep_flagged=args.keep_flagged, chunk_bytes=int(args.chunk_mib * 2**20),
+                           progress=not args.quiet, **options)
+    except AdapterError as exc:
+        print(f"clair aggregate: refused: {exc.client}: {exc.reason}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    written = [c for c in report["clients"] if c["output"]]
+    flagged = [c["name"] for c in report["clients"] if not c["benign"]]
+    print(f"\n{len(written)} refined adapter(s) written to {report['out_dir']}"
+          + (f"; flagged, no output: {', '.join(flagged)}" if flagged else ""))
+    if any(c["passthrough"] for c in report["clients"]):
+        print("full weights (modules_to_save / lora_bias) were copied through unchanged per client")
+    if report["global_adapter"]:
+        print(f"global adapter (rank {report['global_adapter']['rank']}): {report['global_adapter']['path']}")
+    if args.json:
+        print(f"report: {args.json}")
+    return 0

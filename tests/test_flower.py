@@ -1,0 +1,376 @@
+"""clair_jax.flower.ClairStrategy against the real flwr (Message, ArrayRecord, RecordDict, Grid).
+
+No Ray and no mocks: an in-process ``Grid`` subclass runs plain client functions.
+Every test uses 8 nodes or fewer and one module shape, so CLAIR compiles once.
+"""
+
+import itertools
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from clair_jax.flower import ClairStrategy  # noqa: E402
+
+P, Q, R, SHARED = 16, 12, 4, 2
+MODULES = ("layers.0.q_proj", "layers.0.v_proj")
+NODES = [int(x) for x in np.random.default_rng(7).integers(2, 2**63 - 1, size=8)]
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """What a ServerApp runtime sets before messages are built (flwr >= 1.38 reads it)."""
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:
+        yield
+        return
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+class LocalGrid(Grid):
+    """Runs ``clients[node_id](message) -> RecordDict | Error`` in process; records all traffic."""
+
+    def __init__(self, clients):
+        self.clients = clients
+        self.sent, self.replies = [], []
+        self._ids = itertools.count(1)
+        self._run = None
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.clients)
+
+    def push_messages(self, messages):
+        return [self._deliver(m) for m in messages]
+
+    def _deliver(self, msg):
+        msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+        self.sent.append(msg)
+        out = self.clients[msg.metadata.dst_node_id](msg)
+        if out is not None:
+            self.replies.append(Message(out, reply_to=msg))
+        return msg.metadata.message_id
+
+    def pull_messages(self, message_ids):
+        ids = set(message_ids)
+        return [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def shared_basis(module=0):
+    return np.linalg.qr(np.random.default_rng(module).normal(size=(P, SHARED)))[0]
+
+
+def adapter(seed, poisoned=False, noise=0.1):
+    """A rank-R fit (truncated SVD) of the node's target, per module.
+
+    Benign target: U (G + ½H_seed) + noise, one column space U per module. Poisoned: the
+    same plus one backdoor direction outside span(U), shared by every attacker, at
+    the honest update's scale.
+    """
+    rng, out = np.random.default_rng(seed), {}
+    for i, m in enumerate(MODULES):
+        base = np.random.default_rng(100 + i)
+        g, v = base.normal(size=(SHARED, Q)), base.normal(size=(P, 1)) @ base.normal(size=(1, Q))
+        w = shared_basis(i) @ (g + 0.5 * rng.normal(size=(SHARED, Q)))
+        y = w + noise * rng.normal(size=w.shape)
+        if poisoned:
+            y = y + np.linalg.norm(w) * v / np.linalg.norm(v)
+        u, s, vt = np.linalg.svd(y, full_matrices=False)
+        out[f"{m}.lora_A.weight"] = vt[:R].astype(np.float32)
+        out[f"{m}.lora_B.weight"] = (u[:, :R] * s[:R]).astype(np.float32)
+    out["head.bias"] = rng.normal(size=(4,)).astype(np.float32)
+    return out
+
+
+def initial_arrays():
+    return ArrayRecord({k: Array(np.zeros_like(v)) for k, v in adapter(0).items()})
+
+
+def reply(arrays, num_examples=10, **metrics):
+    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                       "metrics": MetricRecord({"num-examples": num_examples, **metrics})})
+
+
+def honest(seed):
+    def client(msg):
+        if msg.metadata.message_type.startswith("evaluate"):
+            return RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": float(seed)})})
+        return reply(adapter(seed + 100 * int(msg.content["config"]["server-round"])), 10 + seed)
+    return client
+
+
+def attacker(seed):
+    def client(msg):
+        if msg.metadata.message_type.startswith("evaluate"):
+            return RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 99.0})})
+        return reply(adapter(seed + 100 * int(msg.content["config"]["server-round"]), poisoned=True), 50)
+    return client
+
+
+def federation(poisoned=(6, 7), n=8):
+    return {NODES[i]: (attacker(i) if i in poisoned else honest(i)) for i in range(n)}
+
+
+def fedavg(replies):
+    """Weighted per-key mean of the replies' arrays, by hand."""
+    weights = np.array([r.content["metrics"]["num-examples"] for r in replies], float)
+    keys = list(replies[0].content["arrays"].keys())
+    return {k: sum(w * r.content["arrays"][k].numpy().astype(np.float64) for w, r in zip(weights, replies))
+            / weights.sum() for k in keys}
+
+
+def one_round(strategy, grid, server_round=1, arrays=None):
+    arrays = initial_arrays() if arrays is None else arrays
+    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    return replies, strategy.aggregate_train(server_round, replies)
+
+
+def test_import_clair_jax_does_not_import_flwr():
+    code = "import sys, clair_jax; print('flwr' in sys.modules, 'clair_jax.flower' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_verdicts_and_global_arrays_over_rounds():
+    grid = LocalGrid(federation())
+    strategy = ClairStrategy(min_available_nodes=8)
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=2)
+    for i, node in enumerate(NODES):
+        assert [v.benign for v in strategy.history[node]] == [i < 6, i < 6], i
+        assert all(v.judged and v.reason == "clair" for v in strategy.history[node])
+    assert result.train_metrics_clientapp[2]["clair-flagged"] == 2
+    assert result.train_metrics_clientapp[2]["clair-judged"] == 8
+    # The global arrays are the benign repliers' weighted FedAvg of round 2, every key.
+    last = [r for r in grid.replies if r.metadata.message_type == "train"][-8:]
+    expected = fedavg([r for r in last if NODES.index(r.metadata.src_node_id) < 6])
+    for key, value in expected.items():
+        np.testing.assert_allclose(result.arrays[key].numpy(), value, rtol=1e-5, atol=1e-6)
+        assert result.arrays[key].numpy().dtype == np.float32
+
+
+def test_personalised_payloads_refine_benign_nodes_only():
+    grid = LocalGrid(federation())
+    strategy = ClairStrategy(min_available_nodes=8)
+    replies, (global_arrays, _) = one_round(strategy, grid)
+    sent = {r.metadata.src_node_id: r.content["arrays"] for r in replies}
+    messages = strategy.configure_train(2, global_arrays, ConfigRecord(), grid)
+    assert len(messages) == 8 and len({m.metadata.dst_node_id for m in messages}) == 8
+    payload = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}
+    refined_bs = []
+    for i, node in enumerate(NODES):
+        for j, m in enumerate(MODULES):
+            u = shared_basis(j)
+            a_key, b_key = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+            got_a, got_b = payload[node][a_key].numpy(), payload[node][b_key].numpy()
+            if i >= 6:  # flagged: the global arrays
+                np.testing.assert_array_equal(got_b, global_arrays[b_key].numpy())
+                np.testing.assert_array_equal(got_a, global_arrays[a_key].numpy())
+                continue
+            own_b = sent[node][b_key].numpy()
+            np.testing.assert_array_equal(got_a, sent[node][a_key].numpy())  # same A
+            signal = u @ u.T @ own_b
+            assert np.linalg.norm(got_b - signal) < 0.5 * np.linalg.norm(own_b - signal)  # denoised
+            if j == 0:
+                refined_bs.append(got_b)
+        np.testing.assert_array_equal(payload[node]["head.bias"].numpy(), global_arrays["head.bias"].numpy())
+    # Every refined B lies in one SHARED-dimensional column space.
+    sv = np.linalg.svd(np.concatenate(refined_bs, axis=1), compute_uv=False)
+    assert sv[SHARED] < 1e-4 * sv[0] < sv[SHARED - 1]
+    # Evaluate is personalised the same way; a new node gets the global arrays.
+    evaluate = strategy.configure_evaluate(1, global_arrays, ConfigRecord(), grid)
+    assert {m.metadata.dst_node_id: m.content["arrays"][f"{MODULES[0]}.lora_B.weight"].numpy().tobytes()
+            for m in evaluate} == {n: a[f"{MODULES[0]}.lora_B.weight"].numpy().tobytes() for n, a in payload.items()}
+    newcomer = ClairStrategy().personal_arrays(12345, global_arrays)
+    assert newcomer is global_arrays
+    # personalise=False sends everyone the global arrays, as FedAvg.
+    strategy.personalise = False
+    assert all(m.content["arrays"] is global_arrays
+               for m in strategy.configure_train(2, global_arrays, ConfigRecord(), grid))
+
+
+def test_flagged_nodes_can_be_left_out():
+    grid = LocalGrid(federation())
+    strategy = ClairStrategy(min_available_nodes=8, flagged_nodes="exclude")
+    _, (global_arrays, _) = one_round(strategy, grid)
+    messages = strategy.configure_train(2, global_arrays, ConfigRecord(), grid)
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(NODES[:6])
+
+
+def _bad(kind):
+    """A reply of node 0 that FedAvg could not aggregate, and the reason's words."""
+    good = adapter(0)
+    if kind == "error":
+        return Error(code=1, reason="client crashed"), "error reply"
+    if kind == "missing key":
+        return reply({k: v for k, v in good.items() if k != "head.bias"}), "missing keys"
+    if kind == "extra key":
+        return reply({**good, "extra.weight": np.ones(3, np.float32)}), "extra keys"
+    if kind == "shape":
+        return reply({**good, f"{MODULES[0]}.lora_B.weight": np.ones((P, R + 1), np.float32)}), "shapes unlike"
+    if kind == "nan":
+        return reply({**good, f"{MODULES[1]}.lora_A.weight": np.full((R, Q), np.nan, np.float32)}), "NaN"
+    if kind == "zero examples":
+        return reply(good, num_examples=0), "> 0"
+    if kind == "list examples":
+        return reply(good, num_examples=[1, 2]), "one number"
+    if kind == "no metrics":
+        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in good.items()})}), "MetricRecord"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["error", "missing key", "extra key", "shape", "nan", "zero examples",
+                                  "list examples", "no metrics"])
+def test_a_bad_reply_is_flagged_and_the_rest_aggregate(kind):
+    clients = federation(poisoned=())
+    bad, words = _bad(kind)
+    clients[NODES[0]] = lambda msg: bad
+    if kind == "error":  # an error reply is a Message carrying an Error, not content
+        grid = LocalGrid(clients)
+        grid._deliver = lambda msg, _orig=grid._deliver: _error_reply(grid, msg) if \
+            msg.metadata.dst_node_id == NODES[0] else _orig(msg)
+    else:
+        grid = LocalGrid(clients)
+    strategy = ClairStrategy(min_available_nodes=8)
+    replies, (arrays, metrics) = one_round(strategy, grid)
+    verdict = strategy.history[NODES[0]][-1]
+    assert not verdict.benign and not verdict.judged and words in verdict.reason, verdict
+    assert all(strategy.history[n][-1].benign for n in NODES[1:])
+    assert metrics["clair-flagged"] == 1 and metrics["clair-invalid"] == 1 and metrics["clair-judged"] == 7
+    expected = fedavg([r for r in replies if r.metadata.src_node_id != NODES[0]])
+    for key, value in expected.items():
+        np.testing.assert_allclose(arrays[key].numpy(), value, rtol=1e-5, atol=1e-6)
+    if kind in ("missing key", "extra key", "list examples"):  # FedAvg sinks the whole round
+        with pytest.raises(Exception, match="(?i)keys|single value"):
+            FedAvg().aggregate_train(1, replies)
+
+
+def _error_reply(grid, msg):
+    msg.metadata.__dict__["_message_id"] = f"m{next(grid._ids)}"
+    grid.sent.append(msg)
+    grid.replies.append(Message(Error(code=1, reason="client crashed"), reply_to=msg))
+    return msg.metadata.message_id
+
+
+def test_shapes_checked_against_the_majority_without_a_template():
+    strategy = ClairStrategy()
+    grid = LocalGrid(federation(poisoned=()))
+    messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), n, "train") for n in NODES]
+    replies = grid.send_and_receive(messages)  # sent without arrays: no template
+    odd = {**adapter(3), "head.bias": np.ones(5, np.float32)}
+    replies[3] = Message(reply(odd), reply_to=messages[3])
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert "shapes unlike the majority's" in strategy.history[NODES[3]][-1].reason
+    assert arrays["head.bias"].shape == (4,) and metrics["clair-flagged"] == 1
+
+
+def test_partial_participation_judges_against_the_bank():
+    random.seed(3)  # flwr samples nodes with random.sample
+    grid = LocalGrid(federation(poisoned=(7,)))
+    strategy = ClairStrategy(fraction_train=0.5, min_train_nodes=4, min_available_nodes=8, max_staleness=3)
+    arrays, judged = initial_arrays(), []
+    for server_round in (1, 2, 3):
+        _, (new, metrics) = one_round(strategy, grid, server_round, arrays)
+        arrays = new if new is not None else arrays
+        judged.append(metrics["clair-judged"])
+        assert metrics["clair-replies"] == 4
+    assert judged[0] == 4 and judged[1] > 4 and judged[2] >= judged[1]  # the bank joins the pool
+    for i, node in enumerate(NODES):
+        for v in strategy.history.get(node, []):
+            assert v.benign == (i != 7), (i, v)
+    # Flagged nodes' adapters never serve as a reference; a staleness limit of 0 empties the bank.
+    assert all(b.benign == (n != NODES[7]) for n, b in strategy.bank.items())
+    fresh = ClairStrategy(fraction_train=0.5, min_train_nodes=4, min_available_nodes=8, max_staleness=0,
+                          min_judged=2)
+    random.seed(3)
+    for server_round in (1, 2):
+        _, (_, metrics) = one_round(fresh, grid, server_round)
+        assert metrics["clair-judged"] == 4
+
+
+def test_too_few_adapters_are_averaged_unjudged():
+    grid = LocalGrid(federation(poisoned=(), n=3))
+    strategy = ClairStrategy(min_train_nodes=3, min_available_nodes=3)
+    replies, (arrays, metrics) = one_round(strategy, grid)
+    assert metrics["clair-judged"] == 0 and metrics["clair-flagged"] == 0
+    assert all(not strategy.history[n][-1].judged and "min_judged" in strategy.history[n][-1].reason
+               for n in NODES[:3])
+    np.testing.assert_allclose(arrays["head.bias"].numpy(), fedavg(replies)["head.bias"], rtol=1e-6)
+
+
+def test_aggregate_evaluate_skips_bad_replies():
+    clients = federation(poisoned=())
+    clients[NODES[0]] = lambda msg: RecordDict({"metrics": MetricRecord({"loss": 1.0})})  # no weight
+    grid = LocalGrid(clients)
+    strategy = ClairStrategy(min_available_nodes=8)
+    replies = grid.send_and_receive(strategy.configure_evaluate(1, initial_arrays(), ConfigRecord(), grid))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["loss"] == pytest.approx(np.mean(range(1, 8)))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"flagged_nodes": "drop"}, "flagged_nodes"),
+    ({"clair_options": {"rnak": 2}}, "rnak"),
+    ({"lora_scaling": -1.0}, "lora_scaling"),
+    ({"max_staleness": -1}, "max_staleness"),
+    ({"min_judged": 1}, "min_judged"),
+    ({"pad_clients": 0}, "pad_clients"),
+])
+def test_bad_options_name_the_argument(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ClairStrategy(**kwargs)
+
+
+def test_scaling_is_folded_and_unfolded():
+    base = ClairStrategy(min_available_nodes=8)
+    scaled = ClairStrategy(min_available_nodes=8, lora_scaling=lambda module: 4.0 if "q_proj" in module else 0.5)
+    payloads = []
+    for strategy in (base, scaled):
+        grid = LocalGrid(federation())
+        _, (arrays, _) = one_round(strategy, grid)
+        payloads.append({m.metadata.dst_node_id: m.content["arrays"]
+                         for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)})
+    assert [v.benign for n in NODES for v in base.history[n]] == [v.benign for n in NODES for v in scaled.history[n]]
+    key = f"{MODULES[0]}.lora_B.weight"
+    for node in NODES:  # refined B comes back in the adapter's own units
+        np.testing.assert_allclose(payloads[0][node][key].numpy(), payloads[1][node][key].numpy(), atol=1e-4)
+    config_scaled = ClairStrategy()
+    config_scaled._train_config = {"lora-alpha": 16, "lora-r": 4}
+    assert config_scaled._scaling("m") == 4.0
+
+
+@pytest.mark.slow
+def test_example_runs_three_rounds_with_run_simulation(tmp_path):
+    """examples/flower_lora under Flower's simulation runtime (Ray): the poisoned partitions are flagged."""
+    pytest.importorskip("ray")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "examples.flower_lora.run", "--backend", "ray"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for server_round in (1, 2, 3):
+        assert f"round {server_round}: flagged partitions [12, 13, 14]" in out.stdout, out.stdout[-3000:]

@@ -1,0 +1,128 @@
+"""Partial pooling inside the subspace (refine.partial_pool) against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clair_jax import refine
+
+
+def _federation(seed, k=30, p=12, q=6, r=2, spread=1.0, noise=0.1, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.standard_normal((p, r)))[0]
+    centre = rng.standard_normal((r, q))
+    v = centre + spread * rng.standard_normal((k, r, q))
+    blocks = np.einsum("pr,krq->kpq", u, v) + noise * rng.standard_normal((k, p, q))
+    return jnp.asarray(u, dtype), jnp.asarray(blocks, dtype), centre
+
+
+def test_identical_coordinates_pool_to_the_centre():
+    # No between-client spread and no noise inside the subspace: V̄ = V_k, and Λ = 0
+    # (τ² = 0) changes nothing: the refinement is the projection.
+    u, blocks, _ = _federation(0, spread=0.0, noise=0.0)
+    benign = jnp.ones(blocks.shape[0], bool)
+    refined, lam = refine.partial_pool(u, blocks, benign, 0.1)
+    np.testing.assert_allclose(lam, 0.0)
+    np.testing.assert_allclose(refined, refine.project(u, blocks, benign), atol=1e-12)
+
+
+def test_noise_only_spread_gives_the_benign_mean_in_the_subspace():
+    # V_k = V + noise: τ² is estimated at 0, so every benign client gets Û × (mean of the
+    # benign V_k), i.e. the benign FedAvg projected on Û; the contaminated client is untouched.
+    u, blocks, _ = _federation(1, spread=0.0, noise=0.3)
+    benign = jnp.arange(blocks.shape[0]) >= 2
+    blocks = blocks.at[:2].set(50.0)   # far away: must not enter V̄
+    refined, lam = refine.partial_pool(u, blocks, benign, 0.3)
+    assert np.all(np.asarray(lam)[2:] == 0.0) and np.all(np.asarray(lam)[:2] == 1.0)
+    mean = jnp.mean(blocks[2:], axis=0)
+    np.testing.assert_allclose(refined[2:], jnp.broadcast_to(u @ (u.T @ mean), refined[2:].shape), atol=1e-10)
+    np.testing.assert_array_equal(refined[:2], blocks[:2])
+
+
+def test_huge_spread_keeps_each_clients_coordinates():
+    u, blocks, _ = _federation(2, spread=100.0, noise=0.01)
+    benign = jnp.ones(blocks.shape[0], bool)
+    refined, lam = refine.partial_pool(u, blocks, benign, 0.01)
+    assert float(jnp.min(lam)) > 0.999
+    np.testing.assert_allclose(refined, refine.project(u, blocks, benign), rtol=1e-3, atol=1e-3)
+
+
+def test_shrinkage_matches_the_empirical_bayes_formula():
+    # Λ_kj = τ_j² / (τ_j² + σ_k² c_k) with τ_j² = median(‖V_kj − V̄_j‖² − σ_k² c_k): by hand.
+    u, blocks, _ = _federation(3, spread=0.3, noise=0.2)
+    k, _, q = blocks.shape
+    benign = jnp.ones(k, bool)
+    sigma = jnp.linspace(0.1, 0.3, k)
+    cols = jnp.full(k, q)
+    refined, lam = refine.partial_pool(u, blocks, benign, sigma, cols)
+    v = np.einsum("pr,kpq->krq", np.asarray(u), np.asarray(blocks))
+    # The centre is a Huber mean; recover it from the "full" mode (Λ = 0 gives Û V̄).
+    full, _ = refine.partial_pool(u, blocks, benign, sigma, cols, pooling="full")
+    centre = np.asarray(u).T @ np.asarray(full[0])
+    nu = np.asarray(sigma) ** 2 * q
+    excess = np.sum((v - centre) ** 2, axis=-1) - nu[:, None]
+    tau2 = np.maximum(np.sort(excess, axis=0)[(k - 1) // 2], 0.0)
+    np.testing.assert_allclose(lam, tau2 / (tau2 + nu[:, None]), rtol=1e-10)
+    np.testing.assert_allclose(refined, np.einsum("pr,krq->kpq", np.asarray(u),
+                                                  centre + np.asarray(lam)[..., None] * (v - centre)), atol=1e-10)
+
+
+def test_modes_none_and_full_and_zero_columns():
+    u, blocks, _ = _federation(4)
+    basis = jnp.concatenate([u, jnp.zeros((u.shape[0], 1))], axis=1)   # a padded basis column
+    benign = jnp.ones(blocks.shape[0], bool)
+    none, lam_none = refine.partial_pool(basis, blocks, benign, 0.1, pooling="none")
+    np.testing.assert_allclose(none, refine.project(u, blocks, benign), atol=1e-12)
+    assert np.all(np.asarray(lam_none) == 1.0)
+    full, lam_full = refine.partial_pool(basis, blocks, benign, 0.1, pooling="full")
+    assert np.all(np.asarray(lam_full)[:, :2] == 0.0) and np.all(np.asarray(lam_full)[:, 2] == 1.0)
+    np.testing.assert_allclose(full, jnp.broadcast_to(full[0], full.shape), atol=1e-12)
+    with pytest.raises(ValueError, match="pooling"):
+        refine.partial_pool(u, blocks, benign, 0.1, pooling="half")
+
+
+def test_a_contaminated_minority_inside_the_set_barely_moves_the_centre():
+    # Huber weights: 20% of the "benign" set far away moves V̄ far less than a mean would.
+    u, blocks, centre = _federation(5, spread=0.1, noise=0.05)
+    blocks = blocks.at[:6].add(30.0 * u[:, :1] @ jnp.ones((1, blocks.shape[-1])))
+    benign = jnp.ones(blocks.shape[0], bool)
+    full, _ = refine.partial_pool(u, blocks, benign, 0.05, pooling="full")
+    got = np.asarray(u).T @ np.asarray(full[10])
+    mean_shift = np.linalg.norm(np.mean(np.einsum("pr,kpq->krq", u, blocks), 0) - centre)
+    assert np.linalg.norm(got - centre) < 0.25 * mean_shift
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dtype_kept_and_vmap_equals_loop(dtype):
+    feds = [_federation(s, dtype=dtype) for s in (6, 7, 8)]
+    us = jnp.stack([f[0] for f in feds])
+    bs = jnp.stack([f[1] for f in feds])
+    benign = jnp.stack([jnp.arange(30) % 7 != 0] * 3)
+    sig = jnp.asarray([0.1, 0.2, 0.3], dtype)
+    out, lam = jax.vmap(refine.partial_pool)(us, bs, benign, sig)
+    assert out.dtype == dtype and lam.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-12
+    for i in range(3):
+        o, lm = refine.partial_pool(us[i], bs[i], benign[i], sig[i])
+        np.testing.assert_allclose(out[i], o, rtol=tol, atol=tol)
+        np.testing.assert_allclose(lam[i], lm, rtol=tol, atol=tol)
+
+
+def test_clair_pooling_option_reports_shrinkage():
+    import clair_jax as cj
+
+    fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2, contamination=0.25, noise=0.3)
+    plain = cj.clair(fed.updates)
+    assert np.all(np.asarray(plain.shrinkage) == 1.0)
+    auto = cj.clair(fed.updates, pooling="auto")
+    np.testing.assert_array_equal(auto.client_benign, plain.client_benign)
+    used = np.asarray(auto.client_benign)
+    assert auto.shrinkage.shape == (16, auto.subspace.shape[-1])
+    assert np.all(np.asarray(auto.shrinkage)[~used] == 1.0)
+    # The same as pooling from outside with the reported σ̂ (full-rank blocks: q noise columns).
+    expect, lam = refine.partial_pool(auto.subspace, fed.updates, auto.client_benign, auto.noise_level)
+    np.testing.assert_allclose(auto.refined, expect, atol=1e-10)
+    np.testing.assert_allclose(auto.shrinkage, lam, atol=1e-12)
+    with pytest.raises(ValueError, match="pooling"):
+        cj.clair(fed.updates, pooling="half")

@@ -1,0 +1,130 @@
+"""The pipeline's stages and the public pooled verdict (cj.clair_groups, cj.pool_verdicts)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clair_jax as cj
+from clair_jax import detect, refine, stack
+from clair_jax.options import ClairOptions
+
+
+def _layers(seed=0, layers=4, **kw):
+    cfg = dict(num_clients=16, p=12, q=4, rank=2, contamination=0.25, noise=0.1, kind="mixed")
+    cfg.update(kw)
+    fed = cj.data.make_federation(seed, **cfg)
+    scales = jnp.linspace(0.5, 2.0, layers)[:, None, None, None]
+    return fed, fed.updates[None] * scales
+
+
+def test_groups_of_layers_equal_one_call_over_all_layers():
+    fed, updates = _layers()
+    whole = cj.clair(updates)
+    first, second = cj.clair_groups([updates[:1], updates[1:]])
+    for part in (first, second):
+        np.testing.assert_array_equal(np.asarray(part.client_benign), np.asarray(whole.client_benign))
+        np.testing.assert_allclose(np.asarray(part.client_z), np.asarray(whole.client_z), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(second.refined), np.asarray(whole.refined[1:]), rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(whole.client_benign), np.asarray(fed.benign))
+
+
+def test_one_group_is_clair():
+    fed, _ = _layers()
+    (res,) = cj.clair_groups([fed.updates])
+    ref = cj.clair(fed.updates)
+    np.testing.assert_array_equal(np.asarray(res.benign), np.asarray(ref.benign))
+    np.testing.assert_allclose(np.asarray(res.refined), np.asarray(ref.refined))
+
+
+def test_groups_of_different_shapes_and_kinds_share_one_verdict():
+    fed, _ = _layers(1)
+    rng = np.random.default_rng(1)
+    # A LoRA group of another shape, with the same clients contaminated.
+    k, r = fed.updates.shape[0], 2
+    basis = np.linalg.qr(rng.standard_normal((20, 2)))[0]
+    b = np.einsum("pr,krs->kps", basis, rng.standard_normal((k, 2, r)))
+    bad = ~np.asarray(fed.benign)
+    b[bad] = rng.standard_normal((bad.sum(), 20, r))
+    lora = cj.LoRAFactors(jnp.asarray(b), jnp.asarray(rng.standard_normal((k, r, 6))))
+    dense_res, lora_res = cj.clair_groups([fed.updates, lora])
+    np.testing.assert_array_equal(np.asarray(dense_res.client_benign), np.asarray(lora_res.client_benign))
+    np.testing.assert_array_equal(np.asarray(lora_res.client_benign), np.asarray(fed.benign))
+    assert isinstance(lora_res.refined, cj.LoRAFactors) and lora_res.refined.B.shape == b.shape
+
+
+def test_pool_verdicts_of_separate_results_equals_the_joint_verdict():
+    fed, updates = _layers(2)
+    joint = cj.clair_groups([updates[:2], updates[2:]])
+    separate = [cj.clair(updates[:2]), cj.clair(updates[2:])]
+    verdict = cj.pool_verdicts(separate)
+    np.testing.assert_array_equal(np.asarray(verdict.benign), np.asarray(joint[0].client_benign))
+    np.testing.assert_allclose(np.asarray(verdict.scores), np.asarray(joint[0].client_scores), rtol=1e-6)
+
+
+def test_pool_verdict_rules():
+    usable = jnp.ones((3, 4), bool)
+    benign = jnp.array([[1, 1, 0, 1], [1, 1, 0, 0], [1, 1, 0, 0]], bool)
+    scores = jnp.array([[0.0, 0.0, 0.9, 0.05]] * 3)
+    z = jnp.array([[0.0, 0.0, 0.0, 0.0]] * 3)
+    v = cj.pool.client_verdict(benign, scores, z, usable)
+    assert v.benign.tolist() == [True, True, False, False]          # client 3 loses the vote
+    v = cj.pool.client_verdict(jnp.ones((3, 4), bool), jnp.zeros((3, 4)), z.at[:, 1].set(7.0), usable)
+    assert v.benign.tolist() == [True, False, True, True]           # mean z above z_crit
+    v = cj.pool.client_verdict(jnp.ones((3, 4), bool), jnp.zeros((3, 4)), z, usable.at[1, 2].set(False))
+    assert v.benign.tolist() == [True, True, False, True] and v.nonfinite.tolist() == [False, False, True, False]
+
+
+def test_groups_errors_name_the_group():
+    fed, _ = _layers()
+    with pytest.raises(ValueError, match="same clients"):
+        cj.clair_groups([fed.updates, fed.updates[:10]])
+    with pytest.raises(TypeError, match=r"groups\[1\]"):
+        cj.clair_groups([fed.updates, fed.updates.astype(jnp.int32)])
+    with pytest.raises(TypeError, match="list or tuple"):
+        cj.clair_groups(fed.updates)
+    with pytest.raises(ValueError, match="at least one"):
+        cj.clair_groups([])
+    with pytest.raises(ValueError, match="same clients"):
+        cj.pool_verdicts([cj.clair(fed.updates), cj.clair(fed.updates[:10])])
+
+
+def test_stages_compose_to_clair():
+    fed, updates = _layers(3, layers=2)
+    opts = ClairOptions.checked()
+    problems = stack.problems(updates, "left")
+    detection = detect.until_settled(problems, opts)
+    verdict = cj.pool.client_verdict(detection.benign, detection.scores, detection.z, detection.usable)
+    refined = refine.refine(problems, detection, verdict.benign)
+    ref = cj.clair(updates)
+    np.testing.assert_allclose(np.asarray(problems.restore(refined.refined)), np.asarray(ref.refined))
+    assert detection.passes >= 1 and refined.rank.shape == (2,)
+
+
+def test_second_call_does_not_recompile():
+    fed, _ = _layers(4)
+    cj.clair(fed.updates)
+    before = detect._pass_all._cache_size()
+    cj.clair(fed.updates * 3.0)
+    assert detect._pass_all._cache_size() == before
+
+
+GOOD = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5, 3)))
+
+
+@pytest.mark.parametrize("updates, kwargs, match", [
+    (GOOD, dict(rank=16), "rank = 16 is larger"),
+    (jnp.zeros((0, 6, 5, 3)), {}, "empty leading"),
+    (cj.LoRAFactors(jnp.zeros((6, 5, 0)), jnp.zeros((6, 0, 3))), {}, "LoRA rank 0"),
+    ((GOOD[..., :2], GOOD[:, :2, :]), {}, "cj.LoRAFactors"),
+    (GOOD, dict(lam=[0.5, 0.7]), "lam must be a single"),
+    (GOOD, dict(noise=None), "noise must be 'auto'"),
+    (GOOD, dict(noise=[0.1]), "noise must be a single"),
+    (GOOD, dict(threshold="0.5"), "threshold must be a single"),
+    (GOOD, dict(tol="abc"), "tol must be a single"),
+    (GOOD, dict(min_gap="x"), "min_gap must be a single"),
+    (GOOD, dict(svt="fast"), "svt must be one of"),
+    (GOOD, dict(refit="yes"), "refit must be True or False"),
+])
+def test_bad_input_names_the_argument(updates, kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        cj.clair(updates, **kwargs)
