@@ -28,12 +28,29 @@ from clair_jax.solvers.common import default_tolerance
 from clair_jax.stack import to_stacked
 
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
-           "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES"]
+           "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
+           "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
 #: step above them.
 MIN_GAP = 0.1
+
+#: The refit estimates Û from blocks whose norms are capped at SUBSPACE_CLIP ×
+#: the median norm of the current set: a block's column space is kept, but a few
+#: aligned huge blocks can no longer choose Û or r̂ on their own.
+SUBSPACE_CLIP = 2.0
+
+#: Blocks above ENERGY_CAP × the median client norm are scaled down to it before
+#: energies are squared (float32 squares overflow near 1e19). Such a block's
+#: off-subspace energy is still ~ENERGY_CAP² times a benign one: it is flagged.
+ENERGY_CAP = 1e6
+
+#: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
+#: deviations (of the current set's pooled residual entries) before energies are
+#: summed: heavy-tailed noise (Student-t) then gives energies with a finite spread,
+#: while dense contamination keeps nearly all its energy.
+ENTRY_CLIP = 4.0
 
 
 def block_scores(sparse, blocks, usable):
@@ -91,6 +108,31 @@ def masked_median(values, mask):
     return ordered[(jnp.maximum(jnp.sum(mask), 1) - 1) // 2]
 
 
+def scaled_norms(blocks):
+    """(K,) Frobenius norms that neither overflow nor underflow for any finite input.
+
+    Each block is divided by its largest |entry| before squaring, then multiplied back.
+    """
+    peak = jnp.max(jnp.abs(blocks), axis=(-2, -1))
+    unit = blocks / jnp.where(peak > 0, peak, 1.0)[..., None, None]
+    return peak * jnp.sqrt(jnp.sum(jnp.square(unit), axis=(-2, -1)))
+
+
+def robust_units(blocks, usable, cap=ENERGY_CAP):
+    """Blocks in units of the median usable client norm, norms capped at ``cap``.
+
+    Returns (scaled blocks, the unit): every statistic of the refit test is then
+    computed on numbers near 1, whatever the input's scale (1e-20 or 1e30).
+    """
+    norms = scaled_norms(blocks)
+    positive = usable & (norms > 0)
+    unit = masked_median(norms, positive)
+    unit = jnp.where(jnp.any(positive) & jnp.isfinite(unit) & (unit > 0), unit, 1.0)
+    rel = norms / unit
+    shrink = jnp.where(rel > cap, cap / jnp.where(rel > 0, rel, 1.0), 1.0)
+    return blocks * (shrink / unit)[:, None, None], unit
+
+
 class ResidualTest(NamedTuple):
     benign: jax.Array      # (K,) bool
     z: jax.Array           # (K,) standardised excess off-subspace energy
@@ -113,6 +155,16 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     contamination hides in noise; the convex decomposition supplies the
     robust starting set the refit needs.
 
+    Robustness: the blocks are first brought to the median client norm
+    (:func:`robust_units`, so no energy overflows or underflows in float32 for
+    any finite input); Û is fitted on blocks capped at :data:`SUBSPACE_CLIP` ×
+    the set's median norm (:func:`clair_jax.refine.capped`: a few aligned huge
+    blocks cannot choose Û or r̂); and for dense full-rank blocks a client is
+    flagged only when its energy is also out of range after its residual
+    entries are winsorised at :data:`ENTRY_CLIP` robust standard deviations, so
+    heavy-tailed noise (a few huge entries) is not read as contamination while
+    dense contamination is.
+
     Args:
         blocks: (K, p, q) with unusable clients zeroed.
         benign: (K,) starting set. usable: (K,) finite clients.
@@ -126,25 +178,49 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
             default q each.
     """
     k, p, q = blocks.shape
+    entrywise = dims is None or tuple(dims) == (p, q)   # not an exact (LoRA) reduction
     p, q = (p, q) if dims is None else dims
-    norms2 = jnp.sum(jnp.square(blocks), axis=(-2, -1))
+    # Scale first: every energy below is a number near 1 (overflow/underflow safe).
+    blocks, unit = robust_units(blocks, usable)
+    norms = scaled_norms(blocks)
+    norms2 = jnp.square(norms)
     cols = jnp.full((k,), q) if columns is None else columns
 
     def one_round(state):
         current = state.benign
+        # Û from blocks capped at SUBSPACE_CLIP × the set's median norm (refine.capped).
         u, sv = refine.benign_spectrum(blocks, current)
         basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
+        # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
+        # robust sd. Heavy-tailed noise inflates only the plain one, so a client is
+        # flagged when both are out of the set's range.
+        abs_mean = jnp.mean(jnp.abs(resid), axis=(-2, -1))
+        spread = masked_median(abs_mean, current) * jnp.sqrt(jnp.pi / 2).astype(blocks.dtype)
+        limit = jnp.where(spread > 0, ENTRY_CLIP * spread, jnp.inf)
         energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
-        m = masked_median(energy, current)
-        mad = masked_median(jnp.abs(energy - m), current)
+        clipped = jnp.sum(jnp.square(jnp.clip(resid, -limit, limit)), axis=(-2, -1))
         dof = jnp.maximum((p - r) * masked_median(cols, current), 1).astype(blocks.dtype)
-        s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
-        z = (energy - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
-        keep = usable & (energy <= m + z_crit * s + rel_floor * norms2)
+
+        def standardise(e, size2):
+            m = masked_median(e, current)
+            mad = masked_median(jnp.abs(e - m), current)
+            s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
+            z = (e - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
+            # An excess within rounding is no evidence (noiseless data: s is rounding too).
+            z = jnp.where(e - m <= rel_floor * size2, jnp.minimum(z, 0.0), z)
+            return z, e <= m + z_crit * s + rel_floor * size2
+
+        z_plain, ok_plain = standardise(energy, norms2)
+        z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(blocks, -limit, limit)), axis=(-2, -1)))
+        # Only where the residual entries are one population: dense full-rank blocks
+        # (a LoRA block's residual lives in a few directions and its entries are not iid).
+        veto = entrywise & (masked_median(cols, current) >= q)
+        z = jnp.where(veto, jnp.minimum(z_plain, z_clip), z_plain)
+        keep = usable & (ok_plain | (veto & ok_clip))
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
-        return ResidualTest(keep, z, r, sv, jnp.all(keep == current), state.rounds + 1)
+        return ResidualTest(keep, z, r, sv * unit, jnp.all(keep == current), state.rounds + 1)
 
     # A round that keeps its set would repeat itself: stop there (one SVD instead
     # of ``rounds`` in the common case).
@@ -195,8 +271,8 @@ class _Prepared(NamedTuple):
 
 
 def _equalise(blocks, usable):
-    """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP)."""
-    norms = safe_frobenius_norm(blocks)
+    """Scale blocks above NORM_CLIP × median norm down to it (see NORM_CLIP); overflow safe."""
+    norms = scaled_norms(blocks)
     cap = NORM_CLIP * masked_median(norms, usable)
     return jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
 
@@ -313,7 +389,9 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
         block_norms=safe_frobenius_norm(sol.sparse * unweight),
         singular_values=sol.singular_values * scale,
         iterations=sol.iterations,
-        converged=sol.converged,
+        # A non-finite intermediate is never reported as converged.
+        converged=sol.converged & jnp.all(jnp.isfinite(sol.low_rank)) & jnp.all(jnp.isfinite(sol.sparse))
+        & jnp.isfinite(sol.objective) & jnp.all(jnp.isfinite(z)),
         objective=sol.objective * jnp.where(mu > 0, scale**2, scale),
         primal_residual=sol.primal_residual,
         dual_residual=sol.dual_residual,

@@ -23,17 +23,43 @@ from clair_jax.lora import LoRAFactors
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "partial_pool", "POOLING", "Refinement", "refine"]
+__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "subspace", "project", "local_share",
+           "partial_pool", "POOLING", "Refinement", "refine"]
 
 #: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
 POOLING = ("auto", "none", "full")
 
 
+def capped(blocks, benign, clip=None):
+    """Benign blocks with norms capped at ``clip`` × their median norm; others zeroed.
+
+    ``clip`` defaults to :data:`clair_jax.detect.SUBSPACE_CLIP`. Scaling a block
+    keeps its column space, so every shared direction is still there, but a few
+    aligned huge blocks no longer decide which directions lead the spectrum (nor,
+    through its top singular value, the rank floor).
+    """
+    from clair_jax import detect  # local import: detect imports refine
+
+    clip = detect.SUBSPACE_CLIP if clip is None else clip
+    norms = detect.scaled_norms(blocks)
+    cap = clip * detect.masked_median(norms, benign & (norms > 0))
+    weight = jnp.where((norms > cap) & (cap > 0), cap / jnp.where(norms > 0, norms, 1.0), 1.0)
+    return jnp.where(benign[:, None, None], blocks * weight[:, None, None], 0.0)
+
+
 def benign_spectrum(blocks, benign):
-    """SVD of the stacked benign blocks (contaminated blocks zeroed): (U, s)."""
-    masked = jnp.where(benign[:, None, None], blocks, 0.0)
-    u, s, _ = jnp.linalg.svd(to_stacked(masked), full_matrices=False)
-    return u, s
+    """SVD of the stacked benign blocks (contaminated blocks zeroed): (U, s).
+
+    Blocks above SUBSPACE_CLIP × the benign median norm are scaled down to it
+    first (:func:`capped`), and the stack is divided by its largest |entry|
+    (then s is multiplied back), so no intermediate overflows or underflows
+    for any finite input.
+    """
+    masked = capped(blocks, benign)
+    peak = jnp.max(jnp.abs(masked))
+    peak = jnp.where(peak > 0, peak, 1.0)
+    u, s, _ = jnp.linalg.svd(to_stacked(masked / peak), full_matrices=False)
+    return u, s * peak
 
 
 def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
@@ -60,21 +86,42 @@ def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
     return jnp.maximum(rank, jnp.where(singular_values[0] > 0, 1, 0)), sigma
 
 
-def shared_basis(u, rank, blocks, benign, max_share=0.5):
+def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
     """The first ``rank`` columns of u that are *shared*, compacted to the front.
 
-    A direction carrying more than ``max_share`` of its energy from a single
-    benign client is that client's own (an absorbed rank-one attack, an
-    outlier) rather than a shared one: it is dropped, so it cannot shelter its
-    owner from detection nor enter everyone's refinement.
+    A direction is one client's own (an absorbed rank-one attack, an outlier)
+    rather than a shared one when a single benign client carries more than
+    ``max_share`` of its energy *and* the other clients carry no more than
+    noise along it: at most ``noise_factor`` × the energy a noise direction of
+    the stack holds (the median squared singular value past ``rank``), or a
+    rounding share of the direction's energy in noiseless data. Such a
+    direction is dropped, so it cannot shelter its owner from detection nor
+    enter everyone's refinement. A direction that one client dominates but
+    others also carry above the noise is shared and kept: with few clients a
+    true direction is often carried mostly by one of them (noiseless exact-rank
+    data then keep their whole rank).
 
     Returns:
         (basis with kept columns first and the rest zero, number kept).
     """
-    masked = jnp.where(benign[:, None, None], blocks, 0.0)
+    masked = capped(blocks, benign)
+    peak = jnp.max(jnp.abs(masked))
+    masked = masked / jnp.where(peak > 0, peak, 1.0)   # squares below cannot overflow
     per_client = jnp.square(jnp.einsum("pm,kpq->kmq", u, masked)).sum(-1)   # (K, m)
-    total = jnp.maximum(jnp.sum(per_client, axis=0), jnp.finfo(u.dtype).tiny)
-    keep = (jnp.arange(u.shape[-1]) < rank) & (jnp.max(per_client, axis=0) <= max_share * total)
+    total = jnp.sum(per_client, axis=0)                                     # s_j², j < m
+    top = jnp.max(per_client, axis=0)
+    others = total - top
+    # Energy of one noise direction: median of the tail of the spectrum (past the
+    # candidate rank, structural zeros excluded).
+    eps = jnp.finfo(u.dtype).eps
+    tail = (jnp.arange(u.shape[-1]) >= rank) & (total > eps * total[0])
+    from clair_jax.detect import masked_median  # local import: detect imports refine
+
+    noise = masked_median(total, tail)
+    noise = jnp.where(jnp.any(tail), noise, 0.0)
+    own = (top > max_share * jnp.maximum(total, jnp.finfo(u.dtype).tiny)) & \
+        (others <= jnp.maximum(noise_factor * noise, 1e3 * eps * total))
+    keep = (jnp.arange(u.shape[-1]) < rank) & ~own
     order = jnp.argsort(~keep, stable=True)                                # kept columns first
     kept = jnp.sum(keep).astype(jnp.int32)
     return subspace(u[:, order], kept), kept
@@ -203,6 +250,47 @@ def _bases(blocks, used, rank_cap, columns, *, rank, margin, dims):
         blocks, used, rank_cap, columns)
 
 
+def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
+    """(K,) share α_k of its off-subspace part each client keeps: 0 = projected, 1 = local.
+
+    The rule that makes refinement never worse than the local update by more
+    than the estimation noise. Client k's off-subspace energy
+    e_k = ‖(I − ÛÛᵀ)Θ̂_k‖² is compared with what noise alone would leave there,
+    N_k = σ̂²(p − r̂)·n_k (n_k its noise columns):
+
+        α_k = clip(1 − c·N_k/e_k, 0, 1),  c = 1 + ``slack``·√(2/((p − r̂)n_k)).
+
+    Pure noise off the subspace (e_k ≈ N_k, within ``slack`` χ² standard
+    deviations) gives α_k = 0: the plain projection. Signal the client clearly
+    carries outside Û (a true direction Û missed, with few clients or a rank
+    near Kq/2; its own heterogeneity) gives α_k → 1, so that part is kept, as
+    in James–Stein shrinkage toward the subspace. On noiseless data (σ̂ = 0)
+    every client keeps its exact update. Scale free (blocks are brought to the
+    median client norm first).
+
+    Args:
+        basis: (p', r_max) Û (columns past r̂ zero). blocks: (K, p', q').
+        rank: r̂. sigma: σ̂ per entry, in the blocks' units. columns: (K,) noise columns.
+        p: the dense row count (p' may be a reduction's).
+    """
+    from clair_jax import detect  # local import: detect imports refine
+
+    x, unit = detect.robust_units(blocks, jnp.ones(blocks.shape[0], bool))
+    resid = x - basis @ jnp.einsum("pr,kpq->krq", basis, x)
+    energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    dof = jnp.maximum((p - rank) * columns, 1).astype(x.dtype)
+    noise = jnp.square(sigma / unit) * dof
+    c = 1.0 + slack * jnp.sqrt(2.0 / dof)
+    share = 1.0 - c * noise / jnp.where(energy > 0, energy, 1.0)
+    return jnp.where(energy > 0, jnp.clip(share, 0.0, 1.0), 0.0).astype(x.dtype)
+
+
+#: A client whose refit statistic in one problem exceeds this is left out of that
+#: problem's Û even when the pooled verdict clears it (attackers confined to one
+#: layer of many: issue 14 measured z ≈ 15–21 for them, ≤ 2.7 for benign clients).
+DECISIVE_Z = 10.0
+
+
 class Refinement(NamedTuple):
     """Stage 6's answer for a batch of n problems.
 
@@ -213,6 +301,8 @@ class Refinement(NamedTuple):
         used: (n, K) clients whose update was refined.
         shrinkage: (n, K, r_max) Λ of :func:`partial_pool` (1: the client's own
             coordinates, 0: the benign centre's; all 1 without pooling).
+        local_share: (n, K) α_k, the share of its off-subspace part a refined client
+            kept (:func:`local_share`; 0 = plain projection, 1 = its local update).
     """
 
     subspace: jax.Array
@@ -220,19 +310,29 @@ class Refinement(NamedTuple):
     refined: object
     used: jax.Array
     shrinkage: jax.Array
+    local_share: jax.Array
 
 
 def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none") -> Refinement:
-    """Stage 6: Û from the stacked updates of the benign clients, then Θ̃_k = Û Ûᵀ Θ̂_k.
+    """Stage 6: Û from the benign clients' stacked updates, then Θ̃_k = Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k.
 
     r̂ is the number of singular values of the benign stack above the noise edge
     ``margin``·σ̂(√p + √n) (:func:`select_rank`), at most rank(L̂) near the
     chosen λ, counting only directions shared by several clients
     (:func:`shared_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
     shared direction exists and the benign clients keep their own update.
-    Contaminated clients always keep theirs. For LoRA input Û = Q Ũ maps the
-    reduced problem's basis back, and B̃_k = Û Ûᵀ B_k (A_k unchanged), so no
-    dense ΔW is formed.
+    Contaminated clients always keep theirs.
+
+    Never worse than local: α_k (:func:`local_share`) is 0 where client k's
+    off-subspace part is what noise at σ̂ leaves (the plain projection) and
+    grows toward 1 where the client clearly carries signal outside Û, so a
+    benign client never loses signal its own update carries for lack of
+    evidence of a shared direction; a client flagged decisively in one problem
+    (refit z > :data:`DECISIVE_Z`) is left out of that problem's Û; on noiseless data the refined update of a
+    benign client is its own update. ``local_share`` reports α per problem and client.
+
+    For LoRA input Û = Q Ũ maps the reduced problem's basis back, and
+    B̃_k = Û Ûᵀ B_k + α_k(I − Û Ûᵀ)B_k (A_k unchanged), so no dense ΔW is formed.
 
     Args:
         problems: :class:`clair_jax.stack.Problems`.
@@ -244,17 +344,28 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
             the projection (a pooled update would not have the client's LoRA shape).
     """
     used = jnp.broadcast_to(client_benign, problems.usable.shape)
-    basis, ranks = _bases(problems.blocks, used, detection.rank_cap, detection.columns,
+    # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
+    # of this problem's Û even when the pooled verdict clears it; it is still refined.
+    fit = used & (detection.benign | (detection.z <= DECISIVE_Z))
+    basis, ranks = _bases(problems.blocks, fit, detection.rank_cap, detection.columns,
                           rank=rank, margin=margin, dims=problems.dims)
     basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
     used = used & (ranks > 0)[:, None]
+    share = jax.vmap(functools.partial(local_share, p=problems.dims[0]))(
+        basis, problems.blocks, ranks, detection.noise_level, detection.columns)
+    share = jnp.where(used, share, 0.0)
     if problems.factored:
         b = problems.factors.B
         full_basis = jnp.einsum("npd,ndr->npr", problems.basis, basis)
         coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
-        refined_b = jnp.where(used[..., None, None], jnp.einsum("npr,nkrl->nkpl", full_basis, coords), b)
+        projected = jnp.einsum("npr,nkrl->nkpl", full_basis, coords)
+        mixed = projected + share[..., None, None] * (b - projected)
+        refined_b = jnp.where(used[..., None, None], mixed, b)
         ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, ones)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, ones, share)
     refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
         basis, problems.blocks, used, detection.noise_level, detection.columns)
-    return Refinement(basis, ranks, refined, used, shrinkage)
+    # The off-subspace part each client keeps (α_k; 0 outside ``used``).
+    off = problems.blocks - jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, problems.blocks))
+    refined = refined + share[..., None, None] * off
+    return Refinement(basis, ranks, refined, used, shrinkage, share)

@@ -37,10 +37,15 @@ class ClairResult(NamedTuple):
             input, of the reduced problem).
         lam: (...,) λ chosen.
         noise_level: (...,) σ̂ per entry, in the input's units.
-        converged: (...,) bool, whether the chosen decomposition converged.
+        converged: (...,) bool, whether the chosen decomposition converged (False
+            where any of its numbers is non-finite).
         shrinkage: (..., K, r_max) Λ used inside the subspace per client and
             direction: 1 keeps the client's own coordinate, 0 takes the benign
             centre's (all 1 with ``pooling="none"``; see :func:`clair_jax.refine.partial_pool`).
+        local_share: (..., K) α_k in [0, 1], the share of its off-subspace part each
+            refined client kept (:func:`clair_jax.refine.local_share`): 0 is the plain
+            projection ÛÛᵀΘ̂_k; above 0 the client carried more outside Û than noise
+            would, and its update was moved only part of the way (1 = its local update).
     """
 
     benign: jax.Array
@@ -58,6 +63,7 @@ class ClairResult(NamedTuple):
     noise_level: jax.Array
     converged: jax.Array
     shrinkage: jax.Array
+    local_share: jax.Array
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -83,6 +89,11 @@ class ClairResult(NamedTuple):
         if np.any(rank == 0):
             lines.append(f"no shared subspace (r̂ = 0) in {int(np.sum(rank == 0))} problem(s): "
                          "benign updates there are left as they were")
+        kept = np.flatnonzero(np.any(np.reshape(np.asarray(self.local_share), (-1, flagged.size + np.sum(
+            np.asarray(self.client_benign)))) > 0.5, axis=0))
+        if kept.size:
+            lines.append(f"refined only part of the way (> half their off-subspace part kept, weak evidence "
+                         f"that it is noise): {kept.tolist()}")
         if np.any(self.nonfinite):
             lines.append(f"non-finite updates (flagged, excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
         return "\n".join(lines)
@@ -121,4 +132,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         noise_level=unflatten(detection.noise_level),
         converged=dec.converged,
         shrinkage=unflatten(refinement.shrinkage),
+        local_share=unflatten(refinement.local_share),
     )
