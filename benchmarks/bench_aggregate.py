@@ -91,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--chunk-mib", type=float, default=256)
     parser.add_argument("--dir", help="where to write the federation (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the federation and outputs")
-    parser.add_argument("--devices", type=int, default=1, help="clair aggregate --devices N")
+    parser.add_argument("--devices", type=int, default=1, help="clair aggregate --devices N (accelerators)")
     parser.add_argument("--json", metavar="PATH", default="bench_results/bench_aggregate.json")
     args = parser.parse_args(argv)
     d, kv = (4096, 1024 if args.gqa else 4096)

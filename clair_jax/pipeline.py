@@ -85,10 +85,13 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
 def _detect_on_devices(updates, opts, devices):
     """Stages 2–4 with the problems cut into one contiguous chunk per device.
 
-    Each chunk runs as its own single-device program, dispatched from its own
-    thread (JAX releases the GIL while a program runs), so the devices work at
-    the same time and no sharded program holds nested solver loops (those hung
-    XLA:CPU with several host devices). Results are gathered on ``devices[0]``.
+    Each chunk runs as its own single-device program on its device; results are
+    gathered on ``devices[0]``. On accelerators the chunks are dispatched from
+    one thread each (JAX releases the GIL while a program runs), so the devices
+    work at the same time. On CPU host devices they run one after another:
+    concurrent XLA:CPU programs holding the nested λ-path and solver loops
+    deadlocked on a 2-core machine (7B-shaped chunks on 2 host devices, jax 0.10.2),
+    as a sharded program did before.
     """
     chunks, lead = stack.split(updates, len(devices))
 
@@ -97,8 +100,11 @@ def _detect_on_devices(updates, opts, devices):
             problems = stack.problems(jax.device_put(chunk, device), opts.side)
             return problems, detect.until_settled(problems, opts)
 
-    with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool_:
-        parts = list(pool_.map(one, chunks, devices))
+    if devices[0].platform == "cpu":
+        parts = [one(chunk, device) for chunk, device in zip(chunks, devices)]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(chunks)) as workers:
+            parts = list(workers.map(one, chunks, devices))
     home = devices[0]
     return (stack.concatenate([p for p, _ in parts], lead, home),
             detect.concatenate([d for _, d in parts], home))
@@ -170,10 +176,11 @@ def clair(
             thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance).
         devices: None (the default device), or a list of JAX devices: the problems
             (leading axes) are cut into one contiguous chunk per device and each
-            chunk is decomposed and screened on its own device at the same time;
-            verdicts and refinement are then computed on ``devices[0]``. Same
-            results as one device. With several hosts (``jax.distributed``), pass
-            this process's ``jax.local_devices()``.
+            chunk is decomposed and screened on its own device (at the same time on
+            accelerators; one after another on CPU host devices, where concurrent
+            programs deadlocked); verdicts and refinement are then computed on
+            ``devices[0]``. Same results as one device. With several hosts
+            (``jax.distributed``), pass this process's ``jax.local_devices()``.
         pooling: ``"none"`` (default): Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"``: each benign client's
             coordinates inside Û shrunk toward the benign centre by an empirical-Bayes Λ
             (homogeneous clients get about the benign FedAvg, heterogeneous ones keep

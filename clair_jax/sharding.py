@@ -24,7 +24,8 @@ is imported) gives N host devices to try this on.
 :func:`clair_jax.clair` does not use this module: with several host devices a
 sharded program holding its nested λ-path and solver loops hung XLA:CPU
 (jax 0.10.2). ``cj.clair(..., devices=...)`` instead runs one single-device
-program per device on its own chunk of problems, from its own thread.
+program per device on its own chunk of problems (concurrently on accelerators,
+one after another on CPU host devices, where concurrent programs hung too).
 
 Example:
     >>> import jax, jax.numpy as jnp

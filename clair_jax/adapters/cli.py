@@ -7,7 +7,6 @@ stderr naming it and the reason; nothing is written).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["add_arguments", "run", "format_table"]
@@ -35,8 +34,7 @@ def add_arguments(parser):
     parser.add_argument("--chunk-mib", type=float, default=256,
                         help="float32 factors per module group, MiB (default 256): bounds peak memory")
     parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
-                        help="solve each module group's modules on N devices at once (default 1); on a CPU "
-                             "host XLA makes N host devices (at most one per core pays)")
+                        help="spread each module group's modules over N local accelerators (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
@@ -51,16 +49,13 @@ def format_table(report) -> str:
 
 
 def _devices(n):
-    """``n`` local devices; on a CPU host, ask XLA for ``n`` host devices first (only
-    possible before JAX has started its backends, as here)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    """The first ``n`` local devices (GPUs/TPUs), or a clear exit."""
     import jax
 
     local = jax.local_devices()
     if n > len(local):
-        raise SystemExit(f"clair aggregate: --devices {n}: only {len(local)} device(s) available")
+        raise SystemExit(f"clair aggregate: --devices {n}: only {len(local)} local device(s) "
+                         f"({local[0].platform}) available")
     return local[:n]
 
 
