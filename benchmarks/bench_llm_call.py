@@ -15,7 +15,7 @@ shape, the λ path / refit / refinement by their share of the call.
 Usage::
 
     python benchmarks/bench_llm_call.py [--noise 0 0.001 0.005 0.05 0.1 0.2] [--modules 128]
-                                        [--devices 1 2] [--breakdown] [--quick] [--json PATH]
+                                        [--devices 1 2] [--breakdown [--no-sweep]] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, nargs="+", default=[1])
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--breakdown-modules", type=int, default=4)
+    parser.add_argument("--no-sweep", action="store_true", help="only the --breakdown table")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="bench_results/bench_llm_call.json")
@@ -147,7 +148,7 @@ def main(argv=None):
     info = machine_info()
     print(f"bench_llm_call on {info['cpu_count']} CPU(s), load {info['loadavg_at_start']}", flush=True)
     runs = []
-    for devices in args.devices:
+    for devices in ([] if args.no_sweep else args.devices):
         for noise in args.noise:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--noise", str(noise),
                    "--modules", str(args.modules), "--clients", str(args.clients), "--d", str(args.d),

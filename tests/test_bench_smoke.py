@@ -55,6 +55,13 @@ def test_bench_llm_quick(tmp_path):
     assert dense and dense[0]["dense_s"] is not None
 
 
+def test_bench_llm_call_breakdown_quick(tmp_path):
+    # The cold one-call sweep runs fresh processes (minutes); the stage breakdown is in-process.
+    (runs, rows), _ = _run("bench_llm_call", tmp_path, "--breakdown", "--no-sweep", "--noise", "0", "0.05")
+    assert runs == [] and [r["noise"] for r in rows] == [0.0, 0.05]
+    assert all(r["correct"] and r["detect_ms"] > 0 and r["reduce_ms"] > 0 for r in rows)
+
+
 def test_bench_scaling_quick(tmp_path):
     (rows, dev_rows), _ = _run("bench_scaling", tmp_path)
     assert all(r["converged"] for r in rows)
