@@ -1,6 +1,6 @@
 """ClairStrategy next to FedAvg and Flower's robust strategies on examples/flower_lora.
 
-    PYTHONPATH=. python benchmarks/bench_flower.py [--rounds 3] [--json bench_results/bench_flower.json]
+    python benchmarks/bench_flower.py [--rounds 3] [--json bench_results/bench_flower.json]
 
 Every strategy runs the example's ServerApp logic and ClientApp (15 NumPy LoRA
 nodes, 3 poisoned with one shared off-subspace backdoor) through an in-process
@@ -16,9 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from benchmarks._common import machine_info, markdown_table, write_json
 from examples.flower_lora import client_app, server_app, task
