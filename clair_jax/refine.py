@@ -351,21 +351,35 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
                           rank=rank, margin=margin, dims=problems.dims)
     basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
     used = used & (ranks > 0)[:, None]
-    share = jax.vmap(functools.partial(local_share, p=problems.dims[0]))(
-        basis, problems.blocks, ranks, detection.noise_level, detection.columns)
-    share = jnp.where(used, share, 0.0)
     if problems.factored:
-        b = problems.factors.B
-        full_basis = jnp.einsum("npd,ndr->npr", problems.basis, basis)
-        coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
-        projected = jnp.einsum("npr,nkrl->nkpl", full_basis, coords)
-        mixed = projected + share[..., None, None] * (b - projected)
-        refined_b = jnp.where(used[..., None, None], mixed, b)
-        ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, problems.factors.A), used, ones, share)
+        return _refine_factors(problems.basis, basis, ranks, problems.blocks, problems.factors, used,
+                               detection.noise_level, detection.columns, p=problems.dims[0])
+    return _refine_blocks(basis, ranks, problems.blocks, used, detection.noise_level, detection.columns,
+                          p=problems.dims[0], pooling=pooling)
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _refine_factors(reduction_basis, basis, ranks, blocks, factors, used, noise_level, columns, *, p):
+    """LoRA input: B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k with Û = QŨ; A_k unchanged."""
+    share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
+                      0.0)
+    b = factors.B
+    full_basis = jnp.einsum("npd,ndr->npr", reduction_basis, basis)
+    coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
+    projected = jnp.einsum("npr,nkrl->nkpl", full_basis, coords)
+    mixed = projected + share[..., None, None] * (b - projected)
+    refined_b = jnp.where(used[..., None, None], mixed, b)
+    ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
+    return Refinement(full_basis, ranks, LoRAFactors(refined_b, factors.A), used, ones, share)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "pooling"))
+def _refine_blocks(basis, ranks, blocks, used, noise_level, columns, *, p, pooling):
+    """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
+    share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
+                      0.0)
     refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
-        basis, problems.blocks, used, detection.noise_level, detection.columns)
+        basis, blocks, used, noise_level, columns)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).
-    off = problems.blocks - jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, problems.blocks))
-    refined = refined + share[..., None, None] * off
-    return Refinement(basis, ranks, refined, used, shrinkage, share)
+    off = blocks - jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
+    return Refinement(basis, ranks, refined + share[..., None, None] * off, used, shrinkage, share)

@@ -122,7 +122,9 @@ def test_clair_pooling_option_reports_shrinkage():
     assert np.all(np.asarray(auto.shrinkage)[~used] == 1.0)
     # The same as pooling from outside with the reported σ̂ (full-rank blocks: q noise columns).
     expect, lam = refine.partial_pool(auto.subspace, fed.updates, auto.client_benign, auto.noise_level)
-    np.testing.assert_allclose(auto.refined, expect, atol=1e-10)
-    np.testing.assert_allclose(auto.shrinkage, lam, atol=1e-12)
+    # float32 federation: the jitted stage and the eager call round differently.
+    tol = 1e-6 if fed.updates.dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(auto.refined, expect, atol=tol)
+    np.testing.assert_allclose(auto.shrinkage, lam, atol=tol)
     with pytest.raises(ValueError, match="pooling"):
         cj.clair(fed.updates, pooling="half")
