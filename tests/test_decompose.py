@@ -201,3 +201,29 @@ def test_alm_path_matches_independent_solves_with_the_partial_svt(mu):
     assert bool(jnp.all(path.converged)) and bool(jnp.all(alone.converged))
     np.testing.assert_allclose(path.objective, alone.objective, rtol=2e-5)
     assert int(jnp.sum(path.svt_fallbacks)) <= int(jnp.sum(alone.svt_fallbacks))
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.05])
+def test_alm_path_writes_the_empty_low_rank_solution_below_the_limit_in_closed_form(mu):
+    # Below λ₀ = 1/‖N‖_2 (N: the blocks at unit norm) L̂ = 0 solves both programs:
+    # the path writes that solution without iterating, and it is what ALM finds there.
+    from clair_jax.solvers import solve_alm, solve_alm_path
+    from clair_jax.solvers.path import empty_low_rank_limit
+    from clair_jax.stack import to_stacked
+
+    fed = _problem(seed=3, k=16, p=72, q=8, r=3, n_bad=4, noise=0.05)
+    m = (fed.updates / jnp.linalg.norm(to_stacked(fed.updates), ord=2)).astype(jnp.float32)
+    limit = float(empty_low_rank_limit(m))
+    lams = jnp.asarray([0.4 * limit, 0.8 * limit, 0.99 * limit, 1.5 * limit, 3 * limit], jnp.float32)
+    kw = dict(tol=3e-6, max_iter=3000, svt_budget=16)
+    path = jax.jit(lambda x: solve_alm_path(x, lams, mu, **kw))(m)
+    full = jax.jit(lambda x: solve_alm_path(x, lams, mu, skip_empty=False, **kw))(m)
+    np.testing.assert_array_equal(np.asarray(path.iterations[:3]), 0)
+    assert bool(jnp.all(path.iterations[3:] > 0)) and bool(jnp.all(path.converged))
+    np.testing.assert_allclose(path.objective, full.objective, rtol=2e-5)
+    assert float(jnp.max(jnp.abs(full.low_rank[:3]))) < 1e-4 * float(jnp.max(jnp.abs(m)))
+    np.testing.assert_allclose(path.sparse[:3], full.sparse[:3], atol=1e-4 * float(jnp.max(jnp.abs(m))))
+    # Just above the limit L̂ has rank: the limit is where the closed form ends.
+    assert float(full.singular_values[3, 0]) > 0
+    alone = solve_alm(m, 1.5 * limit, mu, **kw)
+    np.testing.assert_allclose(path.objective[3], alone.objective, rtol=2e-5)

@@ -12,14 +12,50 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from clair_jax import linalg
+from clair_jax.prox import safe_frobenius_norm
 from clair_jax.solvers.alm import solve_alm
 from clair_jax.solvers.apg import solve_penalized
-from clair_jax.solvers.common import SolverOutput
+from clair_jax.solvers.common import SolverOutput, regularizer
+from clair_jax.stack import to_stacked
 
-__all__ = ["solve_path", "solve_penalized_path", "solve_alm_path", "solve_exact_path"]
+__all__ = ["solve_path", "solve_penalized_path", "solve_alm_path", "solve_exact_path", "empty_low_rank_limit",
+           "empty_low_rank_solution"]
 
 
-def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra: int = 0) -> SolverOutput:
+def empty_low_rank_limit(blocks):
+    r"""λ₀ such that for every λ ≤ λ₀ both programs are solved by L̂ = 0 (no iterations needed).
+
+    λ₀ = 1/‖N‖_2 with N = [M_1/‖M_1‖_F … M_K/‖M_K‖_F] (zero blocks left out). With
+    L = 0 the block part is C_k = M_k·max(0, 1 − μλ/‖M_k‖_F) (C = M for μ = 0), and
+    (0, C) is optimal iff the residual's dual certificate holds, ‖R‖_2 ≤ 1 with
+    R_k = M_k·min(1/μ, λ/‖M_k‖_F) (the subgradient of ‖·‖_* at 0 is the unit
+    spectral ball). R = N·D with a diagonal D ≤ λ, so λ‖N‖_2 ≤ 1 suffices (and
+    is exact for the exact program). Below λ₀ the scores are all 1 and L̂ has no
+    rank: a λ path can start at λ₀ instead of iterating there.
+    """
+    norms = safe_frobenius_norm(blocks)
+    unit = blocks / jnp.where(norms > 0, norms, 1.0)[:, None, None]
+    top = linalg.spectral_norm(to_stacked(unit))
+    return jnp.where(top > 0, 1.0 / jnp.where(top > 0, top, 1.0), jnp.inf)
+
+
+def empty_low_rank_solution(blocks, lam, mu, template: SolverOutput) -> SolverOutput:
+    """The closed-form solution for λ ≤ :func:`empty_low_rank_limit` (L̂ = 0), shaped like ``template``."""
+    norms = safe_frobenius_norm(blocks)
+    keep = jnp.maximum(1.0 - mu * lam / jnp.where(norms > 0, norms, 1.0), 0.0)
+    sparse = blocks * jnp.where(norms > 0, keep, 0.0)[:, None, None]
+    zero = jnp.zeros((), blocks.dtype)
+    penalty = regularizer(jnp.zeros_like(template.singular_values), sparse, lam)
+    return template._replace(
+        low_rank=jnp.zeros_like(blocks), sparse=sparse, singular_values=jnp.zeros_like(template.singular_values),
+        iterations=jnp.zeros_like(template.iterations), converged=jnp.asarray(True), primal_residual=zero,
+        dual_residual=zero, svt_fallbacks=jnp.zeros_like(template.svt_fallbacks),
+        objective=jnp.where(mu > 0, 0.5 * jnp.sum(jnp.square(blocks - sparse)) + mu * penalty, penalty))
+
+
+def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra: int = 0, start=0,
+               known: Optional[Callable] = None) -> SolverOutput:
     """Run ``solve(lam, init)`` for each λ of an ascending grid, in one ``while_loop``.
 
     Args:
@@ -30,15 +66,25 @@ def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra
         until: optional ``SolverOutput → bool``; the path stops ``extra`` λ values
             after the first one where it holds. Entries not solved are zeros with
             ``iterations = 0`` and ``converged = False``.
+        start: index of the first λ to solve (may be traced; clamped to the grid).
+        known: ``(λ, template) → SolverOutput``, the solution at each λ before ``start``,
+            known in closed form (``template``: an output of ``solve``, for shapes).
 
     Returns:
         :class:`SolverOutput` with a leading (G,) axis.
     """
     num = lams.shape[0]
-    first = solve(lams[0], None)
+    start = jnp.clip(jnp.asarray(start, jnp.int32), 0, num - 1)
+    first = solve(lams[start], None)
     hit = (lambda out: jnp.asarray(False)) if until is None else until
-    buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype).at[0].set(a), first)
-    found = jnp.where(hit(first), 0, num)   # index of the first λ where ``until`` held
+    buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), first)
+    if known is not None:
+        before = jnp.arange(num) < start
+        closed = jax.vmap(lambda lam: known(lam, first))(lams)
+        buffer = jax.tree_util.tree_map(
+            lambda b, c: jnp.where(before.reshape((num,) + (1,) * (b.ndim - 1)), c, b), buffer, closed)
+    buffer = jax.tree_util.tree_map(lambda b, a: b.at[start].set(a), buffer, first)
+    found = jnp.where(hit(first), start, num)   # index of the first λ where ``until`` held
 
     def cond(state):
         i, _, found, _ = state
@@ -51,7 +97,7 @@ def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra
         buffer = jax.tree_util.tree_map(lambda b, a: b.at[i].set(a), buffer, out)
         return i + 1, out, found, buffer
 
-    _, _, _, buffer = jax.lax.while_loop(cond, body, (jnp.asarray(1), first, found, buffer))
+    _, _, _, buffer = jax.lax.while_loop(cond, body, (start + 1, first, found, buffer))
     return buffer
 
 
@@ -81,22 +127,30 @@ def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0
     return solve_path(solve, lams, until=until, extra=extra)
 
 
-def solve_alm_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, **kwargs):
+def solve_alm_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, skip_empty=True, **kwargs):
     """The exact (μ = 0) or penalised program along an ascending λ path, by ALM.
 
     Each ALM solve starts from L = C = 0 (its penalty parameter adapts, and it
     solves each λ in a few tens of iterations, where FISTA at a small μ needs
     hundreds); only the partial SVT's subspace is carried from one λ to the next.
+    With ``skip_empty`` the λ at or below :func:`empty_low_rank_limit` are not
+    iterated: their solution (L̂ = 0) is written in closed form, with
+    ``iterations = 0`` and ``converged = True``.
 
     Args: as :func:`solve_penalized_path`; kwargs go to :func:`~clair_jax.solvers.solve_alm`.
     """
     lams = jnp.asarray(lams, blocks.dtype)
+    mu = jnp.asarray(mu, blocks.dtype)
 
     def solve(lam, previous):
         state = None if previous is None else previous.svt_state
         return solve_alm(blocks, lam, mu, tol=tol, max_iter=max_iter, svt_state=state, **kwargs)
 
-    return solve_path(solve, lams, until=until, extra=extra)
+    if not skip_empty:
+        return solve_path(solve, lams, until=until, extra=extra)
+    start = jnp.sum(lams <= empty_low_rank_limit(blocks))
+    return solve_path(solve, lams, until=until, extra=extra, start=start,
+                      known=lambda lam, template: empty_low_rank_solution(blocks, lam, mu, template))
 
 
 def solve_exact_path(blocks, lams, *, tol, max_iter, until=None, extra=0, **kwargs):
