@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clair_jax.lora import LoRAFactors
+from clair_jax.lora import LoRAFactors, lift
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
@@ -55,11 +55,29 @@ def benign_spectrum(blocks, benign):
     (then s is multiplied back), so no intermediate overflows or underflows
     for any finite input.
     """
+    u, s, _, _ = _benign_svd(blocks, benign)
+    return u, s
+
+
+def _benign_svd(blocks, benign):
+    """:func:`benign_spectrum` with the rest of the SVD: (U, s, Vᵀ, c), where the
+    stack [c_k Θ̂_k] = U diag(s) Vᵀ (c_k: the capping weight, 0 off ``benign``)."""
     masked = capped(blocks, benign)
     peak = jnp.max(jnp.abs(masked))
     peak = jnp.where(peak > 0, peak, 1.0)
-    u, s, _ = jnp.linalg.svd(to_stacked(masked / peak), full_matrices=False)
-    return u, s * peak
+    u, s, vt = jnp.linalg.svd(to_stacked(masked / peak), full_matrices=False)
+    norms = jnp.sqrt(jnp.sum(jnp.square(blocks / peak), axis=(-2, -1)))
+    weight = jnp.sqrt(jnp.sum(jnp.square(masked / peak), axis=(-2, -1))) / jnp.where(norms > 0, norms, 1.0)
+    return u, s * peak, vt, weight
+
+
+def _coefficients(basis, u, s, vt, weight):
+    """Z_k with Ũ = Σ_k Θ̂_k Z_k for a basis inside the benign stack's column space
+    (from its SVD, :func:`_benign_svd`): Z = c·V diag(1/s) UᵀŨ (the LoRA lift)."""
+    k = weight.shape[0]
+    inverse = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+    z = jnp.swapaxes(vt, 0, 1) @ (inverse[:, None] * (jnp.swapaxes(u, 0, 1) @ basis))   # (K q, m)
+    return weight[:, None, None] * z.reshape(k, -1, basis.shape[-1])
 
 
 def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
@@ -235,13 +253,16 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
 
 
 def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims):
-    """Û and r̂ of one problem from the clients in ``used``."""
-    u, sv = benign_spectrum(blocks, used)
+    """Û and r̂ of one problem from the clients in ``used``, and Û's coefficients
+    Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by)."""
+    u, sv, vt, weight = _benign_svd(blocks, used)
     if rank is not None:  # a user-given rank is taken as is
         r = jnp.minimum(jnp.asarray(rank), jnp.sum(sv > 0))
-        return subspace(u, r), r.astype(jnp.int32)
-    r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
-    return shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
+        basis, r = subspace(u, r), r.astype(jnp.int32)
+    else:
+        r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
+        basis, r = shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
+    return basis, r, _coefficients(basis, u, sv, vt, weight)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
@@ -347,30 +368,48 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
     # of this problem's Û even when the pooled verdict clears it; it is still refined.
     fit = used & (detection.benign | (detection.z <= DECISIVE_Z))
-    basis, ranks = _bases(problems.blocks, fit, detection.rank_cap, detection.columns,
-                          rank=rank, margin=margin, dims=problems.dims)
-    basis = basis[..., :max(int(jnp.max(ranks)), 1)]  # kept columns come first, the rest are zero
+    basis, ranks, coefficients = _bases(problems.blocks, fit, detection.rank_cap, detection.columns,
+                                        rank=rank, margin=margin, dims=problems.dims)
+    width = max(int(jnp.max(ranks)), 1)  # kept columns come first, the rest are zero
+    basis, coefficients = basis[..., :width], coefficients[..., :width]
     used = used & (ranks > 0)[:, None]
     if problems.factored:
-        return _refine_factors(problems.basis, basis, ranks, problems.blocks, problems.factors, used,
-                               detection.noise_level, detection.columns, p=problems.dims[0])
+        full_basis, refined_b, share = _refine_factors(
+            coefficients, problems.right, basis, ranks, problems.blocks, problems.factors.B, problems.usable, used,
+            detection.noise_level, detection.columns, p=problems.dims[0])
+        a = problems.factors.A
+        if not bool(jnp.all(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
+            a = jnp.where(problems.usable[..., None, None], a, 0.0)
+        ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share)
     return _refine_blocks(basis, ranks, problems.blocks, used, detection.noise_level, detection.columns,
                           p=problems.dims[0], pooling=pooling)
 
 
+def _refine_b(b, usable, used, basis, share):
+    """B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k for one problem (Û: (p, m) in the dense space).
+
+    Clients outside ``used`` keep B_k (zeroed where not ``usable``, as stage 2 does)."""
+    b = jnp.where(usable[:, None, None], b, 0.0)
+    projected = basis @ jnp.einsum("pm,kpl->kml", basis, b)
+    mixed = projected + share[:, None, None] * (b - projected)
+    return jnp.where(used[:, None, None], mixed, b)
+
+
 @functools.partial(jax.jit, static_argnames=("p",))
-def _refine_factors(reduction_basis, basis, ranks, blocks, factors, used, noise_level, columns, *, p):
-    """LoRA input: B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k with Û = QŨ; A_k unchanged."""
+def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable, used, noise_level, columns, *, p):
+    """LoRA input: B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k with Û = QŨ (lifted without Q); A_k unchanged."""
     share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
                       0.0)
-    b = factors.B
-    full_basis = jnp.einsum("npd,ndr->npr", reduction_basis, basis)
-    coords = jnp.einsum("npr,nkpl->nkrl", full_basis, b)
-    projected = jnp.einsum("npr,nkrl->nkpl", full_basis, coords)
-    mixed = projected + share[..., None, None] * (b - projected)
-    refined_b = jnp.where(used[..., None, None], mixed, b)
-    ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
-    return Refinement(full_basis, ranks, LoRAFactors(refined_b, factors.A), used, ones, share)
+
+    def one(args):
+        coef, rt, b, ok, u, r, sh = args
+        full_basis = jnp.where(r > 0, lift(coef, jnp.where(ok[:, None, None], b, 0.0), rt), 0.0)
+        return full_basis, _refine_b(b, ok, u, full_basis, sh)
+
+    # One module at a time: the (K, p, r) intermediates of a whole model would not fit.
+    full_basis, refined_b = jax.lax.map(one, (coefficients, right, factors_b, usable, used, ranks, share))
+    return full_basis, refined_b, share
 
 
 @functools.partial(jax.jit, static_argnames=("p", "pooling"))

@@ -45,8 +45,9 @@ class Problems(NamedTuple):
 
     Dense input keeps its blocks (oriented so the shared space is the column
     space); LoRA input is reduced exactly (:func:`clair_jax.lora.reduce_factors`)
-    and keeps its factors and reduction bases to map results back. Non-finite
-    clients are zeroed here and marked not ``usable``.
+    and keeps its factors (the user's arrays, not copies) and what maps reduced
+    bases back. Non-finite clients are zeroed in what the solvers see and
+    marked not ``usable``.
     """
 
     blocks: jax.Array          # (n, K, d, w): what the solvers see
@@ -54,8 +55,8 @@ class Problems(NamedTuple):
     dims: tuple                # dense (p, q) of one block: every data-driven rule is read for it
     lead: tuple                # the user's leading (layer / module) axes
     side: str
-    factors: object = None     # LoRA input: flat oriented LoRAFactors (n, K, p, r), (n, K, r, q)
-    basis: object = None       # LoRA input: (n, p, d) orthonormal Q of each reduction
+    factors: object = None     # LoRA input: flat oriented LoRAFactors (n, K, p, r), (n, K, r, q), as given
+    right: object = None       # LoRA input: (n, K, r, r') A_k R_k of each reduction (lora.lift)
 
     @property
     def factored(self) -> bool:
@@ -87,13 +88,11 @@ def problems(updates, side) -> Problems:
     if isinstance(updates, LoRAFactors):
         oriented = updates if side == "left" else updates.transpose()
         lead = oriented.B.shape[:-3]
-        b = oriented.B.reshape((-1,) + oriented.B.shape[-3:])
-        a = oriented.A.reshape((-1,) + oriented.A.shape[-3:])
-        usable = _finite(b) & _finite(a)
-        b, a = _zero(b, usable), _zero(a, usable)
-        reduced = _reduce_all(b, a)
+        b = _flat(oriented.B)
+        a = _flat(oriented.A)
+        usable, reduced = _reduce_all(b, a)
         return Problems(reduced.blocks, usable, (b.shape[-2], a.shape[-1]), lead, side,
-                        LoRAFactors(b, a), reduced.basis)
+                        LoRAFactors(b, a), reduced.right)
     oriented = orient(updates, side)
     blocks = oriented.reshape((-1,) + oriented.shape[-3:])
     usable = _finite(blocks)
@@ -108,9 +107,20 @@ def _zero(x, usable):
     return jnp.where(usable[..., None, None], x, 0.0)
 
 
+def _flat(x):
+    """(..., K, p, q) → (n, K, p, q); no copy when there is one leading axis already."""
+    return x if x.ndim == 4 else x.reshape((-1,) + x.shape[-3:])
+
+
 @jax.jit
 def _reduce_all(b, a):
-    return jax.vmap(reduce_factors)(b, a)
+    def one(args):
+        b1, a1 = args
+        ok = _finite(b1) & _finite(a1)
+        return ok, reduce_factors(_zero(b1, ok), _zero(a1, ok))
+
+    # One module at a time: a whole model's (p, K·r) stacks would be its size again.
+    return jax.lax.map(one, (b, a))
 
 
 def split(updates, parts):
@@ -141,6 +151,6 @@ def concatenate(parts, lead, device=None):
     def join(*xs):
         return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)
 
-    arrays = [(p.blocks, p.usable, p.factors, p.basis) for p in parts]
-    blocks, usable, factors, basis = jax.tree_util.tree_map(join, *arrays)
-    return Problems(blocks, usable, first.dims, tuple(lead), first.side, factors, basis)
+    arrays = [(p.blocks, p.usable, p.factors, p.right) for p in parts]
+    blocks, usable, factors, right = jax.tree_util.tree_map(join, *arrays)
+    return Problems(blocks, usable, first.dims, tuple(lead), first.side, factors, right)
