@@ -9,8 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def as_float_array(x, name, *, min_ndim):
-    """``x`` as a floating JAX array with at least ``min_ndim`` axes, or a clear error."""
+def as_float_array(x, name, *, min_ndim, host=False):
+    """``x`` as a floating JAX array with at least ``min_ndim`` axes, or a clear error.
+
+    With ``host``, a numpy array stays a numpy array (float32/float64 as JAX would
+    hold it): a model's worth of LoRA factors is sent to the device a chunk of
+    modules at a time, never copied whole.
+    """
     if isinstance(x, (list, tuple)):
         x = np.asarray(x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -24,6 +29,8 @@ def as_float_array(x, name, *, min_ndim):
         raise ValueError(f"{name} must have at least {min_ndim} axes, got shape {tuple(x.shape)}")
     if x.dtype not in (jnp.float32, jnp.float64):
         x = x.astype(jnp.float32)  # float16/bfloat16: SVDs need at least single precision
+    if host and isinstance(x, np.ndarray):
+        return np.asarray(x, jax.dtypes.canonicalize_dtype(x.dtype))
     return jnp.asarray(x)
 
 
@@ -107,8 +114,8 @@ def check_updates(updates, name="updates"):
         raise TypeError(f"{name} is a plain {type(updates).__name__}: pass LoRA factors as "
                         f"cj.LoRAFactors(B, A), or dense updates as one (..., K, p, q) array")
     if isinstance(updates, LoRAFactors):
-        b = as_float_array(updates.B, f"{name}.B", min_ndim=3)
-        a = as_float_array(updates.A, f"{name}.A", min_ndim=3)
+        b = as_float_array(updates.B, f"{name}.B", min_ndim=3, host=True)
+        a = as_float_array(updates.A, f"{name}.A", min_ndim=3, host=True)
         if b.shape[:-2] != a.shape[:-2]:
             raise ValueError(f"{name}.B and {name}.A must share leading (…, K) axes, got {b.shape} and {a.shape}")
         if b.shape[-1] != a.shape[-2]:

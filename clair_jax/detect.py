@@ -472,12 +472,15 @@ def until_settled(problems, options) -> Detection:
     threshold = jnp.asarray(options.threshold or 0.0, dtype)
     prep = _prepare_all(blocks, usable, dims=dims)
     estimated = options.noise is None
+    # The pass control runs on the host, in numpy: n numbers per pass.
+    np_dtype = np.dtype(dtype)
+    scale, edge = np.asarray(prep.scale), np.asarray(prep.edge)
     # σ in units of each problem's scaled stack, and μ = σ·(noise edge).
-    sigma = prep.sigma if estimated else jnp.asarray(options.noise, dtype) / prep.scale
+    sigma = np.asarray(prep.sigma) if estimated else (np.asarray(options.noise, np_dtype) / scale).astype(np_dtype)
     floor = _mu_floor(dtype)
 
     def mu_of(s):  # noise below the rounding floor is no noise: the exact program (μ = 0)
-        return jnp.where(s * prep.edge < floor, 0.0, s * prep.edge)
+        return np.where(s * edge < floor, 0.0, s * edge).astype(np_dtype)
 
     def run(mu):
         return _pass_all(prep, blocks, usable, lams, mu, threshold, static=static)
@@ -486,15 +489,16 @@ def until_settled(problems, options) -> Detection:
     out, passes = run(mu), 1
     # Each further pass re-reads σ̂ from the benign stack of the previous verdict.
     while estimated and passes < MAX_PASSES:
-        mu_stack = mu_of(out.sigma_stack)
+        sigma_stack = np.asarray(out.sigma_stack)
+        mu_stack = mu_of(sigma_stack)
         again = (mu_stack > STACK_NOISE_RATIO * mu) | (mu > STACK_NOISE_RATIO * mu_stack)
-        if not bool(jnp.any(again)):
+        if not again.any():
             break
-        sigma = jnp.where(again, out.sigma_stack, sigma)
+        sigma = np.where(again, sigma_stack, sigma).astype(np_dtype)
         mu = mu_of(sigma)
         out, passes = run(mu), passes + 1
     return Detection(out.benign, out.scores, out.z, usable, out.decomposition, out.rank_cap,
-                     sigma * prep.scale, prep.cols, passes)
+                     jnp.asarray(sigma * scale), prep.cols, passes)
 
 
 def concatenate(parts, device=None) -> Detection:

@@ -111,7 +111,7 @@ def _detect_on_devices(updates, opts, devices):
 
 
 def _concat(arrays):
-    return jnp.concatenate(arrays, axis=0)
+    return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
 
 
 def clair(

@@ -9,6 +9,7 @@ objects, so a user can judge clients over results computed separately.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -58,7 +59,12 @@ def client_verdict(benign, scores, z, usable, *, z_crit=5.0, min_gap=MIN_GAP, th
         >>> v.benign.tolist()
         [True, True, False]
     """
-    benign, scores, z, usable = (jnp.asarray(a) for a in (benign, scores, z, usable))
+    return _client_verdict(benign, scores, z, usable, z_crit=float(z_crit), min_gap=float(min_gap),
+                           threshold=None if threshold is None else float(threshold))
+
+
+@functools.partial(jax.jit, static_argnames=("z_crit", "min_gap", "threshold"))
+def _client_verdict(benign, scores, z, usable, *, z_crit, min_gap, threshold):
     n = benign.shape[0]
     client_usable = jnp.all(usable, axis=0)
     mean_scores = jnp.mean(scores, axis=0)

@@ -18,8 +18,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clair_jax.lora import LoRAFactors, lift
+from clair_jax import stack
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
@@ -252,9 +254,9 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
 # --------------------------------------------- the stage: every problem at once
 
 
-def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims):
-    """Û and r̂ of one problem from the clients in ``used``, and Û's coefficients
-    Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by)."""
+def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims, width):
+    """Û (its first ``width`` columns) and r̂ of one problem from the clients in ``used``,
+    and Û's coefficients Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by)."""
     u, sv, vt, weight = _benign_svd(blocks, used)
     if rank is not None:  # a user-given rank is taken as is
         r = jnp.minimum(jnp.asarray(rank), jnp.sum(sv > 0))
@@ -262,13 +264,20 @@ def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims):
     else:
         r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
         basis, r = shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
+    basis = basis[:, :width]
     return basis, r, _coefficients(basis, u, sv, vt, weight)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "margin", "dims"))
-def _bases(blocks, used, rank_cap, columns, *, rank, margin, dims):
-    return jax.vmap(functools.partial(_basis_one, rank=rank, margin=margin, dims=dims))(
-        blocks, used, rank_cap, columns)
+@functools.partial(jax.jit, static_argnames=("rank", "margin", "dims", "width"))
+def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin, dims, width):
+    used = jnp.broadcast_to(client_benign, benign.shape)
+    # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
+    # of this problem's Û even when the pooled verdict clears it; it is still refined.
+    fit = used & (benign | (z <= DECISIVE_Z))
+    # One problem at a time: the full SVDs of a whole model's stacks are not needed at once.
+    one = functools.partial(_basis_one, rank=rank, margin=margin, dims=dims, width=width)
+    basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns))
+    return basis, ranks, coefficients, used & (ranks > 0)[:, None]
 
 
 def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
@@ -364,26 +373,25 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
             detection's σ̂ and noise columns). Dense input only: LoRA factors keep
             the projection (a pooled update would not have the client's LoRA shape).
     """
-    used = jnp.broadcast_to(client_benign, problems.usable.shape)
-    # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
-    # of this problem's Û even when the pooled verdict clears it; it is still refined.
-    fit = used & (detection.benign | (detection.z <= DECISIVE_Z))
-    basis, ranks, coefficients = _bases(problems.blocks, fit, detection.rank_cap, detection.columns,
-                                        rank=rank, margin=margin, dims=problems.dims)
-    width = max(int(jnp.max(ranks)), 1)  # kept columns come first, the rest are zero
-    basis, coefficients = basis[..., :width], coefficients[..., :width]
-    used = used & (ranks > 0)[:, None]
+    # r̂ ≤ rank(L̂) near the chosen λ (or the given rank): no basis needs more columns.
+    most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
+    most = max(1, min(most, min(problems.blocks.shape[-2], problems.num_clients * problems.blocks.shape[-1])))
+    basis, ranks, coefficients, used = _bases(problems.blocks, client_benign, detection.benign, detection.z,
+                                              detection.rank_cap, detection.columns, rank=rank, margin=margin,
+                                              dims=problems.dims, width=most)
+    width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
     if problems.factored:
-        full_basis, refined_b, share = _refine_factors(
-            coefficients, problems.right, basis, ranks, problems.blocks, problems.factors.B, problems.usable, used,
-            detection.noise_level, detection.columns, p=problems.dims[0])
+        # Host (numpy) factors are refined a chunk of modules at a time, into a numpy B̃.
+        full_basis, refined_b, share, ones = stack.map_chunks(
+            functools.partial(_refine_factors, p=problems.dims[0], width=width),
+            (coefficients, problems.right, basis, ranks, problems.blocks, problems.factors.B, problems.usable, used,
+             detection.noise_level, detection.columns), host_out=(1,))
         a = problems.factors.A
-        if not bool(jnp.all(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
+        if not np.all(np.asarray(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
             a = jnp.where(problems.usable[..., None, None], a, 0.0)
-        ones = jnp.ones(used.shape + basis.shape[-1:], basis.dtype)
         return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share)
     return _refine_blocks(basis, ranks, problems.blocks, used, detection.noise_level, detection.columns,
-                          p=problems.dims[0], pooling=pooling)
+                          p=problems.dims[0], pooling=pooling, width=width)
 
 
 def _refine_b(b, usable, used, basis, share):
@@ -396,9 +404,11 @@ def _refine_b(b, usable, used, basis, share):
     return jnp.where(used[:, None, None], mixed, b)
 
 
-@functools.partial(jax.jit, static_argnames=("p",))
-def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable, used, noise_level, columns, *, p):
+@functools.partial(jax.jit, static_argnames=("p", "width"))
+def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable, used, noise_level, columns, *, p,
+                    width):
     """LoRA input: B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k with Û = QŨ (lifted without Q); A_k unchanged."""
+    basis, coefficients = basis[..., :width], coefficients[..., :width]
     share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
                       0.0)
 
@@ -409,12 +419,13 @@ def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable
 
     # One module at a time: the (K, p, r) intermediates of a whole model would not fit.
     full_basis, refined_b = jax.lax.map(one, (coefficients, right, factors_b, usable, used, ranks, share))
-    return full_basis, refined_b, share
+    return full_basis, refined_b, share, jnp.ones(used.shape + (width,), basis.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("p", "pooling"))
-def _refine_blocks(basis, ranks, blocks, used, noise_level, columns, *, p, pooling):
+@functools.partial(jax.jit, static_argnames=("p", "pooling", "width"))
+def _refine_blocks(basis, ranks, blocks, used, noise_level, columns, *, p, pooling, width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
+    basis = basis[..., :width]
     share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
                       0.0)
     refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clair_jax.lora import LoRAFactors, reduce_factors
 
@@ -90,7 +91,7 @@ def problems(updates, side) -> Problems:
         lead = oriented.B.shape[:-3]
         b = _flat(oriented.B)
         a = _flat(oriented.A)
-        usable, reduced = _reduce_all(b, a)
+        usable, reduced = map_chunks(_reduce_all, (b, a))
         return Problems(reduced.blocks, usable, (b.shape[-2], a.shape[-1]), lead, side,
                         LoRAFactors(b, a), reduced.right)
     oriented = orient(updates, side)
@@ -105,6 +106,52 @@ def _finite(x):
 
 def _zero(x, usable):
     return jnp.where(usable[..., None, None], x, 0.0)
+
+
+#: LoRA factors held in host (numpy) memory go to the device this many bytes of
+#: modules at a time (stage 2 and the refinement), so a model's worth of factors
+#: is never copied whole.
+CHUNK_BYTES = 256 * 2**20
+
+
+def map_chunks(fn, arrays, *, host_out=()):
+    """``fn`` over consecutive chunks of problems (the leading axis) of ``arrays``.
+
+    Device arrays go in one call. Where any array is a numpy array, chunks of
+    about :data:`CHUNK_BYTES` are sent to the device one after another (the last
+    one padded with zeros to the same size: one compilation) and the outputs are
+    joined: on the device, or, for the output positions in ``host_out`` (top-level
+    indices of ``fn``'s output tuple), in a numpy array filled chunk by chunk.
+    """
+    leaves = jax.tree_util.tree_leaves(arrays)
+    if not any(isinstance(x, np.ndarray) for x in leaves):
+        return fn(*arrays)
+    n = leaves[0].shape[0]
+    per_problem = sum(x.nbytes for x in leaves) // n
+    size = max(1, min(n, CHUNK_BYTES // max(per_problem, 1)))
+    size = -(-n // -(-n // size))          # equal chunks: ceil(n / number of chunks)
+    device_parts, host = [], {}
+    for start in range(0, n, size):
+        def take(x, start=start):
+            part = x[start:start + size]
+            if part.shape[0] < size:
+                part = np.concatenate([np.asarray(part), np.zeros((size - part.shape[0],) + part.shape[1:], part.dtype)])
+            return jnp.asarray(part)
+
+        # Wait for each chunk: dispatched asynchronously, every chunk's copy would be alive at once.
+        out = jax.block_until_ready(fn(*jax.tree_util.tree_map(take, arrays)))
+        keep = min(size, n - start)
+        trim = (lambda y: y) if keep == size else (lambda y: y[:keep])
+        for i in host_out:   # host outputs go straight into their numpy buffer
+            if i not in host:
+                host[i] = np.empty((n,) + out[i].shape[1:], out[i].dtype)
+            host[i][start:start + keep] = np.asarray(out[i])[:keep]
+        device_parts.append([jax.tree_util.tree_map(trim, y) if i not in host_out else None for i, y in enumerate(out)])
+        del out
+    joined = [host[i] if i in host_out else
+              jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys, axis=0), *[part[i] for part in device_parts])
+              for i in range(len(device_parts[0]))]
+    return tuple(joined)
 
 
 def _flat(x):
