@@ -111,7 +111,7 @@ def _zero(x, usable):
 #: LoRA factors held in host (numpy) memory go to the device this many bytes of
 #: modules at a time (stage 2 and the refinement), so a model's worth of factors
 #: is never copied whole.
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 
 def map_chunks(fn, arrays, *, host_out=()):

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax import linalg
-from clair_jax.prox import block_soft_threshold, safe_frobenius_norm, svt_with_spectrum
+from clair_jax.prox import safe_frobenius_norm, svt_with_spectrum
 from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace as _start_subspace
-from clair_jax.stack import from_stacked, to_stacked
 
 __all__ = ["solve_alm", "solve_exact"]
 
@@ -85,16 +84,31 @@ def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, s
         :class:`SolverOutput`; ``objective`` is ‖L‖_* + λΣ‖C_k‖_F (exact program) or
         ½‖M − L − C‖_F² + μ(‖L‖_* + λΣ‖C_k‖_F) (penalised).
     """
-    num_clients = blocks.shape[0]
+    num_clients, p, q = blocks.shape
     dtype = blocks.dtype
     lam = jnp.asarray(lam, dtype)
     mu = jnp.asarray(mu, dtype)
-    m_stacked = to_stacked(blocks)
+    # The iterates live in the stacked layout (p, K, q): [Θ_1 … Θ_K] is a reshape
+    # of it, block k is [:, k, :], so no iteration transposes (K, p, q) blocks.
+    m3 = jnp.transpose(blocks, (1, 0, 2))
+
+    def stacked(x):
+        return x.reshape(p, num_clients * q)
+
+    def norms_of(x):
+        return safe_frobenius_norm(x, axis=(0, 2))
+
+    def shrink(x, tau):   # block_soft_threshold in the stacked layout
+        norms = norms_of(x)
+        keep = norms > tau
+        return x * jnp.where(keep, 1.0 - tau / jnp.where(keep, norms, 1.0), 0.0)[None, :, None]
+
+    m_stacked = stacked(m3)
     m_norm = jnp.maximum(safe_frobenius_norm(m_stacked), jnp.finfo(dtype).tiny)
     spectral = linalg.spectral_norm(m_stacked) if spectral_norm is None else jnp.asarray(spectral_norm, dtype)
     spectral = jnp.maximum(spectral, jnp.finfo(dtype).tiny)
     # Dual start scaled into the unit ball of the dual norm max(‖Y‖_2, max_k ‖Y_k‖_F / λ).
-    dual_scale = jnp.maximum(spectral, jnp.max(safe_frobenius_norm(blocks)) / lam)
+    dual_scale = jnp.maximum(spectral, jnp.max(norms_of(m3)) / lam)
     rho0 = 1.25 / spectral
     # The dual residual is in units of Y (subgradients, O(1)); with μ > 0, Y = E/μ
     # and an error in Y costs only ~μ in the fit. Measuring it at √μ (between the
@@ -114,20 +128,23 @@ def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, s
         slack = svt_slack * m_norm * jnp.minimum(primal_res, 1e-2)
         return linalg.partial_svt_with_spectrum(x, tau, svt_state, atol=slack)
 
+    def frobenius(x):
+        return safe_frobenius_norm(x, axis=(0, 1, 2))
+
     def body(s):
         (low_rank_stacked, sv), svt_state = svt_step(
-            m_stacked - to_stacked(s.sparse + s.quadratic) + to_stacked(s.dual) / s.rho, 1.0 / s.rho, s.svt_state,
+            m_stacked - stacked(s.sparse + s.quadratic) + stacked(s.dual) / s.rho, 1.0 / s.rho, s.svt_state,
             s.primal_residual,
         )
-        low_rank = from_stacked(low_rank_stacked, num_clients)
-        z = blocks - low_rank + s.dual / s.rho
+        low_rank = low_rank_stacked.reshape(p, num_clients, q)
+        z = m3 - low_rank + s.dual / s.rho
         damp = s.rho * mu                        # 0 for the exact program: E = 0
-        sparse = block_soft_threshold(z, lam * (1.0 + damp) / s.rho)
+        sparse = shrink(z, lam * (1.0 + damp) / s.rho)
         quadratic = damp / (1.0 + damp) * (z - sparse)
-        residual = blocks - low_rank - sparse - quadratic
+        residual = m3 - low_rank - sparse - quadratic
         dual = s.dual + s.rho * residual
-        primal_res = safe_frobenius_norm(to_stacked(residual)) / m_norm
-        dual_res = dual_unit * s.rho * safe_frobenius_norm(to_stacked(sparse + quadratic - s.sparse - s.quadratic)) / m_norm
+        primal_res = frobenius(residual) / m_norm
+        dual_res = dual_unit * s.rho * frobenius(sparse + quadratic - s.sparse - s.quadratic) / m_norm
         # Residual balancing (Boyd et al. §3.4.1): keep primal and dual residuals
         # within a factor of each other so that neither stalls.
         rho = jnp.where(primal_res > balance * dual_res, s.rho * rho_growth,
@@ -137,10 +154,10 @@ def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, s
     inf = jnp.asarray(jnp.inf, dtype)
     init = _State(
         step=jnp.asarray(0, jnp.int32),
-        low_rank=jnp.zeros_like(blocks),
-        sparse=jnp.zeros_like(blocks),
-        quadratic=jnp.zeros_like(blocks),
-        dual=blocks / dual_scale,
+        low_rank=jnp.zeros_like(m3),
+        sparse=jnp.zeros_like(m3),
+        quadratic=jnp.zeros_like(m3),
+        dual=m3 / dual_scale,
         rho=rho0.astype(dtype),
         singular_values=jnp.zeros((min_pq,), dtype),
         primal_residual=inf,
@@ -149,16 +166,17 @@ def solve_alm(blocks, lam, mu, *, tol, max_iter, rho_growth=2.0, balance=10.0, s
     )
     s = jax.lax.while_loop(cond, body, init)
     converged = (s.primal_residual < tol) & (s.dual_residual < tol)
-    penalty = regularizer(s.singular_values, s.sparse, lam)
+    low_rank, sparse = (jnp.transpose(x, (1, 0, 2)) for x in (s.low_rank, s.sparse))
+    penalty = regularizer(s.singular_values, sparse, lam)
     return SolverOutput(
-        low_rank=s.low_rank,
-        sparse=s.sparse,
+        low_rank=low_rank,
+        sparse=sparse,
         singular_values=s.singular_values,
         iterations=s.step,
         converged=converged,
         primal_residual=s.primal_residual,
         dual_residual=s.dual_residual,
-        objective=jnp.where(mu > 0, 0.5 * jnp.sum(jnp.square(blocks - s.low_rank - s.sparse)) + mu * penalty, penalty),
+        objective=jnp.where(mu > 0, 0.5 * jnp.sum(jnp.square(blocks - low_rank - sparse)) + mu * penalty, penalty),
         svt_fallbacks=jnp.asarray(0, jnp.int32) if svt_budget is None else s.svt_state.fallbacks,
         svt_state=s.svt_state,
     )
