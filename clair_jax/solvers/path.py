@@ -56,12 +56,13 @@ def empty_low_rank_solution(blocks, lam, mu, template: SolverOutput) -> SolverOu
 
 def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra: int = 0, start=0,
                known: Optional[Callable] = None) -> SolverOutput:
-    """Run ``solve(lam, init)`` for each λ of an ascending grid, in one ``while_loop``.
+    """Run ``solve(lam, previous, settled)`` for each λ of an ascending grid, in one ``while_loop``.
 
     Args:
-        solve: ``(λ, previous) → SolverOutput`` for one problem; ``previous`` is None
-            for the first λ and the previous λ's output afterwards (its L̂ and partial-SVT
-            subspace are warm starts).
+        solve: ``(λ, previous, settled) → SolverOutput`` for one problem; ``previous`` is
+            None for the first λ and the previous λ's output afterwards (its L̂ and
+            partial-SVT subspace are warm starts); ``settled`` (traced bool) says that
+            ``until`` already held at a smaller λ (this solve is one of the ``extra``).
         lams: (G,) λ values, ascending.
         until: optional ``SolverOutput → bool``; the path stops ``extra`` λ values
             after the first one where it holds. Entries not solved are zeros with
@@ -75,7 +76,7 @@ def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra
     """
     num = lams.shape[0]
     start = jnp.clip(jnp.asarray(start, jnp.int32), 0, num - 1)
-    first = solve(lams[start], None)
+    first = solve(lams[start], None, jnp.asarray(False))
     hit = (lambda out: jnp.asarray(False)) if until is None else until
     buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), first)
     if known is not None:
@@ -92,7 +93,7 @@ def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra
 
     def body(state):
         i, previous, found, buffer = state
-        out = solve(lams[i], previous)
+        out = solve(lams[i], previous, found < num)
         found = jnp.where((found == num) & hit(out), i, found)
         buffer = jax.tree_util.tree_map(lambda b, a: b.at[i].set(a), buffer, out)
         return i + 1, out, found, buffer
@@ -118,7 +119,7 @@ def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0
         **kwargs: as :func:`~clair_jax.solvers.solve_penalized`.
     """
     lams = jnp.asarray(lams, blocks.dtype)
-    def solve(lam, previous):
+    def solve(lam, previous, settled):
         if previous is None:
             return solve_penalized(blocks, lam, mu, tol=tol, max_iter=max_iter, **kwargs)
         return solve_penalized(blocks, lam, mu, tol=tol, max_iter=max_iter, init=previous.low_rank,
@@ -127,7 +128,8 @@ def solve_penalized_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0
     return solve_path(solve, lams, until=until, extra=extra)
 
 
-def solve_alm_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, skip_empty=True, **kwargs):
+def solve_alm_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, skip_empty=True, extra_tol=None,
+                   **kwargs):
     """The exact (μ = 0) or penalised program along an ascending λ path, by ALM.
 
     Each ALM solve starts from L = C = 0 (its penalty parameter adapts, and it
@@ -135,16 +137,19 @@ def solve_alm_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, skip
     hundreds); only the partial SVT's subspace is carried from one λ to the next.
     With ``skip_empty`` the λ at or below :func:`empty_low_rank_limit` are not
     iterated: their solution (L̂ = 0) is written in closed form, with
-    ``iterations = 0`` and ``converged = True``.
+    ``iterations = 0`` and ``converged = True``. ``extra_tol``: a looser tolerance
+    for the ``extra`` solves after ``until`` first held (a caller that reads only
+    their rank need not converge them fully).
 
     Args: as :func:`solve_penalized_path`; kwargs go to :func:`~clair_jax.solvers.solve_alm`.
     """
     lams = jnp.asarray(lams, blocks.dtype)
     mu = jnp.asarray(mu, blocks.dtype)
 
-    def solve(lam, previous):
+    def solve(lam, previous, settled):
         state = None if previous is None else previous.svt_state
-        return solve_alm(blocks, lam, mu, tol=tol, max_iter=max_iter, svt_state=state, **kwargs)
+        tol_now = tol if extra_tol is None else jnp.where(settled, max(tol, extra_tol), tol)
+        return solve_alm(blocks, lam, mu, tol=tol_now, max_iter=max_iter, svt_state=state, **kwargs)
 
     if not skip_empty:
         return solve_path(solve, lams, until=until, extra=extra)
