@@ -158,7 +158,8 @@ def clair(
 
     Args:
         updates: (..., K, p, q) array of client updates, or :class:`~clair_jax.LoRAFactors`
-            with B (..., K, p, r) and A (..., K, r, q) (reduced exactly, never densified).
+            with B (..., K, p, r) and A (..., K, r, q) (reduced exactly, never densified;
+            numpy factors stay in host memory and go to the device a chunk of modules at a time).
         rank: r̂, at most min(p, K·q); default chosen from the spectrum.
         lam: λ; default chosen from a grid by the block scores. A float fixes it.
         noise: ``"auto"`` (estimate σ) or σ ≥ 0, the per-entry noise std in the

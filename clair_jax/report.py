@@ -33,6 +33,8 @@ class ClairResult(NamedTuple):
         rank: (...,) r̂; 0 where no shared direction was found (the benign updates of
             that problem are then returned unrefined, and a ``RuntimeWarning`` says so).
         refined: refined updates, the same kind as the input (array or LoRAFactors).
+            LoRA factors given as numpy arrays come back in host memory: B̃ a numpy
+            array, A the caller's own (a model's worth is never copied to the device whole).
         decomposition: :class:`~clair_jax.Decomposition` at the chosen λ (for LoRA
             input, of the reduced problem).
         lam: (...,) λ chosen.
