@@ -394,11 +394,9 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
                           p=problems.dims[0], pooling=pooling, width=width)
 
 
-def _refine_b(b, usable, used, basis, share):
-    """B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k for one problem (Û: (p, m) in the dense space).
-
-    Clients outside ``used`` keep B_k (zeroed where not ``usable``, as stage 2 does)."""
-    b = jnp.where(usable[:, None, None], b, 0.0)
+def _refine_b(b, used, basis, share):
+    """B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k for one problem (Û: (p, m) in the dense space);
+    clients outside ``used`` keep B_k."""
     projected = basis @ jnp.einsum("pm,kpl->kml", basis, b)
     mixed = projected + share[:, None, None] * (b - projected)
     return jnp.where(used[:, None, None], mixed, b)
@@ -414,8 +412,9 @@ def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable
 
     def one(args):
         coef, rt, b, ok, u, r, sh = args
-        full_basis = jnp.where(r > 0, lift(coef, jnp.where(ok[:, None, None], b, 0.0), rt), 0.0)
-        return full_basis, _refine_b(b, ok, u, full_basis, sh)
+        b = jnp.where(ok[:, None, None], b, 0.0)   # non-finite clients zeroed, as stage 2 reads them
+        full_basis = jnp.where(r > 0, lift(coef, b, rt), 0.0)
+        return full_basis, _refine_b(b, u, full_basis, sh)
 
     # One module at a time: the (K, p, r) intermediates of a whole model would not fit.
     full_basis, refined_b = jax.lax.map(one, (coefficients, right, factors_b, usable, used, ranks, share))
