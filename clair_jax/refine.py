@@ -274,7 +274,7 @@ def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin,
     # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
     # of this problem's Û even when the pooled verdict clears it; it is still refined.
     fit = used & (benign | (z <= DECISIVE_Z))
-    # One problem at a time: the full SVDs of a whole model's stacks are not needed at once.
+    # Eight problems at a time: the full SVDs (U and V) of a whole model's stacks are never held at once.
     one = functools.partial(_basis_one, rank=rank, margin=margin, dims=dims, width=width)
     basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns), batch_size=8)
     return basis, ranks, coefficients, used & (ranks > 0)[:, None]
