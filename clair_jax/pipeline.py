@@ -148,8 +148,9 @@ def clair(
        refit test of each client's off-subspace energy confirms or corrects;
        passes repeat (at most 3) while the benign stack's noise level moves μ;
     3. **pool** (:func:`clair_jax.pool.client_verdict`): one verdict per client:
-       benign in most problems, a mean score that does not split off, and a mean
-       refit z at most ``z_crit``;
+       benign in most problems, a mean score that does not split off, a mean
+       refit z at most ``z_crit`` and a largest one at most
+       2·√(z_crit² + 2 ln n) over n ≥ 2 problems;
     4. **refine** (:func:`clair_jax.refine.refine`): Û = leading r̂ left singular
        vectors of the stacked benign updates, r̂ from the noise edge of their
        spectrum, at most rank(L̂), and only directions shared by several

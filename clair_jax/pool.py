@@ -10,6 +10,7 @@ objects, so a user can judge clients over results computed separately.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -17,7 +18,32 @@ import jax.numpy as jnp
 
 from clair_jax.detect import MIN_GAP, split_scores
 
-__all__ = ["ClientVerdict", "client_verdict", "pool_verdicts"]
+__all__ = ["ClientVerdict", "client_verdict", "layer_threshold", "pool_verdicts"]
+
+
+def layer_threshold(z_crit: float, n: int) -> float:
+    """Threshold on a client's largest per-problem refit z over ``n`` problems: 2·√(z_crit² + 2 ln n).
+
+    Contamination confined to one problem of many (an attacker in one layer of
+    six) is plain in that problem (the zoo's class 5: refit z 15–21 there,
+    honest clients ≤ 3.4) but averages away in the mean over problems (≤ 3.6).
+    So the largest z counts too, against a threshold that grows with ``n``: the
+    largest of n roughly Gaussian statistics grows like √(2 ln n), whence
+    √(z_crit² + 2 ln n); the factor 2 keeps honest clients clear when their z
+    is heavier-tailed than Gaussian (robust units, few clients, heterogeneity).
+    z_crit = 5 gives 10.3 for n = 2, 10.7 for n = 6 and 11.8 for n = 128.
+
+    For z_crit = 5 it sits just above :data:`clair_jax.refine.DECISIVE_Z` (10):
+    a client above that in a problem is already kept out of that problem's Û;
+    above this threshold it is also flagged as a client (it keeps its local
+    update in every problem). A client between the two is trusted as a whole but
+    not used to fit that one problem's subspace.
+
+    Example:
+        >>> round(layer_threshold(5.0, 6), 2)
+        10.69
+    """
+    return 2.0 * math.sqrt(z_crit * z_crit + 2.0 * math.log(n))
 
 
 class ClientVerdict(NamedTuple):
@@ -47,7 +73,13 @@ def client_verdict(benign, scores, z, usable, *, z_crit=5.0, min_gap=MIN_GAP, th
       (contamination confined to a few modules shows there), or, with a fixed
       ``threshold``, stays at most the threshold;
     * its mean refit statistic is at most ``z_crit`` (weak but consistent excess
-      off-subspace energy adds up over problems).
+      off-subspace energy adds up over problems);
+    * its largest refit statistic over the problems where it is usable is at
+      most :func:`layer_threshold` (``z_crit``, n) = 2·√(z_crit² + 2 ln n), 10.7
+      for z_crit = 5 and n = 6 (strong contamination confined to one problem,
+      e.g. one layer of many, which the mean dilutes). It lies just above
+      :data:`clair_jax.refine.DECISIVE_Z` = 10, the per-problem level above which
+      a client is left out of that problem's Û whatever the pooled verdict.
 
     A client whose update is non-finite anywhere is contaminated.
 
@@ -77,7 +109,10 @@ def _client_verdict(benign, scores, z, usable, *, z_crit, min_gap, threshold):
     else:
         by_score = split_scores(mean_scores, client_usable, min_gap).benign
     by_z = mean_z <= z_crit
-    return ClientVerdict(client_usable & by_vote & by_score & by_z, mean_scores, mean_z, ~client_usable)
+    # The largest z over usable problems (n is static: it comes from the shape).
+    max_z = jnp.max(jnp.where(usable, z, -jnp.inf), axis=0)
+    by_max_z = ~(max_z > layer_threshold(z_crit, n))
+    return ClientVerdict(client_usable & by_vote & by_score & by_z & by_max_z, mean_scores, mean_z, ~client_usable)
 
 
 def pool_verdicts(results: Sequence, *, z_crit=5.0, min_gap=MIN_GAP, threshold=None) -> ClientVerdict:

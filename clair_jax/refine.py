@@ -434,6 +434,9 @@ def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
 #: A client whose refit statistic in one problem exceeds this is left out of that
 #: problem's Û even when the pooled verdict clears it (attackers confined to one
 #: layer of many: issue 14 measured z ≈ 15–21 for them, ≤ 2.7 for benign clients).
+#: The pooled verdict flags such a client outright once its z passes
+#: :func:`clair_jax.pool.layer_threshold` (10.7 for six problems at z_crit = 5), so
+#: this rule alone decides only for z between the two, or with a larger ``z_crit``.
 DECISIVE_Z = 10.0
 
 

@@ -25,7 +25,8 @@ class ClairResult(NamedTuple):
             :func:`clair_jax.pool.client_verdict`.
         client_scores: (K,) mean score over problems.
         client_z: (K,) mean refit statistic over problems (the pooled verdict
-            flags a client whose mean exceeds ``z_crit``).
+            flags a client whose mean exceeds ``z_crit``, or whose largest one
+            exceeds :func:`clair_jax.pool.layer_threshold`).
         residual_z: (..., K) refit statistic: off-subspace energy above the benign
             median, in robust standard deviations (0 when ``refit=False``).
         nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).

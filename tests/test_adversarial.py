@@ -189,3 +189,16 @@ def test_coordinated_minority_in_one_call():
 def test_student_t_noise_gives_no_false_alarm():
     row = _run("student-t df=2 noise, no attacker")
     assert row["fpr"] == 0.0
+
+
+def test_attackers_confined_to_one_layer_of_six_are_flagged():
+    # Class 5: 20% of clients add an off-subspace block of the noise norm in one of
+    # six layers. That layer's refit z is far above the others'; the pooled verdict
+    # flags them by their largest z (cj.pool.layer_threshold), not by the mean.
+    case = adv.c5_one_layer(np.random.default_rng(0))
+    res = cj.clair(np.asarray(case["updates"], np.float32))
+    flagged = ~np.asarray(res.client_benign)
+    bad = ~case["benign"]
+    assert flagged[bad].all() and not flagged[~bad].any()
+    assert float(np.max(np.asarray(res.client_z)[bad])) <= 5.0  # the mean alone would clear them
+    assert float(np.max(np.asarray(res.residual_z)[:, bad])) > cj.pool.layer_threshold(5.0, 6)

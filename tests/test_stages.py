@@ -74,6 +74,33 @@ def test_pool_verdict_rules():
     assert v.benign.tolist() == [True, True, False, True] and v.nonfinite.tolist() == [False, False, True, False]
 
 
+def test_layer_threshold_grows_slowly_with_the_number_of_problems():
+    assert cj.pool.layer_threshold(5.0, 1) == pytest.approx(10.0)
+    assert cj.pool.layer_threshold(5.0, 6) == pytest.approx(2.0 * np.sqrt(25.0 + 2.0 * np.log(6.0)))
+    assert refine.DECISIVE_Z < cj.pool.layer_threshold(5.0, 2) < cj.pool.layer_threshold(5.0, 128) < 12.0
+
+
+def test_pool_flags_a_client_decisive_in_one_problem_of_six():
+    # Client 1 is flagged in one problem of six (z 15) and clean elsewhere: its mean
+    # z (2.5) and the vote clear it, its largest z (above 10.7 for n = 6) does not.
+    usable = jnp.ones((6, 4), bool)
+    z = jnp.zeros((6, 4)).at[:, 3].set(1.5)
+    benign = jnp.ones((6, 4), bool).at[2, 1].set(False)
+    scores = jnp.zeros((6, 4))
+    v = cj.pool.client_verdict(benign, scores, z.at[2, 1].set(15.0), usable)
+    assert v.benign.tolist() == [True, False, True, True]
+    assert float(v.z[1]) == pytest.approx(2.5)
+    # z 9 in one problem (below the corrected threshold) is not enough on its own.
+    v = cj.pool.client_verdict(benign, scores, z.at[2, 1].set(9.0), usable)
+    assert v.benign.tolist() == [True, True, True, True]
+    # A problem where the client is not usable does not count (it is flagged as non-finite instead).
+    v = cj.pool.client_verdict(jnp.ones((6, 4), bool), scores, z.at[2, 0].set(jnp.nan), usable.at[2, 0].set(False))
+    assert v.benign.tolist() == [False, True, True, True] and v.nonfinite.tolist() == [True, False, False, False]
+    # With one problem the problem's own verdict is the client's: no extra rule.
+    v = cj.pool.client_verdict(benign[:1], scores[:1], z[:1].at[0, 1].set(15.0), usable[:1])
+    assert v.benign.tolist() == [True, True, True, True]
+
+
 def test_groups_errors_name_the_group():
     fed, _ = _layers()
     with pytest.raises(ValueError, match="same clients"):
