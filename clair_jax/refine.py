@@ -445,6 +445,48 @@ def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
     return jnp.where(energy > 0, jnp.clip(share, 0.0, 1.0), 0.0).astype(x.dtype)
 
 
+#: A residual is noise-like when its top squared singular value is at most
+#: NOISY_FLAT × what isotropic noise of the same energy gives, σ_k²(√(p − r̂) + √c_k)².
+NOISY_FLAT = 1.5
+
+#: ... and the client carries the shared signal when its energy inside Û exceeds what
+#: its own noise level puts there, σ_k² r̂ c_k, by NOISY_Z χ² standard deviations.
+NOISY_Z = 5.0
+
+
+def noise_like(basis, blocks, rank, columns, p, *, flat=NOISY_FLAT, z=NOISY_Z):
+    """(K,) clients that look like an honest update under heavier noise.
+
+    Client k's residual R_k = (I − ÛÛᵀ)Θ̂_k gives its own noise level
+    σ_k² = ‖R_k‖²/((p − r̂)c_k) (c_k its noise columns). It is noise-like when
+    R_k's spectrum is flat (‖R_k‖_2² ≤ ``flat``·σ_k²(√(p − r̂) + √c_k)², as for
+    isotropic noise: a wrong task or an attack that leaves the subspace is
+    structured and concentrates in a few directions) *and* the client carries the
+    shared signal (its energy inside Û exceeds σ_k² r̂ c_k, what that noise puts
+    there, by ``z`` χ² standard deviations; a Gaussian update carries none). Such
+    a flagged client (a much noisier estimate, an honest client far larger than
+    the rest) is still left out of Û, but its update is refined by projection:
+    its off-subspace part is its own noise.
+
+    Args:
+        basis: (p', r_max) Û (columns past r̂ zero). blocks: (K, p', q'). rank: r̂.
+        columns: (K,) noise columns. p: the dense row count (p' may be a reduction's).
+    """
+    from clair_jax import detect  # local import: detect imports refine
+
+    x, _ = detect.robust_units(blocks, jnp.ones(blocks.shape[0], bool))
+    inside = jnp.einsum("pr,kpq->krq", basis, x)
+    resid = x - basis @ inside
+    energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    cols = jnp.maximum(columns, 1).astype(x.dtype)
+    sigma2 = energy / (jnp.maximum(p - rank, 1) * cols)
+    top = jnp.square(jnp.linalg.svd(resid, compute_uv=False)[:, 0])
+    is_flat = top <= flat * sigma2 * jnp.square(jnp.sqrt(jnp.maximum(p - rank, 1).astype(x.dtype)) + jnp.sqrt(cols))
+    shared = jnp.sum(jnp.square(inside), axis=(-2, -1)) >= sigma2 * rank * cols * (
+        1.0 + z * jnp.sqrt(2.0 / jnp.maximum(rank * cols, 1.0)))
+    return is_flat & shared & (energy > 0) & (rank > 0)
+
+
 class Refinement(NamedTuple):
     """Stage 6's answer for a batch of n problems.
 
@@ -457,6 +499,9 @@ class Refinement(NamedTuple):
             coordinates, 0: the benign centre's; all 1 without pooling).
         local_share: (n, K) α_k, the share of its off-subspace part a refined client
             kept (:func:`local_share`; 0 = plain projection, 1 = its local update).
+        noisy: (n, K) flagged clients refined anyway, by projection: their update
+            looks like an honest one under heavier noise (:func:`noise_like`). They
+            were left out of Û.
     """
 
     subspace: jax.Array
@@ -465,6 +510,7 @@ class Refinement(NamedTuple):
     used: jax.Array
     shrinkage: jax.Array
     local_share: jax.Array
+    noisy: jax.Array
 
 
 def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none") -> Refinement:
@@ -476,7 +522,6 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     (:func:`shared_basis`) and carried by a majority of them
     (:func:`majority_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
     shared direction exists and the benign clients keep their own update.
-    Contaminated clients always keep theirs.
 
     Never worse than local: α_k (:func:`local_share`) is 0 where client k's
     off-subspace part is what noise at σ̂ leaves (the plain projection) and
@@ -485,6 +530,11 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     evidence of a shared direction; a client flagged decisively in one problem
     (refit z > :data:`DECISIVE_Z`) is left out of that problem's Û; on noiseless data the refined update of a
     benign client is its own update. ``local_share`` reports α per problem and client.
+
+    A flagged client whose update looks like an honest one under heavier noise
+    (a flat residual spectrum and the shared signal inside Û, :func:`noise_like`)
+    gets Θ̃_k = Û Ûᵀ Θ̂_k too; it stays flagged and out of Û (``noisy``).
+    Other contaminated clients keep their update.
 
     For LoRA input Û = Q Ũ maps the reduced problem's basis back, and
     B̃_k = Û Ûᵀ B_k + α_k(I − Û Ûᵀ)B_k (A_k unchanged), so no dense ΔW is formed.
@@ -507,15 +557,15 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
     if problems.factored:
         # Host (numpy) factors are refined a chunk of modules at a time, into a numpy B̃.
-        full_basis, refined_b, share, ones = stack.map_chunks(
+        full_basis, refined_b, share, ones, noisy = stack.map_chunks(
             functools.partial(_refine_factors, p=problems.dims[0], width=width),
             (coefficients, problems.right, basis, ranks, problems.blocks, problems.factors.B, problems.usable, used,
              detection.noise_level, detection.columns), host_out=(1,))
         a = problems.factors.A
         if not np.all(np.asarray(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
             a = jnp.where(problems.usable[..., None, None], a, 0.0)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share)
-    return _refine_blocks(basis, ranks, problems.blocks, used, detection.noise_level, detection.columns,
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share, noisy)
+    return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, detection.noise_level, detection.columns,
                           p=problems.dims[0], pooling=pooling, width=width)
 
 
@@ -534,6 +584,7 @@ def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable
     basis, coefficients = basis[..., :width], coefficients[..., :width]
     share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
                       0.0)
+    noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)
 
     def one(args):
         coef, rt, b, ok, u, r, sh = args
@@ -542,12 +593,18 @@ def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable
         return full_basis, _refine_b(b, u, full_basis, sh)
 
     # One module at a time: the (K, p, r) intermediates of a whole model would not fit.
-    full_basis, refined_b = jax.lax.map(one, (coefficients, right, factors_b, usable, used, ranks, share))
-    return full_basis, refined_b, share, jnp.ones(used.shape + (width,), basis.dtype)
+    full_basis, refined_b = jax.lax.map(one, (coefficients, right, factors_b, usable, used | noisy, ranks, share))
+    return full_basis, refined_b, share, jnp.ones(used.shape + (width,), basis.dtype), noisy
+
+
+def _noisy(basis, blocks, ranks, columns, usable, used, p):
+    """(n, K) flagged clients refined by projection (:func:`noise_like`)."""
+    like = jax.vmap(functools.partial(noise_like, p=p))(basis, blocks, ranks, columns)
+    return like & usable & ~used & (ranks > 0)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("p", "pooling", "width"))
-def _refine_blocks(basis, ranks, blocks, used, noise_level, columns, *, p, pooling, width):
+def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, *, p, pooling, width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
     basis = basis[..., :width]
     share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
@@ -555,5 +612,7 @@ def _refine_blocks(basis, ranks, blocks, used, noise_level, columns, *, p, pooli
     refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
         basis, blocks, used, noise_level, columns)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).
-    off = blocks - jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
-    return Refinement(basis, ranks, refined + share[..., None, None] * off, used, shrinkage, share)
+    projected = jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
+    noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)
+    refined = jnp.where(noisy[..., None, None], projected, refined + share[..., None, None] * (blocks - projected))
+    return Refinement(basis, ranks, refined, used, shrinkage, share, noisy)

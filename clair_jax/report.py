@@ -49,6 +49,10 @@ class ClairResult(NamedTuple):
             refined client kept (:func:`clair_jax.refine.local_share`): 0 is the plain
             projection ÛÛᵀΘ̂_k; above 0 the client carried more outside Û than noise
             would, and its update was moved only part of the way (1 = its local update).
+        noisy: (..., K) bool, flagged clients whose update looks like an honest one
+            under heavier noise (a flat residual spectrum, the shared signal inside Û:
+            :func:`clair_jax.refine.noise_like`). They stay flagged and out of Û, and
+            their refined update is the projection ÛÛᵀΘ̂_k.
     """
 
     benign: jax.Array
@@ -67,6 +71,7 @@ class ClairResult(NamedTuple):
     converged: jax.Array
     shrinkage: jax.Array
     local_share: jax.Array
+    noisy: jax.Array
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -97,6 +102,9 @@ class ClairResult(NamedTuple):
         if kept.size:
             lines.append(f"refined only part of the way (> half their off-subspace part kept, weak evidence "
                          f"that it is noise): {kept.tolist()}")
+        noisy = np.flatnonzero(np.any(np.reshape(np.asarray(self.noisy), (-1, self.client_benign.shape[-1])), axis=0))
+        if noisy.size:
+            lines.append(f"flagged but noise-like (left out of Û, refined by projection): {noisy.tolist()}")
         if np.any(self.nonfinite):
             lines.append(f"non-finite updates (flagged, excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
         return "\n".join(lines)
@@ -136,4 +144,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         converged=dec.converged,
         shrinkage=unflatten(refinement.shrinkage),
         local_share=unflatten(refinement.local_share),
+        noisy=unflatten(refinement.noisy),
     )

@@ -196,3 +196,41 @@ def test_attackers_confined_to_one_layer_of_six_are_flagged():
     assert flagged[bad].all() and not flagged[~bad].any()
     assert float(np.max(np.asarray(res.client_z)[bad])) <= 5.0  # the mean alone would clear them
     assert float(np.max(np.asarray(res.residual_z)[:, bad])) > cj.pool.layer_threshold(5.0, 6)
+
+
+# ---------------------------------------------------------------- class 8
+
+
+def test_noise_like_tells_a_noisier_honest_update_from_a_gaussian_or_structured_one():
+    rng = np.random.default_rng(6)
+    p, q, r = 40, 10, 3
+    u = np.linalg.qr(rng.standard_normal((p, r)))[0]
+    honest = u @ rng.standard_normal((r, q))
+    noisy = honest + 0.3 * rng.standard_normal((p, q))              # flat residual, shared signal
+    gaussian = 0.3 * rng.standard_normal((p, q))                    # flat residual, no shared signal
+    off = np.linalg.qr(np.c_[u, rng.standard_normal(p)])[0][:, r]
+    structured = honest + 3.0 * np.outer(off, rng.standard_normal(q))   # a direction of its own
+    blocks = jnp.asarray(np.stack([noisy, gaussian, structured]), jnp.float32)
+    like = cj.refine.noise_like(jnp.asarray(u, jnp.float32), blocks, r, jnp.full((3,), q), p)
+    assert np.asarray(like).tolist() == [True, False, False]
+
+
+def test_a_much_noisier_honest_client_is_flagged_but_refined_by_projection():
+    case = adv.c8_noisy_client(np.random.default_rng(0))
+    x = np.asarray(case["updates"], np.float32)
+    res = cj.clair(x)
+    assert not bool(res.client_benign[0]) and bool(res.noisy[0])      # flagged, out of Û, named
+    assert int(np.sum(np.asarray(res.noisy))) == 1
+    u = np.asarray(res.subspace)[:, : int(res.rank)]
+    np.testing.assert_allclose(np.asarray(res.refined[0]), u @ (u.T @ x[0]), atol=1e-5)
+    clean = np.asarray(case["clean"][0])
+    assert np.linalg.norm(np.asarray(res.refined[0]) - clean) < 0.6 * np.linalg.norm(x[0] - clean)
+    assert "noise-like" in res.summary()
+
+
+def test_gaussian_attackers_keep_their_update():
+    fed = cj.data.make_federation(0, kind="full_rank", contamination=0.3, noise=0.1)
+    res = cj.clair(fed.updates)
+    bad = ~np.asarray(fed.benign)
+    assert not np.asarray(res.noisy)[bad].any()
+    np.testing.assert_array_equal(np.asarray(res.refined)[bad], np.asarray(fed.updates)[bad])
