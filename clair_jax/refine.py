@@ -3,7 +3,9 @@
 Û = leading r̂ left singular vectors of the stacked benign blocks [Θ̂_k : k ∈ Ŝ]
 (pooling every benign client is where the averaging gain comes from), and each
 benign client gets Θ̃_k = Û Ûᵀ Θ̂_k: its error off the subspace is removed, its
-own coefficients inside the subspace are kept. Contaminated clients keep Θ̂_k.
+own coefficients inside the subspace are kept. Contaminated clients keep Θ̂_k,
+except those whose update looks like an honest one under heavier noise
+(:func:`noise_like`), which are projected too.
 
 :func:`partial_pool` goes one step further inside the subspace: each benign
 client's coordinates V_k = ÛᵀΘ̂_k are shrunk toward their robust centre V̄ by an
@@ -393,7 +395,6 @@ def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims, width):
     else:
         r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
         basis, r = shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
-        basis, r = majority_basis(basis, r, blocks, used, dims[0], columns, rel_floor=_rel_floor(blocks.dtype))
     basis = basis[:, :width]
     return basis, r, _coefficients(basis, u, sv, vt, weight)
 
@@ -407,6 +408,17 @@ def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin,
     # Eight problems at a time: the full SVDs (U and V) of a whole model's stacks are never held at once.
     one = functools.partial(_basis_one, rank=rank, margin=margin, dims=dims, width=width)
     basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns), batch_size=8)
+    if rank is None:
+        # Majority support, one problem at a time (its while loop is never batched:
+        # a vmapped one crashed XLA:CPU's compiler in a long test session).
+        def majority(args):
+            b, r, x, f, c = args
+            return majority_basis(b, r, x, f, dims[0], c, rel_floor=_rel_floor(x.dtype))
+
+        kept, ranks = jax.lax.map(majority, (basis, ranks, blocks, fit, columns))
+        # Û' = Û T with T = ÛᵀÛ': the coefficients (Û = Σ_k Θ̂_k Z_k) follow.
+        coefficients = jnp.einsum("nkqm,nmj->nkqj", coefficients, jnp.einsum("npm,npj->nmj", basis, kept))
+        basis = kept
     return basis, ranks, coefficients, used & (ranks > 0)[:, None]
 
 
