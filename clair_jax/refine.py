@@ -157,6 +157,7 @@ def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
 #: this rule alone decides only for z between the two, or with a larger ``z_crit``.
 DECISIVE_Z = 10.0
 
+
 def subspace(u, rank):
     """First ``rank`` columns of u, the rest zeroed (a fixed-shape basis)."""
     keep = jnp.arange(u.shape[-1]) < rank
@@ -264,12 +265,6 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
 # --------------------------------------------- the stage: every problem at once
 
 
-def _rel_floor(dtype):
-    from clair_jax.detect import _rel_floor as floor  # local import: detect imports refine
-
-    return floor(dtype)
-
-
 def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims, width):
     """Û (its first ``width`` columns) and r̂ of one problem from the clients in ``used``,
     and Û's coefficients Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by)."""
@@ -296,6 +291,17 @@ def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin,
     return basis, ranks, coefficients, used & (ranks > 0)[:, None]
 
 
+def _off_subspace(basis, blocks):
+    """Blocks in robust units (:func:`clair_jax.detect.robust_units`), the unit, their
+    coordinates ÛᵀΘ̂_k, residuals (I − ÛÛᵀ)Θ̂_k and residual energies."""
+    from clair_jax import detect  # local import: detect imports refine
+
+    x, unit = detect.robust_units(blocks, jnp.ones(blocks.shape[0], bool))
+    inside = jnp.einsum("pr,kpq->krq", basis, x)
+    resid = x - basis @ inside
+    return x, unit, inside, resid, jnp.sum(jnp.square(resid), axis=(-2, -1))
+
+
 def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
     """(K,) share α_k of its off-subspace part each client keeps: 0 = projected, 1 = local.
 
@@ -319,11 +325,7 @@ def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
         rank: r̂. sigma: σ̂ per entry, in the blocks' units. columns: (K,) noise columns.
         p: the dense row count (p' may be a reduction's).
     """
-    from clair_jax import detect  # local import: detect imports refine
-
-    x, unit = detect.robust_units(blocks, jnp.ones(blocks.shape[0], bool))
-    resid = x - basis @ jnp.einsum("pr,kpq->krq", basis, x)
-    energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    x, unit, _, _, energy = _off_subspace(basis, blocks)
     dof = jnp.maximum((p - rank) * columns, 1).astype(x.dtype)
     noise = jnp.square(sigma / unit) * dof
     c = 1.0 + slack * jnp.sqrt(2.0 / dof)
@@ -358,12 +360,7 @@ def noise_like(basis, blocks, rank, columns, p, *, flat=NOISY_FLAT, z=NOISY_Z):
         basis: (p', r_max) Û (columns past r̂ zero). blocks: (K, p', q'). rank: r̂.
         columns: (K,) noise columns. p: the dense row count (p' may be a reduction's).
     """
-    from clair_jax import detect  # local import: detect imports refine
-
-    x, _ = detect.robust_units(blocks, jnp.ones(blocks.shape[0], bool))
-    inside = jnp.einsum("pr,kpq->krq", basis, x)
-    resid = x - basis @ inside
-    energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    x, _, inside, resid, energy = _off_subspace(basis, blocks)
     cols = jnp.maximum(columns, 1).astype(x.dtype)
     sigma2 = energy / (jnp.maximum(p - rank, 1) * cols)
     top = jnp.square(jnp.linalg.svd(resid, compute_uv=False)[:, 0])
