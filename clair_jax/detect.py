@@ -159,7 +159,9 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     (:func:`robust_units`, so no energy overflows or underflows in float32 for
     any finite input); Û is fitted on blocks capped at :data:`SUBSPACE_CLIP` ×
     the set's median norm (:func:`clair_jax.refine.capped`: a few aligned huge
-    blocks cannot choose Û or r̂); and for dense full-rank blocks a client is
+    blocks cannot choose Û or r̂); Û keeps only the directions a majority of
+    the set carries (:func:`clair_jax.refine.majority_basis`: a coordinated
+    minority's own direction becomes off-subspace energy); and for dense full-rank blocks a client is
     flagged only when its energy is also out of range after its residual
     entries are winsorised at :data:`ENTRY_CLIP` robust standard deviations, so
     heavy-tailed noise (a few huge entries) is not read as contamination while
@@ -191,6 +193,9 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # Û from blocks capped at SUBSPACE_CLIP × the set's median norm (refine.capped).
         u, sv = refine.benign_spectrum(blocks, current)
         basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
+        # Directions only a coherent minority carries leave Û: their owners' energy
+        # along them then counts as off-subspace, where the test sees it.
+        basis, r = refine.majority_basis(basis, r, blocks, current, p, cols, rel_floor=rel_floor)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
         # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
         # robust sd. Heavy-tailed noise inflates only the plain one, so a client is

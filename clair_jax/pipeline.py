@@ -154,7 +154,7 @@ def clair(
     4. **refine** (:func:`clair_jax.refine.refine`): Û = leading r̂ left singular
        vectors of the stacked benign updates, r̂ from the noise edge of their
        spectrum, at most rank(L̂), and only directions shared by several
-       clients; Θ̃_k = Û Ûᵀ Θ̂_k for benign
+       clients and carried by a majority of them; Θ̃_k = Û Ûᵀ Θ̂_k for benign
        k (plus the share α_k of its off-subspace part that is more than noise),
        and for a flagged client whose update looks like an honest one under
        heavier noise (``noisy``); Θ̂_k for the others;

@@ -27,7 +27,7 @@ from clair_jax import stack
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "subspace", "project",
+__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "majority_basis", "subspace", "project",
            "local_share", "partial_pool", "POOLING", "Refinement", "refine"]
 
 #: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
@@ -156,6 +156,120 @@ def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
 #: :func:`clair_jax.pool.layer_threshold` (10.7 for six problems at z_crit = 5), so
 #: this rule alone decides only for z between the two, or with a larger ``z_crit``.
 DECISIVE_Z = 10.0
+
+#: Û is checked for majority support up to this many directions (a larger r̂ is
+#: taken as is: the check's cost grows with r̂³ per start, and with r̂ above it every
+#: client carries only a small share of Û anyway).
+MAJORITY_MAX_RANK = 32
+
+#: A direction is carried by a client when its energy along it exceeds the noise
+#: by more than MAJORITY_SLACK χ² standard deviations.
+MAJORITY_SLACK = 3.0
+
+
+def majority_basis(basis, rank, blocks, benign, p, columns=None, *, rel_floor, slack=MAJORITY_SLACK, iterations=6):
+    """Û less the directions that only a minority of the set carries.
+
+    A shared direction is one that most of the benign clients use. Clients that
+    coordinate (a coherent minority with a task or an attack of its own) add
+    their own directions to the stacked spectrum, and r̂ counts them; they are
+    then inside Û, so the refit test cannot see them. This step finds, inside
+    span(Û), a unit direction w along which at least half of ``benign`` carry
+    no more than noise, and drops it; it repeats until every remaining
+    direction is carried by a majority. Client k's energy along w is whitened
+    by the noise it would hold there, ε_k = ‖wᵀΘ̂_k‖²/(σ̂²c_k) (σ̂ from the
+    set's median off-subspace energy, c_k its noise columns; a rounding floor
+    in noiseless data), and w is unsupported when the ⌈n/2⌉-th smallest ε_k is
+    at most 1 + ``slack``·√(2/c). w is searched by concentration steps (w ←
+    the least-energy direction of the ⌈n/2⌉ clients with least energy along
+    w) from every eigenvector of the clients' vote matrix Σ_k G_k/tr G_k. The
+    attack direction need not be orthogonal to the shared subspace: only its
+    part outside the majority's span is dropped, which Û's own singular vectors
+    (a mixture of both) never isolate.
+
+    Args:
+        basis: (p', m) Û with its ``rank`` kept columns first (the rest zero).
+        rank: r̂. blocks: (K, p', q'). benign: (K,) the current set.
+        p: dense row count (p' may be a reduction's). columns: (K,) noise columns.
+        rel_floor: relative energy below which a residual is rounding.
+
+    Returns:
+        (basis, rank): the majority-supported part, kept columns first.
+    """
+    from clair_jax import detect  # local import: detect imports refine
+
+    k, _, q = blocks.shape
+    width = min(basis.shape[-1], MAJORITY_MAX_RANK)
+    dtype = blocks.dtype
+    cols = jnp.full((k,), q) if columns is None else columns
+    x, _ = detect.robust_units(blocks, benign)
+    head = subspace(basis[:, :width], rank)
+    coef = jnp.einsum("pr,kpq->krq", head, x)                           # (K, R, q)
+    norm2 = jnp.sum(jnp.square(x), axis=(-2, -1))
+    off = jnp.maximum(norm2 - jnp.sum(jnp.square(coef), axis=(-2, -1)), 0.0)
+    sigma2 = detect.masked_median(off / jnp.maximum((p - rank) * cols, 1).astype(dtype), benign & (cols > 0))
+    nu = jnp.maximum(jnp.maximum(sigma2 * cols.astype(dtype), rel_floor * norm2), jnp.finfo(dtype).tiny)
+    gram = jnp.einsum("krq,ksq->krs", coef, coef) / nu[:, None, None]    # whitened, (K, R, R)
+    n = jnp.sum(benign)
+    half = jnp.maximum((n + 1) // 2, 1)                                  # ⌈n/2⌉
+    typical = jnp.maximum(detect.masked_median(cols, benign), 1).astype(dtype)
+    limit = 1.0 + slack * jnp.sqrt(2.0 / typical)
+    # DECISIVE_Z spreads of a client's off-subspace energy under noise, σ̂²√(2(p − r̂)c).
+    decisive = DECISIVE_Z * jnp.maximum(sigma2 * jnp.sqrt(2.0 * jnp.maximum(p - rank, 1) * typical), rel_floor * norm2)
+    eye = jnp.eye(width, dtype=dtype)
+
+    def median_energy(g, w):
+        energy = jnp.einsum("r,krs,s->k", w, g, w)
+        return jnp.sort(jnp.where(benign, energy, jnp.inf))[half - 1], energy
+
+    def least_supported(g, live):
+        # Dead coordinates (dropped or past r̂) get a huge energy: never chosen.
+        big = 1e3 * (1.0 + jnp.max(jnp.trace(g, axis1=-2, axis2=-1)))
+        pen = big * jnp.diag(~live)
+
+        def concentrate(w, _):
+            level, energy = median_energy(g, w)
+            inner = benign & (energy <= level)
+            m = jnp.einsum("k,krs->rs", inner.astype(dtype), g) + pen
+            return jnp.linalg.eigh(m)[1][:, 0], None
+
+        trace = jnp.maximum(jnp.trace(g, axis1=-2, axis2=-1), jnp.finfo(dtype).tiny)
+        votes = jnp.einsum("k,krs->rs", jnp.where(benign, 1.0 / trace, 0.0), g) + pen
+        starts = jnp.linalg.eigh(votes)[1].T                              # (R, R): one start a row
+        ws = jax.vmap(lambda w: jax.lax.scan(concentrate, w, None, length=iterations)[0])(starts)
+        levels = jax.vmap(lambda w: median_energy(g, w)[0])(ws)
+        levels = jnp.where(jnp.any(jnp.abs(ws) * ~live > 1e-3, axis=-1), jnp.inf, levels)
+        best = jnp.argmin(levels)
+        return ws[best], levels[best], median_energy(g, ws[best])[1]
+
+    def more(state):
+        _, _, d, done = state
+        return ~done & (d > 0)
+
+    def drop_one(state):
+        turn, g, d, _ = state
+        live = jnp.arange(width) < d
+        w, level, energy = least_supported(g, live)
+        # Dropped only where that exposes someone: a client whose energy along w
+        # alone would put its refit statistic above DECISIVE_Z. A direction a few
+        # honest clients carry moderately (a rare class) stays.
+        exposed = jnp.any(benign & (energy * nu >= decisive))
+        drop = (level <= limit) & exposed
+        # An orthonormal basis of span(live) ∩ w⊥, kept columns first.
+        vecs = jnp.linalg.eigh(jnp.diag(live.astype(dtype)) - jnp.outer(w, w))[1]
+        rest = jnp.where(jnp.arange(width) < d - 1, vecs[:, ::-1], 0.0)
+        step = jnp.where(drop, rest, eye)
+        return turn @ step, jnp.einsum("rs,krt,tu->ksu", step, g, step), d - drop.astype(d.dtype), ~drop
+
+    d0 = jnp.minimum(rank, width).astype(jnp.int32)
+    # A client of c noise columns carries at most c directions of Û: where a typical
+    # client cannot carry half of them, every direction is carried by a minority of
+    # honest clients, and the rule cannot tell them from a coordinated one.
+    skip = (rank > width) | (rank > 2 * typical)
+    turn, _, d, _ = jax.lax.while_loop(more, drop_one, (eye, gram, d0, skip))
+    kept = jnp.where(jnp.arange(width) < d, head @ turn, 0.0)
+    reduced = jnp.concatenate([kept, jnp.zeros_like(basis[:, width:])], axis=-1)
+    return jnp.where(rank > width, basis, reduced), jnp.where(rank > width, rank, d).astype(jnp.int32)
 
 
 def subspace(u, rank):
@@ -288,6 +402,19 @@ def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin,
     # Eight problems at a time: the full SVDs (U and V) of a whole model's stacks are never held at once.
     one = functools.partial(_basis_one, rank=rank, margin=margin, dims=dims, width=width)
     basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns), batch_size=8)
+    if rank is None:
+        # Majority support, one problem at a time (its while loop is never batched:
+        # a vmapped one crashed XLA:CPU's compiler in a long test session).
+        def majority(args):
+            b, r, x, f, c = args
+            from clair_jax.detect import _rel_floor  # local import: detect imports refine
+
+            return majority_basis(b, r, x, f, dims[0], c, rel_floor=_rel_floor(x.dtype))
+
+        kept, ranks = jax.lax.map(majority, (basis, ranks, blocks, fit, columns))
+        # Û' = Û T with T = ÛᵀÛ': the coefficients (Û = Σ_k Θ̂_k Z_k) follow.
+        coefficients = jnp.einsum("nkqm,nmj->nkqj", coefficients, jnp.einsum("npm,npj->nmj", basis, kept))
+        basis = kept
     return basis, ranks, coefficients, used & (ranks > 0)[:, None]
 
 
@@ -402,7 +529,8 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     r̂ is the number of singular values of the benign stack above the noise edge
     ``margin``·σ̂(√p + √n) (:func:`select_rank`), at most rank(L̂) near the
     chosen λ, counting only directions shared by several clients
-    (:func:`shared_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
+    (:func:`shared_basis`) and carried by a majority of them
+    (:func:`majority_basis`); a given ``rank`` is taken as is. Where r̂ = 0 no
     shared direction exists and the benign clients keep their own update.
 
     Never worse than local: α_k (:func:`local_share`) is 0 where client k's

@@ -118,6 +118,65 @@ def test_overflow_and_underflow_cases(name):
     assert row["rank_min"] == 3 and not row["nonfinite"] and row["converged"]
 
 
+# ---------------------------------------------------------------- class 4
+
+
+@pytest.mark.parametrize("name", ["coordinated rank-1, 45%", "coordinated rank-2, 35%",
+                                  "copy + common direction 10x noise"])
+def test_coordinated_minority_is_flagged_and_kept_out_of_the_subspace(name):
+    # Their own direction is carried by a coherent minority only: it leaves Û,
+    # and their energy along it is then off-subspace, where the refit sees it.
+    row = _run(name)
+    assert row["tpr"] == 1.0 and row["fpr"] == 0.0
+    assert row["rank_min"] == row["rank_max"] == 3
+    assert row["vs_oracle"] < 1.2
+
+
+def _minority_federation(rng, k=20, p=30, q=8, minority=8):
+    u = np.linalg.qr(rng.standard_normal((p, 4)))[0]
+    blocks = np.einsum("pr,krq->kpq", u[:, :3], rng.standard_normal((k, 3, q)))
+    # The minority also uses a direction mixed with the shared ones.
+    own = (u[:, 3] + 0.5 * u[:, 0]) / np.sqrt(1.25)
+    blocks[:minority] += 3.0 * np.einsum("p,kq->kpq", own, rng.standard_normal((minority, q)))
+    return blocks + 0.01 * rng.standard_normal(blocks.shape), u
+
+
+def test_majority_basis_drops_only_a_minority_direction():
+    rng = np.random.default_rng(3)
+    blocks, u = _minority_federation(rng)
+    x, benign, cols = jnp.asarray(blocks, jnp.float32), jnp.ones(20, bool), jnp.full((20,), 8)
+    uu, _ = cj.refine.benign_spectrum(x, benign)
+    basis, r = cj.refine.majority_basis(uu, 4, x, benign, 30, cols, rel_floor=1e-5)
+    assert int(r) == 3
+    # What is left is the majority's subspace, not a mixture with the minority's direction.
+    cosines = np.linalg.svd(np.asarray(basis[:, :3]).T @ u[:, :3], compute_uv=False)
+    assert cosines.min() > 0.999
+    # Without the minority every direction is carried by a majority: nothing is dropped.
+    honest = x[8:]
+    uu, _ = cj.refine.benign_spectrum(honest, benign[8:])
+    assert int(cj.refine.majority_basis(uu, 3, honest, benign[8:], 30, cols[8:], rel_floor=1e-5)[1]) == 3
+
+
+def test_majority_basis_leaves_thin_blocks_alone():
+    # Clients of 2 columns in a 6-direction subspace each carry a third of it: every
+    # direction is a minority's, so the rule does not apply.
+    rng = np.random.default_rng(4)
+    u = np.linalg.qr(rng.standard_normal((30, 6)))[0]
+    x = jnp.asarray(np.einsum("pr,krq->kpq", u, rng.standard_normal((12, 6, 2)) * (rng.random((12, 6, 1)) < 0.4)),
+                    jnp.float32)
+    benign = jnp.ones(12, bool)
+    uu, _ = cj.refine.benign_spectrum(x, benign)
+    assert int(cj.refine.majority_basis(uu, 6, x, benign, 30, jnp.full((12,), 2), rel_floor=1e-5)[1]) == 6
+
+
+def test_coordinated_minority_in_one_call():
+    rng = np.random.default_rng(5)
+    blocks, _ = _minority_federation(rng)
+    res = cj.clair(jnp.asarray(blocks, jnp.float32))
+    assert np.asarray(res.client_benign).tolist() == [False] * 8 + [True] * 12
+    assert int(res.rank) == 3
+
+
 # ---------------------------------------------------------------- class 5
 
 
