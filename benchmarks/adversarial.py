@@ -374,6 +374,7 @@ def run_case(name, seed):
     clean = np.asarray(case["clean"], np.float64)
     subspace = np.asarray(case["subspace"], np.float64)
     det = cj.metrics.detection_rates(np.asarray(res.client_benign), benign)
+    noisy = np.asarray(res.noisy).reshape(-1, len(benign)).any(axis=0)   # in any problem
     # The oracle: the true subspace and the true set, in float64 on the same input.
     oracle = np.asarray(cj.baselines.oracle(dense, subspace, benign))
     usable = benign & np.all(np.isfinite(np.moveaxis(dense, -3, 0).reshape(len(benign), -1)), axis=1)
@@ -386,6 +387,9 @@ def run_case(name, seed):
     return dict(
         case=name, cls=cls, seed=seed,
         tpr=float(det["tpr"]), fpr=float(det["fpr"]),
+        # Flagged clients refined by projection as noise-like honest ones (ClairResult.noisy).
+        noisy_honest=float(np.mean(noisy[benign])),
+        noisy_attackers=float(np.mean(noisy[~benign])) if (~benign).any() else 0.0,
         err=err, err_local=local, err_oracle=orc,
         vs_local=_ratio(err, local), vs_oracle=_ratio(err, orc),
         rank_min=int(ranks.min()), rank_max=int(ranks.max()), true_rank=int(case["rank"]),
@@ -410,6 +414,7 @@ def run_copy_task(seed, quick):
     return dict(
         case=f"copy task ({'quick' if quick else 'full'}), foreign flagged {bool(flagged[labels == 'foreign'].all())}",
         cls=6, seed=seed, tpr=float(np.mean(flagged[bad])), fpr=float(np.mean(flagged[~bad])),
+        noisy_honest=float("nan"), noisy_attackers=float("nan"),
         err=float("nan"), err_local=float("nan"), err_oracle=float("nan"),
         vs_local=loss("clair") / loss("local"), vs_oracle=loss("clair") / loss("oracle"),
         rank_min=int(min(out["rank"].values())), rank_max=int(max(out["rank"].values())), true_rank=-1,
@@ -427,6 +432,7 @@ def summarise(rows):
         worst = lambda key: float(np.max([r[key] for r in group]))  # noqa: E731
         out.append(dict(
             case=name, cls=group[0]["cls"], seeds=len(group), tpr=mean("tpr"), fpr=mean("fpr"),
+            noisy=f"{mean('noisy_honest'):.2f} / {mean('noisy_attackers'):.2f}",
             err=mean("err"), vs_local=mean("vs_local"), worst_vs_local=worst("vs_local"), vs_oracle=mean("vs_oracle"),
             rank=f"{min(r['rank_min'] for r in group)}-{max(r['rank_max'] for r in group)} / {group[0]['true_rank']}",
             nonfinite=",".join(sorted({f for r in group for f in r["nonfinite"].split(",") if f})) or "-",
@@ -436,6 +442,7 @@ def summarise(rows):
 
 
 COLUMNS = [("cls", "class", "d"), ("case", "case", ""), ("tpr", "TPR", ".2f"), ("fpr", "FPR", ".2f"),
+           ("noisy", "noisy: honest / attackers", ""),
            ("err", "benign err", ".3f"), ("vs_local", "/ local", ".2f"), ("worst_vs_local", "worst / local", ".2f"),
            ("vs_oracle", "/ oracle", ".2f"), ("rank", "r̂ / r", ""), ("nonfinite", "non-finite fields", ""),
            ("converged", "converged", "")]

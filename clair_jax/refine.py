@@ -403,8 +403,7 @@ def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin,
     one = functools.partial(_basis_one, rank=rank, margin=margin, dims=dims, width=width)
     basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns), batch_size=8)
     if rank is None:
-        # Majority support, one problem at a time (its while loop is never batched:
-        # a vmapped one crashed XLA:CPU's compiler in a long test session).
+        # Majority support, one problem at a time after the batched SVDs.
         def majority(args):
             b, r, x, f, c = args
             from clair_jax.detect import _rel_floor  # local import: detect imports refine

@@ -185,6 +185,30 @@ def test_student_t_noise_gives_no_false_alarm():
     assert row["fpr"] == 0.0
 
 
+@pytest.mark.parametrize("seed", [0, 2])
+def test_gaussian_attackers_under_heavy_tailed_noise_are_flagged(seed):
+    # Class 5: Student-t (df = 2) noise spreads the honest clients' plain energies
+    # over a range that holds a Gaussian attacker of benign norm; with the set's
+    # noise read as heavy-tailed, the median squared residual entry decides.
+    # Seed 2 is the one where a plain MAD, widened by the attackers, missed them.
+    row = _run("student-t df=2 noise, 30% gaussian", seed)
+    assert row["tpr"] == 1.0 and row["fpr"] == 0.0
+
+
+def test_heavy_tail_switch_leaves_gaussian_noise_alone():
+    # Gaussian noise loses ~0.1 % of its energy to winsorising at ENTRY_CLIP: far
+    # below HEAVY_TAIL_RATIO, so the plain-and-winsorised rule stays in charge there.
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((40, 48 * 12))
+    limit = cj.detect.ENTRY_CLIP * np.median(np.mean(np.abs(r), axis=1)) * np.sqrt(np.pi / 2)
+    loss = np.median((r**2).sum(1)) / np.median((np.clip(r, -limit, limit) ** 2).sum(1))
+    assert loss < 1.01 < cj.detect.HEAVY_TAIL_RATIO
+    t = rng.standard_t(2, (40, 48 * 12))
+    limit = cj.detect.ENTRY_CLIP * np.median(np.mean(np.abs(t), axis=1)) * np.sqrt(np.pi / 2)
+    loss = np.median((t**2).sum(1)) / np.median((np.clip(t, -limit, limit) ** 2).sum(1))
+    assert loss > cj.detect.HEAVY_TAIL_RATIO
+
+
 def test_attackers_confined_to_one_layer_of_six_are_flagged():
     # Class 5: 20% of clients add an off-subspace block of the noise norm in one of
     # six layers. That layer's refit z is far above the others'; the pooled verdict
