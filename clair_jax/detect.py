@@ -29,7 +29,7 @@ from clair_jax.stack import to_stacked
 
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
            "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
-           "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP", "HEAVY_TAIL_RATIO"]
+           "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "COPY_TOL", "repeated"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
@@ -56,6 +56,12 @@ ENTRY_CLIP = 4.0
 #: than this factor to winsorising (Gaussian noise loses ~0.1 % at ENTRY_CLIP;
 #: Student-t with df = 2 about 45 %). Then only the winsorised energy is evidence.
 HEAVY_TAIL_RATIO = 1.2
+
+#: A client's update repeats another's when their squared distance is below
+#: COPY_TOL × the smaller of the two squared norms (both taken from the clients'
+#: mean): independent estimates never come that close (their own noise and
+#: coefficients keep them apart), copies do.
+COPY_TOL = 1e-2
 
 
 def block_scores(sparse, blocks, usable):
@@ -145,6 +151,42 @@ class ResidualTest(NamedTuple):
     spectrum: jax.Array    # singular values of the stack the last round fitted on
     stable: jax.Array      # the last round kept its set (then ``spectrum`` is the final set's)
     rounds: jax.Array      # rounds run
+
+
+def repeated(blocks, usable, tol=COPY_TOL):
+    """(K,) bool: clients whose update repeats a lower-numbered client's.
+
+    Copies add no evidence: 40 % of clients sending one honest update make its
+    noise look shared (r̂ 8 for a true 3 in the zoo) and outvote the rest. So a
+    repeated update counts once: the first client of each group of (near-)equal
+    updates stays, the others are flagged. "Near" is relative to how far apart
+    two clients' updates typically are (:data:`COPY_TOL` of the median squared
+    distance), so homogeneous honest clients with little noise are not copies of
+    each other, while a copy plus a perturbation well below the noise is. Zero
+    and non-finite blocks are never copies here (they are handled elsewhere).
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> x = jnp.stack([jnp.eye(3), 2 * jnp.eye(3), jnp.eye(3), -jnp.eye(3)])
+        >>> cj.detect.repeated(x, jnp.ones(4, bool)).tolist()
+        [False, False, True, False]
+    """
+    k = blocks.shape[0]
+    flat = blocks.reshape(k, -1)
+    live = usable & (jnp.sum(jnp.square(flat), axis=-1) > 0)
+    # Distances from a Gram matrix, centred first: what they share cancels exactly,
+    # so homogeneous clients' small differences are not lost to rounding.
+    centre = jnp.sum(jnp.where(live[:, None], flat, 0.0), axis=0) / jnp.maximum(jnp.sum(live), 1)
+    flat = jnp.where(live[:, None], flat - centre, 0.0)
+    norms2 = jnp.sum(jnp.square(flat), axis=-1)
+    d2 = jnp.maximum(norms2[:, None] + norms2[None, :] - 2.0 * flat @ flat.T, 0.0)
+    order = jnp.arange(k)
+    pairs = live[:, None] & live[None, :] & (order[:, None] > order[None, :])   # (i, j) with j < i
+    # Relative to the smaller of the two (centred) updates: clients of very
+    # different size are never copies of each other, small ones included.
+    size = jnp.minimum(norms2[:, None], norms2[None, :])
+    rounding = 64 * jnp.finfo(blocks.dtype).eps * (norms2[:, None] + norms2[None, :])
+    return jnp.any(pairs & (d2 <= tol * size + rounding), axis=1)
 
 
 def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None, columns=None):
@@ -365,6 +407,7 @@ class _Pass(NamedTuple):
     decomposition: Decomposition
     rank_cap: jax.Array       # rank(L̂) near the chosen λ: r̂ never exceeds it
     sigma_stack: jax.Array    # noise level of the benign stack, units of the prepared problem
+    copies: jax.Array         # (K,) updates that repeat a lower-numbered client's
 
 
 def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
@@ -407,14 +450,17 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
     ranks_l = jnp.sum(sols.singular_values > 0, axis=-1)
     rank_cap = jnp.maximum(ranks_l[best], ranks_l[jnp.minimum(best + 1, lams.shape[0] - 1)]).astype(jnp.int32)
     benign = usable & (score <= threshold) if static.has_threshold else splits.benign[best]
+    # A repeated update counts once: its copies never enter the set.
+    copies = repeated(x, usable)
+    benign = benign & ~copies
     if static.refit:
         def rank_fn(sv, current):
             if static.rank is not None:
                 return jnp.asarray(static.rank)
             return jnp.minimum(refine.select_rank(sv, current, p, q, columns=cols)[0], rank_cap)
 
-        test = residual_test(blocks, benign, usable, rank_fn, z_crit=static.z_crit, rel_floor=_rel_floor(x.dtype),
-                             rounds=3, dims=static.dims, columns=cols)
+        test = residual_test(blocks, benign, usable & ~copies, rank_fn, z_crit=static.z_crit,
+                             rel_floor=_rel_floor(x.dtype), rounds=3, dims=static.dims, columns=cols)
         benign, z = test.benign, test.z
         # A refit that settled has already computed its set's spectrum.
         spectrum = jax.lax.cond(test.stable, lambda: test.spectrum,
@@ -440,7 +486,7 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
         mu=mu * scale,
     )
     sigma_stack = refine.select_rank(spectrum, benign, p, q, columns=cols)[1]
-    return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale)
+    return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale, copies)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -466,6 +512,7 @@ class Detection(NamedTuple):
         noise_level: (n,) σ̂ per entry, in the input's units.
         columns: (n, K) noise columns each block adds.
         passes: how many detection passes ran.
+        copies: (n, K) updates that repeat a lower-numbered client's (:func:`repeated`).
     """
 
     benign: jax.Array
@@ -477,6 +524,7 @@ class Detection(NamedTuple):
     noise_level: jax.Array
     columns: jax.Array
     passes: int
+    copies: jax.Array
 
 
 def until_settled(problems, options) -> Detection:
@@ -539,7 +587,7 @@ def until_settled(problems, options) -> Detection:
         mu = mu_of(sigma)
         out, passes = run(mu), passes + 1
     return Detection(out.benign, out.scores, out.z, usable, out.decomposition, out.rank_cap,
-                     jnp.asarray(sigma * scale), prep.cols, passes)
+                     jnp.asarray(sigma * scale), prep.cols, passes, out.copies)
 
 
 def concatenate(parts, device=None) -> Detection:

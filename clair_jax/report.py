@@ -53,6 +53,10 @@ class ClairResult(NamedTuple):
             under heavier noise (a flat residual spectrum, the shared signal inside Û:
             :func:`clair_jax.refine.noise_like`). They stay flagged and out of Û, and
             their refined update is the projection ÛÛᵀΘ̂_k.
+        copies: (..., K) bool, clients whose update repeats a lower-numbered client's
+            (:func:`clair_jax.detect.repeated`): a repeated update counts once, so
+            they are flagged and left out of Û (refined like any flagged client:
+            projected when noise-like, else kept).
     """
 
     benign: jax.Array
@@ -72,6 +76,7 @@ class ClairResult(NamedTuple):
     shrinkage: jax.Array
     local_share: jax.Array
     noisy: jax.Array
+    copies: jax.Array
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -105,6 +110,9 @@ class ClairResult(NamedTuple):
         noisy = np.flatnonzero(np.any(np.reshape(np.asarray(self.noisy), (-1, self.client_benign.shape[-1])), axis=0))
         if noisy.size:
             lines.append(f"flagged but noise-like (left out of Û, refined by projection): {noisy.tolist()}")
+        copies = np.flatnonzero(np.any(np.reshape(np.asarray(self.copies), (-1, self.client_benign.shape[-1])), axis=0))
+        if copies.size:
+            lines.append(f"repeat another client's update (counted once, flagged): {copies.tolist()}")
         if np.any(self.nonfinite):
             lines.append(f"non-finite updates (flagged, excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
         return "\n".join(lines)
@@ -145,4 +153,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         shrinkage=unflatten(refinement.shrinkage),
         local_share=unflatten(refinement.local_share),
         noisy=unflatten(refinement.noisy),
+        copies=unflatten(detection.copies),
     )

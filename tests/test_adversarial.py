@@ -177,6 +177,33 @@ def test_coordinated_minority_in_one_call():
     assert int(res.rank) == 3
 
 
+def test_copies_of_one_honest_update_count_once():
+    # Class 1: 40% of clients send the same honest update. Counted 17 times its
+    # noise looked shared (r̂ 8 for a true 3); counted once, r̂ is 3 and every
+    # copy after the first of its group is flagged and named.
+    case = adv.c1_copies(np.random.default_rng(0))
+    res = cj.clair(np.asarray(case["updates"], np.float32))
+    group = np.flatnonzero((np.asarray(case["updates"]) == np.asarray(case["updates"])[~case["benign"]][0]).all(axis=(1, 2)))
+    copies = np.asarray(res.copies)
+    assert copies[group[1:]].all() and not copies[group[0]]
+    assert not copies[np.setdiff1d(np.arange(len(copies)), group)].any()
+    assert int(res.rank) == 3
+    assert (~np.asarray(res.client_benign))[group[1:]].all()
+    assert "repeat another client's update" in res.summary()
+
+
+def test_homogeneous_honest_clients_with_little_noise_are_not_copies():
+    # Same coefficients for everyone and noise at 1% of the signal: every pair of
+    # clients is about equally far apart, so none is a copy of another.
+    rng = np.random.default_rng(1)
+    u = np.linalg.qr(rng.standard_normal((48, 3)))[0]
+    v = rng.standard_normal((12, 3))
+    x = (u @ v.T)[None] + 0.01 / np.sqrt(48 * 12) * rng.standard_normal((20, 48, 12))
+    assert not np.asarray(cj.detect.repeated(jnp.asarray(x), jnp.ones(20, bool))).any()
+    res = cj.clair(jnp.asarray(x, jnp.float32))
+    assert not np.asarray(res.copies).any() and bool(np.asarray(res.client_benign).all())
+
+
 # ---------------------------------------------------------------- class 5
 
 
