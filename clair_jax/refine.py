@@ -84,10 +84,6 @@ def _coefficients(basis, u, s, vt, weight):
     return weight[:, None, None] * z.reshape(k, -1, basis.shape[-1])
 
 
-#: Times :func:`select_rank` re-reads σ̂ below the r̂ it found.
-RANK_REFITS = 3
-
-
 def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
     """r̂ = number of singular values above the noise edge of the benign stack.
 
@@ -105,22 +101,10 @@ def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
     cols = jnp.full(benign.shape, q) if columns is None else columns
     n_cols = jnp.sum(jnp.where(benign, cols, 0))
     sigma, edge_factor = stack_noise_level(singular_values, p, n_cols)
-    short = jnp.minimum(p, jnp.maximum(n_cols, 1))
-    live = jnp.arange(singular_values.shape[-1]) < short
+    live = jnp.arange(singular_values.shape[-1]) < jnp.minimum(p, jnp.maximum(n_cols, 1))
     eps = jnp.finfo(singular_values.dtype).eps
     floor = jnp.sqrt(eps) * singular_values[0]
-
-    def count(noise):
-        return jnp.sum(live & (singular_values > jnp.maximum(margin * noise * edge_factor, floor)))
-
-    # A rank near half the short side puts signal at the median, inflating σ̂ and
-    # hiding directions: re-read σ̂ from the values below the r̂ found, a few times
-    # (r̂ only grows; at a small rank this changes nothing).
-    def refit(rank, _):
-        again = count(stack_noise_level(singular_values, p, n_cols, skip=rank)[0])
-        return jnp.clip(again, rank, short // 2), None
-
-    rank = jax.lax.scan(refit, count(sigma), None, length=RANK_REFITS)[0]
+    rank = jnp.sum(live & (singular_values > jnp.maximum(margin * sigma * edge_factor, floor)))
     return jnp.maximum(rank, jnp.where(singular_values[0] > 0, 1, 0)), sigma
 
 

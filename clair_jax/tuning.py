@@ -111,25 +111,21 @@ def effective_columns(blocks, dims=None, singular_values=None):
     return jnp.where(rank >= min(p, q), q, rank).astype(jnp.int32)
 
 
-def stack_noise_level(singular_values, p, n_cols, skip=0):
+def stack_noise_level(singular_values, p, n_cols):
     """σ̂ of a p × ``n_cols`` stack (n_cols may be traced) from its median singular value.
 
     Gavish–Donoho on the stack: the median of the first min(p, n_cols) singular
     values (the rest are structural zeros) over √(n μ_β). Valid while the signal
-    rank is below half of min(p, n_cols). With ``skip`` = s (may be traced) the
-    s largest are set aside as signal and the rest read as the noise of a
-    (p − s) × (n_cols − s) matrix (interlacing), which stays valid for a rank up
-    to about min(p, n_cols) − s/2. Returns (σ̂, edge factor √p + √n_cols).
+    rank is below half of min(p, n_cols). Returns (σ̂, edge factor √p + √n_cols).
     """
     dtype = singular_values.dtype
     n_cols = jnp.maximum(n_cols, 1)
     rank_limit = jnp.minimum(p, n_cols)
-    skip = jnp.clip(skip, 0, rank_limit - 1)
     live = jnp.arange(singular_values.shape[-1]) < rank_limit
     ordered = jnp.sort(jnp.where(live, singular_values, jnp.inf))
-    median = ordered[(rank_limit - skip - 1) // 2]
-    m_small = (jnp.minimum(p, n_cols) - skip).astype(dtype)
-    n_large = (jnp.maximum(p, n_cols) - skip).astype(dtype)
+    median = ordered[(rank_limit - 1) // 2]
+    m_small = jnp.minimum(p, n_cols).astype(dtype)
+    n_large = jnp.maximum(p, n_cols).astype(dtype)
     # μ_β depends on a traced shape: interpolate a table.
     betas = np.linspace(0.01, 1.0, 100)
     table = jnp.asarray([marchenko_pastur_median(b) for b in betas], dtype)
