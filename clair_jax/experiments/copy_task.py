@@ -688,6 +688,7 @@ def run_copy_task(
         "client_z": np.asarray(result.client_z).tolist(),
         "module_scores": {n: np.asarray(result.scores[i]).tolist() for i, n in enumerate(names)},
         "module_z": {n: np.asarray(result.residual_z[i]).tolist() for i, n in enumerate(names)},
+        "copies": {n: np.asarray(result.copies[i]).tolist() for i, n in enumerate(names)},
         "rank": {n: int(r) for n, r in zip(names, np.asarray(result.rank))},
         "converged": bool(np.all(np.asarray(result.converged))),
         "base_accuracy": {key: float(v) for key, v in copy_eval.items()},
