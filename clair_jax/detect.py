@@ -54,7 +54,8 @@ ENTRY_CLIP = 4.0
 
 #: The set's noise is heavy-tailed when its median off-subspace energy loses more
 #: than this factor to winsorising (Gaussian noise loses ~0.1 % at ENTRY_CLIP;
-#: Student-t with df = 2 about 45 %). Then only the winsorised energy is evidence.
+#: Student-t with df = 2 about 45 %). Then each client's median squared residual
+#: entry is the evidence (see :func:`residual_test`).
 HEAVY_TAIL_RATIO = 1.2
 
 #: A client's update repeats another's when their squared distance is below
@@ -159,11 +160,13 @@ def repeated(blocks, usable, tol=COPY_TOL):
     Copies add no evidence: 40 % of clients sending one honest update make its
     noise look shared (r̂ 8 for a true 3 in the zoo) and outvote the rest. So a
     repeated update counts once: the first client of each group of (near-)equal
-    updates stays, the others are flagged. "Near" is relative to how far apart
-    two clients' updates typically are (:data:`COPY_TOL` of the median squared
-    distance), so homogeneous honest clients with little noise are not copies of
-    each other, while a copy plus a perturbation well below the noise is. Zero
-    and non-finite blocks are never copies here (they are handled elsewhere).
+    updates stays, the others are flagged. "Near" is a squared distance below
+    :data:`COPY_TOL` × the smaller squared norm of the two, both measured from
+    the clients' mean update: homogeneous honest clients with little noise
+    differ by about their whole centred size, and clients of very different
+    size are never near, while a copy plus a perturbation of a few percent of
+    its norm is. Zero and non-finite blocks are never copies here (they are
+    handled elsewhere).
 
     Example:
         >>> import jax.numpy as jnp, clair_jax as cj
@@ -213,9 +216,10 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     entries are winsorised at :data:`ENTRY_CLIP` robust standard deviations, so
     heavy-tailed noise (a few huge entries) is not read as contamination while
     dense contamination is; where the set's own noise is heavy-tailed (its
-    median energy loses more than :data:`HEAVY_TAIL_RATIO` to winsorising) the
-    winsorised energy alone decides, so a dense attacker cannot hide inside the
-    honest clients' wide spread of plain energies.
+    median energy loses more than :data:`HEAVY_TAIL_RATIO` to winsorising) a
+    client's median squared residual entry decides (log scale, spread from the
+    set's lower half), so a dense attacker cannot hide inside the honest
+    clients' wide spread of plain energies.
 
     Args:
         blocks: (K, p, q) with unusable clients zeroed.
@@ -273,7 +277,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         veto = entrywise & (masked_median(cols, current) >= q)
         # Where the set's own noise is heavy-tailed the plain energies of honest
         # clients spread so widely that a dense attacker of benign norm sits inside
-        # their range: the winsorised energy alone decides. Elsewhere a client is
+        # their range: the median squared entry below decides. Elsewhere a client is
         # flagged when both are out of range (a few huge entries alone are not enough).
         heavy = veto & (masked_median(energy, current) > HEAVY_TAIL_RATIO * masked_median(clipped, current))
         # There even winsorised energies keep a long right tail; a client's median

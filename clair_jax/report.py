@@ -102,20 +102,23 @@ class ClairResult(NamedTuple):
         if np.any(rank == 0):
             lines.append(f"no shared subspace (r̂ = 0) in {int(np.sum(rank == 0))} problem(s): "
                          "benign updates there are left as they were")
-        kept = np.flatnonzero(np.any(np.reshape(np.asarray(self.local_share), (-1, flagged.size + np.sum(
-            np.asarray(self.client_benign)))) > 0.5, axis=0))
+        kept = self._in_any_problem(np.asarray(self.local_share) > 0.5)
         if kept.size:
             lines.append(f"refined only part of the way (> half their off-subspace part kept, weak evidence "
                          f"that it is noise): {kept.tolist()}")
-        noisy = np.flatnonzero(np.any(np.reshape(np.asarray(self.noisy), (-1, self.client_benign.shape[-1])), axis=0))
+        noisy = self._in_any_problem(self.noisy)
         if noisy.size:
             lines.append(f"flagged but noise-like (left out of Û, refined by projection): {noisy.tolist()}")
-        copies = np.flatnonzero(np.any(np.reshape(np.asarray(self.copies), (-1, self.client_benign.shape[-1])), axis=0))
+        copies = self._in_any_problem(self.copies)
         if copies.size:
             lines.append(f"repeat another client's update (counted once, flagged): {copies.tolist()}")
         if np.any(self.nonfinite):
             lines.append(f"non-finite updates (flagged, excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
         return "\n".join(lines)
+
+    def _in_any_problem(self, flags):
+        """Clients flagged by a per-problem (..., K) field in any problem."""
+        return np.flatnonzero(np.any(np.reshape(np.asarray(flags), (-1, self.client_benign.shape[-1])), axis=0))
 
 
 def _span(values, fmt):
