@@ -200,6 +200,7 @@ def test_detection_scores():
     assert nothing["precision"] == nothing["recall"] == 1.0
 
 
+@pytest.mark.slow  # the quick experiment also runs in notebooks/copy_task.ipynb's test
 def test_quick_experiment_cli(tmp_path, capsys):
     """The quick configuration end to end through ``clair copy-task`` (what CI runs)."""
     from clair_jax import cli
