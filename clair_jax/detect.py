@@ -29,7 +29,8 @@ from clair_jax.stack import to_stacked
 
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
            "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
-           "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "COPY_TOL", "repeated"]
+           "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "COPY_TOL", "repeated",
+           "SCREEN_TOL", "RANK_TOL"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear

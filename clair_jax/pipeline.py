@@ -170,7 +170,9 @@ def clair(
             input's units (0 means noiseless).
         side: ``"left"`` shares the column space (span of the B's), ``"right"`` the row space.
         threshold: fixed score threshold τ in [0, 1] (Ŝ = {s_k ≤ τ}); default: widest gap.
-        tol: solver tolerance (default by dtype).
+        tol: the λ path's solver tolerance (default by dtype: 1e-4 in float32, 1e-7 in
+            float64; the path is a screen whose scores are read across a gap of at least
+            ``min_gap``, see :data:`clair_jax.detect.SCREEN_TOL`).
         max_iter: solver iteration cap.
         min_gap: smallest score gap read as contamination (see :mod:`clair_jax.detect`).
         refit: after the score split, re-test every client by its off-subspace
