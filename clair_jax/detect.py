@@ -601,6 +601,7 @@ def until_settled(problems, options) -> Detection:
             break
         sigma = np.where(again, sigma_stack, sigma).astype(np_dtype)
         mu = mu_of(sigma)
+        del out   # a pass's decompositions are the size of the stacks: never two alive at once
         out, passes = run(mu), passes + 1
     return Detection(out.benign, out.scores, out.z, usable, out.decomposition, out.rank_cap,
                      jnp.asarray(sigma * scale), prep.cols, passes, out.copies)

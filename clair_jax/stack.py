@@ -128,20 +128,19 @@ def map_chunks(fn, arrays, *, host_out=()):
         return fn(*arrays)
     n = leaves[0].shape[0]
     per_problem = sum(x.nbytes for x in leaves) // n
-    # Every input is cut on the host (the small per-problem arrays come along as
-    # numpy views) and each chunk goes over in one device_put.
-    arrays = jax.tree_util.tree_map(np.asarray, arrays)
     size = max(1, min(n, CHUNK_BYTES // max(per_problem, 1)))
     size = -(-n // -(-n // size))          # equal chunks: ceil(n / number of chunks)
     device_parts, host = [], {}
     for start in range(0, n, size):
         def take(x, start=start):
+            # Host arrays are cut on the host, device arrays on the device: neither is copied whole.
+            xp = np if isinstance(x, np.ndarray) else jnp
             part = x[start:start + size]
-            if part.shape[0] < size:
-                part = np.concatenate([part, np.zeros((size - part.shape[0],) + part.shape[1:], part.dtype)])
+            if part.shape[0] < size:   # the last chunk padded with zeros: one compilation
+                part = xp.concatenate([part, xp.zeros((size - part.shape[0],) + part.shape[1:], part.dtype)])
             return part
 
-        # One device_put of the chunk's arrays (jnp.asarray of each numpy array is ~3× slower).
+        # The chunk's host arrays go over in one device_put (jnp.asarray of each is ~3× slower).
         chunk = jax.device_put(jax.tree_util.tree_map(take, arrays))
 
         # Wait for each chunk: dispatched asynchronously, every chunk's copy would be alive at once.

@@ -16,7 +16,7 @@ from clair_jax import linalg
 from clair_jax.prox import safe_frobenius_norm
 from clair_jax.solvers.alm import solve_alm
 from clair_jax.solvers.apg import solve_penalized
-from clair_jax.solvers.common import SolverOutput, regularizer
+from clair_jax.solvers.common import SolverOutput, regularizer, start_subspace
 from clair_jax.stack import to_stacked
 
 __all__ = ["solve_path", "solve_penalized_path", "solve_alm_path", "solve_exact_path", "empty_low_rank_limit",
@@ -55,12 +55,12 @@ def empty_low_rank_solution(blocks, lam, mu, template: SolverOutput) -> SolverOu
 
 
 def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra: int = 0, start=0,
-               known: Optional[Callable] = None) -> SolverOutput:
+               known: Optional[Callable] = None, initial: Optional[SolverOutput] = None) -> SolverOutput:
     """Run ``solve(lam, previous, settled)`` for each λ of an ascending grid, in one ``while_loop``.
 
     Args:
         solve: ``(λ, previous, settled) → SolverOutput`` for one problem; ``previous`` is
-            None for the first λ and the previous λ's output afterwards (its L̂ and
+            None (or ``initial``) for the first λ and the previous λ's output afterwards (its L̂ and
             partial-SVT subspace are warm starts); ``settled`` (traced bool) says that
             ``until`` already held at a smaller λ (this solve is one of the ``extra``).
         lams: (G,) λ values, ascending.
@@ -70,22 +70,30 @@ def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra
         start: index of the first λ to solve (may be traced; clamped to the grid).
         known: ``(λ, template) → SolverOutput``, the solution at each λ before ``start``,
             known in closed form (``template``: an output of ``solve``, for shapes).
+        initial: optional ``previous`` for the first λ, shaped like ``solve``'s output.
+            With it every λ, the first included, is solved by the loop's one copy of
+            ``solve`` (traced and compiled once); without it the first solve gets
+            ``previous=None`` and runs before the loop.
 
     Returns:
         :class:`SolverOutput` with a leading (G,) axis.
     """
     num = lams.shape[0]
     start = jnp.clip(jnp.asarray(start, jnp.int32), 0, num - 1)
-    first = solve(lams[start], None, jnp.asarray(False))
     hit = (lambda out: jnp.asarray(False)) if until is None else until
-    buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), first)
+    if initial is None:
+        template = solve(lams[start], None, jnp.asarray(False))
+        begin, found = start + 1, jnp.where(hit(template), start, num)   # found: the first λ where ``until`` held
+    else:
+        template, begin, found = initial, start, jnp.asarray(num)
+    buffer = jax.tree_util.tree_map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), template)
     if known is not None:
         before = jnp.arange(num) < start
-        closed = jax.vmap(lambda lam: known(lam, first))(lams)
+        closed = jax.vmap(lambda lam: known(lam, template))(lams)
         buffer = jax.tree_util.tree_map(
             lambda b, c: jnp.where(before.reshape((num,) + (1,) * (b.ndim - 1)), c, b), buffer, closed)
-    buffer = jax.tree_util.tree_map(lambda b, a: b.at[start].set(a), buffer, first)
-    found = jnp.where(hit(first), start, num)   # index of the first λ where ``until`` held
+    if initial is None:
+        buffer = jax.tree_util.tree_map(lambda b, a: b.at[start].set(a), buffer, template)
 
     def cond(state):
         i, _, found, _ = state
@@ -98,7 +106,7 @@ def solve_path(solve: Callable, lams, *, until: Optional[Callable] = None, extra
         buffer = jax.tree_util.tree_map(lambda b, a: b.at[i].set(a), buffer, out)
         return i + 1, out, found, buffer
 
-    _, _, _, buffer = jax.lax.while_loop(cond, body, (start + 1, first, found, buffer))
+    _, _, _, buffer = jax.lax.while_loop(cond, body, (begin, template, found, buffer))
     return buffer
 
 
@@ -151,10 +159,16 @@ def solve_alm_path(blocks, lams, mu, *, tol, max_iter, until=None, extra=0, skip
         tol_now = tol if extra_tol is None else jnp.where(settled, max(tol, extra_tol), tol)
         return solve_alm(blocks, lam, mu, tol=tol_now, max_iter=max_iter, svt_state=state, **kwargs)
 
+    # Every λ goes through the loop's one ALM (compiled once): the first starts from
+    # the subspace a cold solve would use, in an otherwise empty "previous".
+    shapes = jax.eval_shape(lambda: solve(lams[0], None, jnp.asarray(False)))
+    initial = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)._replace(
+        svt_state=start_subspace(None, (blocks.shape[-2], blocks.shape[0] * blocks.shape[-1]),
+                                 kwargs.get("svt_budget"), blocks.dtype))
     if not skip_empty:
-        return solve_path(solve, lams, until=until, extra=extra)
+        return solve_path(solve, lams, until=until, extra=extra, initial=initial)
     start = jnp.sum(lams <= empty_low_rank_limit(blocks))
-    return solve_path(solve, lams, until=until, extra=extra, start=start,
+    return solve_path(solve, lams, until=until, extra=extra, start=start, initial=initial,
                       known=lambda lam, template: empty_low_rank_solution(blocks, lam, mu, template))
 
 
