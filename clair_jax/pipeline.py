@@ -89,9 +89,9 @@ def _detect_on_devices(updates, opts, devices):
     gathered on ``devices[0]``. On accelerators the chunks are dispatched from
     one thread each (JAX releases the GIL while a program runs), so the devices
     work at the same time. On CPU host devices they run one after another:
-    concurrent XLA:CPU programs holding the nested λ-path and solver loops
-    deadlocked on a 2-core machine (7B-shaped chunks on 2 host devices, jax 0.10.2),
-    as a sharded program did before.
+    two concurrent detection programs hang XLA:CPU (jax 0.10.2; the refit's SVD
+    rounds after the λ path, and even a ``lax.map`` of loops followed by one SVD:
+    ``benchmarks/cpu_concurrency.py``), as a sharded program did before.
     """
     chunks, lead = stack.split(updates, len(devices))
 
@@ -184,8 +184,8 @@ def clair(
         devices: None (the default device), or a list of JAX devices: the problems
             (leading axes) are cut into one contiguous chunk per device and each
             chunk is decomposed and screened on its own device (at the same time on
-            accelerators; one after another on CPU host devices, where concurrent
-            programs deadlocked); verdicts and refinement are then computed on
+            accelerators; one after another on CPU host devices, where two concurrent
+            detection programs hang XLA:CPU: ``benchmarks/cpu_concurrency.py``); verdicts and refinement are then computed on
             ``devices[0]``. Same results as one device. With several hosts
             (``jax.distributed``), pass this process's ``jax.local_devices()``.
         pooling: ``"none"`` (default): Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"``: each benign client's

@@ -81,3 +81,10 @@ def test_gram_svt_accuracy_quick(tmp_path):
         if r["max_err_certified"] is not None:
             assert r["max_err_certified"] < 5e-5  # what the certificate lets through ≈ rtol·σ₁
     assert rows[0]["certified"] == 1.0  # τ = 0.3 σ₁: always certified
+
+
+def test_cpu_concurrency_quick(tmp_path):
+    # Two programs on two host devices, in a fresh process: the smallest case runs.
+    rows, _ = _run("cpu_concurrency", tmp_path)
+    assert [r["case"] for r in rows] == ["loop"]
+    assert rows[0]["result"] == "runs" and rows[0]["concurrent_s"] > 0 and rows[0]["speedup"] > 0
