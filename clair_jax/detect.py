@@ -152,6 +152,7 @@ class ResidualTest(NamedTuple):
     spectrum: jax.Array    # singular values of the stack the last round fitted on
     stable: jax.Array      # the last round kept its set (then ``spectrum`` is the final set's)
     rounds: jax.Array      # rounds run
+    svd: object = None     # refine.StackSVD the last round fitted on (its leading vectors)
 
 
 def repeated(blocks, usable, tol=COPY_TOL):
@@ -192,7 +193,8 @@ def repeated(blocks, usable, tol=COPY_TOL):
     return jnp.any(pairs & (d2 <= tol * size + rounding), axis=1)
 
 
-def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None, columns=None):
+def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None, columns=None,
+                  carry_width=None):
     """Refit check of a collaborative set (stage 4b).
 
     Û from the current set, then every client's off-subspace energy
@@ -232,8 +234,13 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         dims: dense (p, q) when ``blocks`` is an exact LoRA reduction.
         columns: (K,) noise columns per block (:func:`clair_jax.tuning.effective_columns`);
             default q each.
+        carry_width: how many singular vectors of the last round's SVD the result's
+            ``svd`` keeps (static; default all): the refinement reuses it.
     """
     k, p, q = blocks.shape
+    given = blocks
+    short = min(p, k * q)
+    carry = short if carry_width is None else min(int(carry_width), short)
     entrywise = dims is None or tuple(dims) == (p, q)   # not an exact (LoRA) reduction
     p, q = (p, q) if dims is None else dims
     # Scale first: every energy below is a number near 1 (overflow/underflow safe).
@@ -245,8 +252,11 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     def one_round(state):
         current = state.benign
         # Û from blocks capped at SUBSPACE_CLIP × the set's median norm (refine.capped).
-        u, sv = refine.benign_spectrum(blocks, current)
-        basis, r = refine.shared_basis(u, rank_fn(sv, current), blocks, current)
+        # The SVD is of the given blocks (the stack divided by its largest entry
+        # either way), so the refinement can reuse it as it is.
+        svd = refine.stack_svd(given, current)
+        basis, r = refine.shared_basis(svd.u, rank_fn(svd.s * (svd.peak / unit), current), blocks, current,
+                                       spectrum=svd.s)
         # Directions only a coherent minority carries leave Û: their owners' energy
         # along them then counts as off-subspace, where the test sees it.
         basis, r = refine.majority_basis(basis, r, blocks, current, p, cols, rel_floor=rel_floor)
@@ -297,16 +307,19 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         keep = usable & jnp.where(heavy, ok_med, ok_plain | (veto & ok_clip))
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
-        return ResidualTest(keep, z, r, sv * unit, jnp.all(keep == current), state.rounds + 1)
+        kept = svd._replace(u=svd.u[:, :carry], vt=svd.vt[:carry])
+        return ResidualTest(keep, z, r, svd.s * svd.peak, jnp.all(keep == current), state.rounds + 1, kept)
 
     # A round that keeps its set would repeat itself: stop there (one SVD instead
     # of ``rounds`` in the common case).
     def more(state):
         return (state.rounds < rounds) & ~state.stable
 
+    empty = refine.StackSVD(benign, jnp.zeros((blocks.shape[1], carry), blocks.dtype), jnp.zeros((short,), blocks.dtype),
+                            jnp.zeros((carry, k * blocks.shape[2]), blocks.dtype), jnp.zeros((k,), blocks.dtype),
+                            jnp.ones((), blocks.dtype))
     init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32),
-                        jnp.zeros((min(blocks.shape[1], k * blocks.shape[2]),), blocks.dtype),
-                        jnp.asarray(False), jnp.asarray(0, jnp.int32))
+                        jnp.zeros((short,), blocks.dtype), jnp.asarray(False), jnp.asarray(0, jnp.int32), empty)
     return jax.lax.while_loop(more, one_round, init)
 
 
@@ -412,6 +425,7 @@ class _Static(NamedTuple):
     rank: object
     z_crit: float
     dims: tuple
+    carry_width: int = 0         # singular vectors of the final set's SVD handed to the refinement
 
 
 class _Pass(NamedTuple):
@@ -424,6 +438,7 @@ class _Pass(NamedTuple):
     rank_cap: jax.Array       # rank(L̂) near the chosen λ: r̂ never exceeds it
     sigma_stack: jax.Array    # noise level of the benign stack, units of the prepared problem
     copies: jax.Array         # (K,) updates that repeat a lower-numbered client's
+    svd: object               # refine.StackSVD of the final set (the refinement reuses it)
 
 
 def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
@@ -476,14 +491,16 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
             return jnp.minimum(refine.select_rank(sv, current, p, q, columns=cols)[0], rank_cap)
 
         test = residual_test(blocks, benign, usable & ~copies, rank_fn, z_crit=static.z_crit,
-                             rel_floor=_rel_floor(x.dtype), rounds=3, dims=static.dims, columns=cols)
+                             rel_floor=_rel_floor(x.dtype), rounds=3, dims=static.dims, columns=cols,
+                             carry_width=static.carry_width)
         benign, z = test.benign, test.z
-        # A refit that settled has already computed its set's spectrum.
-        spectrum = jax.lax.cond(test.stable, lambda: test.spectrum,
-                                lambda: refine.benign_spectrum(blocks, benign)[1])
+        # A refit that settled has already computed its set's SVD.
+        svd = jax.lax.cond(test.stable, lambda: test.svd,
+                           lambda: refine.stack_svd(blocks, benign, test.svd.u.shape[-1]))
     else:
         z = jnp.zeros_like(score)
-        spectrum = refine.benign_spectrum(blocks, benign)[1]
+        svd = refine.stack_svd(blocks, benign, static.carry_width)
+    spectrum = svd.s * svd.peak
     unweight = (scale / weights)[:, None, None]
     # The exact program's objective is homogeneous of degree 1, the penalised one's of degree 2.
     dec = Decomposition(
@@ -502,7 +519,7 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
         mu=mu * scale,
     )
     sigma_stack = refine.select_rank(spectrum, benign, p, q, columns=cols)[1]
-    return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale, copies)
+    return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale, copies, svd)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -529,6 +546,8 @@ class Detection(NamedTuple):
         columns: (n, K) noise columns each block adds.
         passes: how many detection passes ran.
         copies: (n, K) updates that repeat a lower-numbered client's (:func:`repeated`).
+        svd: :class:`clair_jax.refine.StackSVD` of each problem's final set, its
+            leading singular vectors only (the refinement reuses it).
     """
 
     benign: jax.Array
@@ -541,6 +560,7 @@ class Detection(NamedTuple):
     columns: jax.Array
     passes: int
     copies: jax.Array
+    svd: object = None
 
 
 def until_settled(problems, options) -> Detection:
@@ -565,14 +585,17 @@ def until_settled(problems, options) -> Detection:
     p, q = dims
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if options.lam is None else [options.lam], dtype)
     tol = _screen_tolerance(dtype) if options.tol is None else options.tol
+    shape = (blocks.shape[-2], k * blocks.shape[-1])
+    # A LoRA stack's L̂ has about the adapters' rank: budget the partial SVT for it.
+    budget = linalg.choose_svt_budget(shape, options.svt,
+                                      expected_rank=problems.factors.B.shape[-1] if problems.factored else None)
     static = _Static(
         tol=float(tol), max_iter=options.max_iter, min_gap=options.min_gap,
         has_threshold=options.threshold is not None, refit=options.refit and options.threshold is None,
-        rank=options.rank, z_crit=float(options.z_crit), dims=dims,
-        # A LoRA stack's L̂ has about the adapters' rank: budget the partial SVT for it.
-        svt_budget=linalg.choose_svt_budget(
-            (blocks.shape[-2], k * blocks.shape[-1]), options.svt,
-            expected_rank=problems.factors.B.shape[-1] if problems.factored else None),
+        rank=options.rank, z_crit=float(options.z_crit), dims=dims, svt_budget=budget,
+        # rank(L̂), which caps r̂, rarely exceeds a partial SVT's budget: that many
+        # singular vectors of the final set's SVD go to the refinement (none without one).
+        carry_width=budget if budget is not None and budget < min(shape) else 0,
     )
     threshold = jnp.asarray(options.threshold or 0.0, dtype)
     prep = _prepare_all(blocks, usable, dims=dims)
@@ -604,7 +627,7 @@ def until_settled(problems, options) -> Detection:
         del out   # a pass's decompositions are the size of the stacks: never two alive at once
         out, passes = run(mu), passes + 1
     return Detection(out.benign, out.scores, out.z, usable, out.decomposition, out.rank_cap,
-                     jnp.asarray(sigma * scale), prep.cols, passes, out.copies)
+                     jnp.asarray(sigma * scale), prep.cols, passes, out.copies, out.svd)
 
 
 def concatenate(parts, device=None) -> Detection:

@@ -27,7 +27,7 @@ from clair_jax import stack
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["capped", "benign_spectrum", "select_rank", "shared_basis", "majority_basis", "subspace", "project",
+__all__ = ["capped", "benign_spectrum", "StackSVD", "stack_svd", "select_rank", "shared_basis", "majority_basis", "subspace", "project",
            "local_share", "partial_pool", "POOLING", "Refinement", "refine"]
 
 #: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
@@ -59,29 +59,47 @@ def benign_spectrum(blocks, benign):
     (then s is multiplied back), so no intermediate overflows or underflows
     for any finite input.
     """
-    u, s, _, _ = _benign_svd(blocks, benign)
-    return u, s
+    svd = stack_svd(blocks, benign)
+    return svd.u, svd.s * svd.peak
 
 
-def _benign_svd(blocks, benign):
-    """:func:`benign_spectrum` with the rest of the SVD: (U, s, Vᵀ, c), where the
-    stack [c_k Θ̂_k] = U diag(s) Vᵀ (c_k: the capping weight, 0 off ``benign``)."""
+class StackSVD(NamedTuple):
+    """SVD of a set's capped benign stack divided by its largest |entry|, [c_k Θ̂_k]/peak
+    (:func:`stack_svd`), with U and Vᵀ cut to their leading ``width`` vectors.
+
+    The refit test computes it for the set it settles on and the refinement reuses
+    it when the pooled verdict keeps that set, so the same SVD does not run twice.
+    """
+
+    members: jax.Array   # (K,) bool: the set
+    u: jax.Array         # (d, w) leading left singular vectors
+    s: jax.Array         # (min(d, K q),) every singular value of the divided stack
+    vt: jax.Array        # (w, K q) leading right singular vectors
+    weight: jax.Array    # (K,) capping weight c_k (0 off the set)
+    peak: jax.Array      # largest |entry| of the capped stack: s·peak is in the input's units
+
+
+def stack_svd(blocks, benign, width=None) -> StackSVD:
+    """:class:`StackSVD` of ``benign``'s stack (see :func:`benign_spectrum`); ``width``: how
+    many singular vectors to keep (static; default all)."""
     masked = capped(blocks, benign)
     peak = jnp.max(jnp.abs(masked))
     peak = jnp.where(peak > 0, peak, 1.0)
     u, s, vt = jnp.linalg.svd(to_stacked(masked / peak), full_matrices=False)
     norms = jnp.sqrt(jnp.sum(jnp.square(blocks / peak), axis=(-2, -1)))
     weight = jnp.sqrt(jnp.sum(jnp.square(masked / peak), axis=(-2, -1))) / jnp.where(norms > 0, norms, 1.0)
-    return u, s * peak, vt, weight
+    w = s.shape[0] if width is None else min(int(width), s.shape[0])
+    return StackSVD(benign, u[:, :w], s, vt[:w], weight, peak)
 
 
-def _coefficients(basis, u, s, vt, weight):
-    """Z_k with Ũ = Σ_k Θ̂_k Z_k for a basis inside the benign stack's column space
-    (from its SVD, :func:`_benign_svd`): Z = c·V diag(1/s) UᵀŨ (the LoRA lift)."""
-    k = weight.shape[0]
+def _coefficients(basis, svd):
+    """Z_k with Ũ = Σ_k Θ̂_k Z_k for a basis inside span(svd.u) (:class:`StackSVD`):
+    Z = c·V diag(1/s) UᵀŨ (the LoRA lift)."""
+    k = svd.weight.shape[0]
+    s = svd.s[:svd.u.shape[-1]] * svd.peak
     inverse = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    z = jnp.swapaxes(vt, 0, 1) @ (inverse[:, None] * (jnp.swapaxes(u, 0, 1) @ basis))   # (K q, m)
-    return weight[:, None, None] * z.reshape(k, -1, basis.shape[-1])
+    z = jnp.swapaxes(svd.vt, 0, 1) @ (inverse[:, None] * (jnp.swapaxes(svd.u, 0, 1) @ basis))   # (K q, m)
+    return svd.weight[:, None, None] * z.reshape(k, -1, basis.shape[-1])
 
 
 def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
@@ -108,7 +126,7 @@ def select_rank(singular_values, benign, p, q, margin=1.2, columns=None):
     return jnp.maximum(rank, jnp.where(singular_values[0] > 0, 1, 0)), sigma
 
 
-def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
+def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0, spectrum=None):
     """The first ``rank`` columns of u that are *shared*, compacted to the front.
 
     A direction is one client's own (an absorbed rank-one attack, an outlier)
@@ -123,6 +141,10 @@ def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
     true direction is often carried mostly by one of them (noiseless exact-rank
     data then keep their whole rank).
 
+    ``u`` may hold only the leading columns of the stack's U when ``spectrum``,
+    every singular value of the capped stack divided by its largest |entry|
+    (:attr:`StackSVD.s`), gives the energies of the rest.
+
     Returns:
         (basis with kept columns first and the rest zero, number kept).
     """
@@ -130,16 +152,18 @@ def shared_basis(u, rank, blocks, benign, max_share=0.5, noise_factor=3.0):
     peak = jnp.max(jnp.abs(masked))
     masked = masked / jnp.where(peak > 0, peak, 1.0)   # squares below cannot overflow
     per_client = jnp.square(jnp.einsum("pm,kpq->kmq", u, masked)).sum(-1)   # (K, m)
-    total = jnp.sum(per_client, axis=0)                                     # s_j², j < m
+    # s_j² of every direction: from the spectrum where given (u may be cut short).
+    energies = jnp.sum(per_client, axis=0) if spectrum is None else jnp.square(spectrum)
+    total = energies[:u.shape[-1]]
     top = jnp.max(per_client, axis=0)
     others = total - top
     # Energy of one noise direction: median of the tail of the spectrum (past the
     # candidate rank, structural zeros excluded).
     eps = jnp.finfo(u.dtype).eps
-    tail = (jnp.arange(u.shape[-1]) >= rank) & (total > eps * total[0])
+    tail = (jnp.arange(energies.shape[-1]) >= rank) & (energies > eps * energies[0])
     from clair_jax.detect import masked_median  # local import: detect imports refine
 
-    noise = masked_median(total, tail)
+    noise = masked_median(energies, tail)
     noise = jnp.where(jnp.any(tail), noise, 0.0)
     own = (top > max_share * jnp.maximum(total, jnp.finfo(u.dtype).tiny)) & \
         (others <= jnp.maximum(noise_factor * noise, 1e3 * eps * total))
@@ -379,29 +403,45 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
 # --------------------------------------------- the stage: every problem at once
 
 
-def _basis_one(blocks, used, rank_cap, columns, *, rank, margin, dims, width):
+def _basis_one(blocks, used, rank_cap, columns, carried, *, rank, margin, dims, width):
     """Û (its first ``width`` columns) and r̂ of one problem from the clients in ``used``,
-    and Û's coefficients Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by)."""
-    u, sv, vt, weight = _benign_svd(blocks, used)
+    and Û's coefficients Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by).
+
+    ``carried``: the detection's :class:`StackSVD` (None: computed here); used as is
+    when it is of the same set, as it is whenever the pooled verdict keeps the refit's.
+    """
+    if carried is None:
+        svd = stack_svd(blocks, used)
+    else:
+        svd = jax.lax.cond(jnp.all(carried.members == used), lambda: carried,
+                           lambda: stack_svd(blocks, used, carried.u.shape[-1]))
+    sv = svd.s * svd.peak
     if rank is not None:  # a user-given rank is taken as is
         r = jnp.minimum(jnp.asarray(rank), jnp.sum(sv > 0))
-        basis, r = subspace(u, r), r.astype(jnp.int32)
+        basis, r = subspace(svd.u, r), r.astype(jnp.int32)
     else:
         r = jnp.minimum(select_rank(sv, used, *dims, margin, columns=columns)[0], rank_cap)
-        basis, r = shared_basis(u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used)
+        basis, r = shared_basis(svd.u, jnp.minimum(r, jnp.sum(sv > 0)), blocks, used, spectrum=svd.s)
     basis = basis[:, :width]
-    return basis, r, _coefficients(basis, u, sv, vt, weight)
+    return basis, r, _coefficients(basis, svd)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "margin", "dims", "width"))
-def _bases(blocks, client_benign, benign, z, rank_cap, columns, *, rank, margin, dims, width):
+def _bases(blocks, client_benign, benign, z, rank_cap, columns, carried, *, rank, margin, dims, width):
     used = jnp.broadcast_to(client_benign, benign.shape)
     # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
     # of this problem's Û even when the pooled verdict clears it; it is still refined.
     fit = used & (benign | (z <= DECISIVE_Z))
-    # Eight problems at a time: the full SVDs (U and V) of a whole model's stacks are never held at once.
+    # The detection's SVD serves only where it holds the ``width`` vectors needed.
+    if carried is not None and carried.u.shape[-1] < width:
+        carried = None
     one = functools.partial(_basis_one, rank=rank, margin=margin, dims=dims, width=width)
-    basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns), batch_size=8)
+    # On CPU one problem after another (each reuses its SVD or computes it: a batch
+    # would compute both); elsewhere eight at a time, so the full SVDs of a whole
+    # model's stacks are never held at once.
+    batch = None if jax.default_backend() == "cpu" else 8
+    basis, ranks, coefficients = jax.lax.map(lambda args: one(*args), (blocks, fit, rank_cap, columns, carried),
+                                             batch_size=batch)
     if rank is None:
         # Majority support, one problem at a time after the batched SVDs.
         def majority(args):
@@ -561,8 +601,8 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
     most = max(1, min(most, min(problems.blocks.shape[-2], problems.num_clients * problems.blocks.shape[-1])))
     basis, ranks, coefficients, used = _bases(problems.blocks, client_benign, detection.benign, detection.z,
-                                              detection.rank_cap, detection.columns, rank=rank, margin=margin,
-                                              dims=problems.dims, width=most)
+                                              detection.rank_cap, detection.columns, detection.svd, rank=rank,
+                                              margin=margin, dims=problems.dims, width=most)
     width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
     if problems.factored:
         # Host (numpy) factors are refined a chunk of modules at a time, into a numpy B̃.

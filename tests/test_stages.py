@@ -127,6 +127,32 @@ def test_stages_compose_to_clair():
     assert detection.passes >= 1 and refined.rank.shape == (2,)
 
 
+def test_refinement_reuses_the_detections_svd_only_for_its_own_set():
+    # LoRA factors with a partial-SVT budget: the detection hands its final set's SVD on.
+    rng = np.random.default_rng(5)
+    k, d, r, modules = 12, 96, 2, 2
+    basis = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    b = np.einsum("dr,mkrs->mkds", basis, rng.standard_normal((modules, k, r, r)))
+    b += 0.05 * rng.standard_normal(b.shape) / np.sqrt(d)
+    b[:, :2] = rng.standard_normal((modules, 2, d, r)) / np.sqrt(d)       # two off-subspace clients
+    a = rng.standard_normal((modules, k, r, d)) / np.sqrt(d)
+    factors = cj.LoRAFactors(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32))
+    problems = stack.problems(factors, "left")
+    detection = detect.until_settled(problems, ClairOptions.checked(svt="partial"))
+    assert detection.svd is not None and 0 < detection.svd.u.shape[-1] < detection.svd.s.shape[-1]
+    np.testing.assert_array_equal(np.asarray(detection.svd.members), np.asarray(detection.benign))
+    verdict = cj.pool.client_verdict(detection.benign, detection.scores, detection.z, detection.usable)
+    assert not np.asarray(verdict.benign)[:2].any() and np.asarray(verdict.benign)[2:].all()
+    # The pooled verdict's set, and another one (client 2 left out): both agree with a fresh SVD.
+    for benign in (verdict.benign, verdict.benign.at[2].set(False)):
+        reused = refine.refine(problems, detection, benign)
+        fresh = refine.refine(problems, detection._replace(svd=None), benign)
+        np.testing.assert_array_equal(np.asarray(reused.rank), np.asarray(fresh.rank))
+        np.testing.assert_allclose(np.asarray(reused.refined.B), np.asarray(fresh.refined.B), atol=1e-5)
+        projector = [np.einsum("npr,nqr->npq", u, u) for u in (np.asarray(reused.subspace), np.asarray(fresh.subspace))]
+        np.testing.assert_allclose(*projector, atol=1e-4)
+
+
 def test_second_call_does_not_recompile():
     fed, _ = _layers(4)
     cj.clair(fed.updates)
