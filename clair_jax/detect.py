@@ -149,10 +149,14 @@ class ResidualTest(NamedTuple):
     benign: jax.Array      # (K,) bool
     z: jax.Array           # (K,) standardised excess off-subspace energy
     rank: jax.Array        # r̂ used for the subspace
-    spectrum: jax.Array    # singular values of the stack the last round fitted on
-    stable: jax.Array      # the last round kept its set (then ``spectrum`` is the final set's)
+    stable: jax.Array      # the last round kept its set (then ``svd`` is the final set's)
     rounds: jax.Array      # rounds run
-    svd: object = None     # refine.StackSVD the last round fitted on (its leading vectors)
+    svd: object            # refine.StackSVD the last round fitted on (its leading vectors)
+
+    @property
+    def spectrum(self):
+        """Singular values of the stack the last round fitted on, in the input's units."""
+        return self.svd.s * self.svd.peak
 
 
 def repeated(blocks, usable, tol=COPY_TOL):
@@ -308,7 +312,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
         kept = svd._replace(u=svd.u[:, :carry], vt=svd.vt[:carry])
-        return ResidualTest(keep, z, r, svd.s * svd.peak, jnp.all(keep == current), state.rounds + 1, kept)
+        return ResidualTest(keep, z, r, jnp.all(keep == current), state.rounds + 1, kept)
 
     # A round that keeps its set would repeat itself: stop there (one SVD instead
     # of ``rounds`` in the common case).
@@ -318,8 +322,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     empty = refine.StackSVD(benign, jnp.zeros((blocks.shape[1], carry), blocks.dtype), jnp.zeros((short,), blocks.dtype),
                             jnp.zeros((carry, k * blocks.shape[2]), blocks.dtype), jnp.zeros((k,), blocks.dtype),
                             jnp.ones((), blocks.dtype))
-    init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32),
-                        jnp.zeros((short,), blocks.dtype), jnp.asarray(False), jnp.asarray(0, jnp.int32), empty)
+    init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32), jnp.asarray(False),
+                        jnp.asarray(0, jnp.int32), empty)
     return jax.lax.while_loop(more, one_round, init)
 
 
