@@ -263,12 +263,13 @@ def c5_one_layer(rng, layers=6, frac=0.2):
     return _case(updates, clean, u, ~bad)
 
 
-def c8_spread(rng, spread, frac=0.0):
-    """Benign norms log-uniform over [1, spread]; attackers (if any) at the smallest benign norm."""
+def c8_spread(rng, spread, frac=0.0, proportional=True):
+    """Benign norms log-uniform over [1, spread], their noise in proportion (or, with
+    ``proportional=False``, of one level); attackers (if any) at the smallest benign norm."""
     u = _basis(rng, P, R)
     clean = _benign(rng, u, K, Q, spread)
     norms = np.linalg.norm(clean, axis=(-2, -1))
-    updates = clean + _noise(rng, clean.shape) * norms[:, None, None]
+    updates = clean + _noise(rng, clean.shape) * (norms[:, None, None] if proportional else 1.0)
     bad = _attackers(rng, K, frac)
     updates, clean = _gaussian_attack(rng, updates, clean, bad, norm=float(norms.min()))
     return _case(updates, clean, u, ~bad)
@@ -327,6 +328,7 @@ CASES = {
     "benign norm spread 1-3x": (8, lambda g: c8_spread(g, 3.0), True),
     "benign norm spread 1-100x": (8, lambda g: c8_spread(g, 100.0), False),
     "norm spread 1-100x, 20% small gaussian": (8, lambda g: c8_spread(g, 100.0, 0.2), False),
+    "benign norm spread 1-100x, noise of one level": (8, lambda g: c8_spread(g, 100.0, proportional=False), False),
     "one honest client 5x noisier": (8, c8_noisy_client, False),
     "in-subspace sign-flipped mean, benign norm, 30% (by design)": (0, c0_in_subspace, False),
 }

@@ -29,7 +29,7 @@ from clair_jax.stack import to_stacked
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
            "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
            "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "COPY_TOL", "repeated",
-           "SCREEN_TOL", "RANK_TOL"]
+           "SCREEN_TOL", "RANK_TOL", "size_exponent", "SIZE_SPREAD"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
@@ -57,6 +57,11 @@ ENTRY_CLIP = 4.0
 #: Student-t with df = 2 about 45 %). Then each client's median squared residual
 #: entry is the evidence (see :func:`residual_test`).
 HEAVY_TAIL_RATIO = 1.2
+
+#: The refit test reads how honest noise grows with an update's size
+#: (:func:`size_exponent`) only where the set's squared norms spread: the median
+#: absolute deviation of their logarithms at least this (norms a factor √2 apart).
+SIZE_SPREAD = float(np.log(2.0) / 2)
 
 #: A client's update repeats another's when their squared distance is below
 #: COPY_TOL × the smaller of the two squared norms (both taken from the clients'
@@ -145,6 +150,44 @@ def robust_units(blocks, usable, cap=ENERGY_CAP):
     return blocks * (shrink / unit)[:, None, None], unit
 
 
+def size_exponent(energy, norms2, current, spread=SIZE_SPREAD):
+    """β ∈ [0, 1] in e_k ∝ ‖Θ̂_k‖^(2β): how the set's off-subspace energy grows with size.
+
+    Honest updates differ in size (more data, more local steps, another learning
+    rate), and their estimation noise may grow with them (β ≈ 1: each is a scaled
+    copy of the same kind of estimate) or not (β ≈ 0: additive noise of one level).
+    Read from the current set as Siegel's repeated median of the pairwise slopes of
+    log e_k against log ‖Θ̂_k‖² (for each client the median slope to the others,
+    then the median of those: a minority of contaminated clients in the set
+    cannot move it), and only where the set's sizes spread: where the median
+    absolute deviation of log ‖Θ̂_k‖² is below ``spread`` the sizes carry no
+    information and β = 0, so a federation of similar-sized clients (or one
+    with a minority of larger, contaminated ones) is tested on plain energies.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> size2 = jnp.array([1.0, 4.0, 16.0, 64.0, 256.0])
+        >>> float(cj.detect.size_exponent(0.1 * size2, size2, jnp.ones(5, bool)))
+        1.0
+        >>> float(cj.detect.size_exponent(0.1 * jnp.ones(5), size2, jnp.ones(5, bool)))
+        0.0
+    """
+    tiny = jnp.finfo(energy.dtype).tiny
+    log_e = jnp.log(jnp.maximum(energy, tiny))
+    log_n = jnp.log(jnp.maximum(norms2, tiny))
+    live = current & (norms2 > 0) & (energy > 0)
+    mad = masked_median(jnp.abs(log_n - masked_median(log_n, live)), live)
+    dn = log_n[:, None] - log_n[None, :]
+    # Pairs of clearly different size only: a slope over a tiny size difference is noise.
+    pairs = live[:, None] & live[None, :] & (jnp.abs(dn) > spread)
+    slopes = (log_e[:, None] - log_e[None, :]) / jnp.where(pairs, dn, 1.0)
+    per_client = jax.vmap(masked_median)(slopes, pairs)
+    has = jnp.any(pairs, axis=1)
+    beta = masked_median(jnp.where(has, per_client, 0.0), has)
+    beta = jnp.where((mad >= spread) & jnp.any(has) & jnp.isfinite(beta), beta, 0.0)
+    return jnp.clip(beta, 0.0, 1.0).astype(energy.dtype)
+
+
 class ResidualTest(NamedTuple):
     benign: jax.Array      # (K,) bool
     z: jax.Array           # (K,) standardised excess off-subspace energy
@@ -227,6 +270,13 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     set's lower half), so a dense attacker cannot hide inside the honest
     clients' wide spread of plain energies.
 
+    Size is not evidence: where the set's updates differ widely in size and their
+    off-subspace energy grows with it (e_k ∝ ‖Θ̂_k‖^(2β), :func:`size_exponent`),
+    every residual is brought to the set's median size by (m/‖Θ̂_k‖²)^(β/2) before
+    the energies above are read. Honest clients 1–100× apart in size with noise
+    in proportion are then one population, and a small attacker (all of its
+    update off Û) stands out of it; with similar sizes β = 0 and nothing changes.
+
     Args:
         blocks: (K, p, q) with unusable clients zeroed.
         benign: (K,) starting set. usable: (K,) finite clients.
@@ -265,6 +315,13 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # along them then counts as off-subspace, where the test sees it.
         basis, r = refine.majority_basis(basis, r, blocks, current, p, cols, rel_floor=rel_floor)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
+        # Honest noise may grow with an update's size (more local steps, a larger
+        # learning rate): then a client's energy is judged at the set's typical size.
+        beta = size_exponent(jnp.sum(jnp.square(resid), axis=(-2, -1)), norms2, current)
+        resize = jnp.where(norms2 > 0, jnp.power(masked_median(norms2, current) / jnp.where(norms2 > 0, norms2, 1.0),
+                                                   beta / 2), 1.0)
+        resid = resid * resize[:, None, None]
+        sized = blocks * resize[:, None, None]
         # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
         # robust sd. Heavy-tailed noise inflates only the plain one, so a client is
         # flagged when both are out of the set's range.
@@ -284,8 +341,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
             z = jnp.where(e - m <= rel_floor * size2, jnp.minimum(z, 0.0), z)
             return z, e <= m + z_crit * s + rel_floor * size2
 
-        z_plain, ok_plain = standardise(energy, norms2)
-        z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(blocks, -limit, limit)), axis=(-2, -1)))
+        z_plain, ok_plain = standardise(energy, norms2 * jnp.square(resize))
+        z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(sized, -limit, limit)), axis=(-2, -1)))
         # Only where the residual entries are one population: dense full-rank blocks
         # (a LoRA block's residual lives in a few directions and its entries are not iid).
         veto = entrywise & (masked_median(cols, current) >= q)

@@ -468,7 +468,7 @@ def _off_subspace(basis, blocks):
     return x, unit, inside, resid, jnp.sum(jnp.square(resid), axis=(-2, -1))
 
 
-def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
+def local_share(basis, blocks, rank, sigma, columns, p, used=None, slack=3.0):
     """(K,) share α_k of its off-subspace part each client keeps: 0 = projected, 1 = local.
 
     The rule that makes refinement never worse than the local update by more
@@ -484,16 +484,28 @@ def local_share(basis, blocks, rank, sigma, columns, p, slack=3.0):
     near Kq/2; its own heterogeneity) gives α_k → 1, so that part is kept, as
     in James–Stein shrinkage toward the subspace. On noiseless data (σ̂ = 0)
     every client keeps its exact update. Scale free (blocks are brought to the
-    median client norm first).
+    median client norm first). Where the ``used`` set's noise grows with the
+    updates' sizes (:func:`clair_jax.detect.size_exponent` β > 0), σ̂ is read as a
+    median-sized client's level and N_k grows by (‖Θ̂_k‖²/m)^β, so a large
+    client's larger noise is projected away rather than kept as missed signal.
 
     Args:
         basis: (p', r_max) Û (columns past r̂ zero). blocks: (K, p', q').
         rank: r̂. sigma: σ̂ per entry, in the blocks' units. columns: (K,) noise columns.
         p: the dense row count (p' may be a reduction's).
+        used: (K,) the set Û was fitted on (default: every client).
     """
+    from clair_jax import detect  # local import: detect imports refine
+
     x, unit, _, _, energy = _off_subspace(basis, blocks)
     dof = jnp.maximum((p - rank) * columns, 1).astype(x.dtype)
-    noise = jnp.square(sigma / unit) * dof
+    # Where the set's noise grows with its updates' sizes (detect.size_exponent),
+    # σ̂ is the level of a typical-sized client and a larger one's noise is larger.
+    used = jnp.ones(x.shape[0], bool) if used is None else used
+    norms2 = jnp.square(detect.scaled_norms(x))
+    beta = detect.size_exponent(energy, norms2, used)
+    size = jnp.where(norms2 > 0, norms2 / detect.masked_median(norms2, used & (norms2 > 0)), 1.0)
+    noise = jnp.square(sigma / unit) * dof * jnp.power(size, beta)
     c = 1.0 + slack * jnp.sqrt(2.0 / dof)
     share = 1.0 - c * noise / jnp.where(energy > 0, energy, 1.0)
     return jnp.where(energy > 0, jnp.clip(share, 0.0, 1.0), 0.0).astype(x.dtype)
@@ -631,8 +643,8 @@ def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable
                     width):
     """LoRA input: B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k with Û = QŨ (lifted without Q); A_k unchanged."""
     basis, coefficients = basis[..., :width], coefficients[..., :width]
-    share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
-                      0.0)
+    share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
+        basis, blocks, ranks, noise_level, columns, used), 0.0)
     noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)
 
     def one(args):
@@ -656,8 +668,8 @@ def _noisy(basis, blocks, ranks, columns, usable, used, p):
 def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, *, p, pooling, width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
     basis = basis[..., :width]
-    share = jnp.where(used, jax.vmap(functools.partial(local_share, p=p))(basis, blocks, ranks, noise_level, columns),
-                      0.0)
+    share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
+        basis, blocks, ranks, noise_level, columns, used), 0.0)
     refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
         basis, blocks, used, noise_level, columns)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).

@@ -284,3 +284,34 @@ def test_gaussian_attackers_keep_their_update():
     bad = ~np.asarray(fed.benign)
     assert not np.asarray(res.noisy)[bad].any()
     np.testing.assert_array_equal(np.asarray(res.refined)[bad], np.asarray(fed.updates)[bad])
+
+
+def test_size_exponent_reads_proportional_noise_and_ignores_a_minority():
+    rng = np.random.default_rng(3)
+    size2 = np.exp(rng.uniform(0.0, np.log(1e4), 40))
+    wobble = np.exp(0.1 * rng.standard_normal(40))
+    everyone = jnp.ones(40, bool)
+    grows = cj.detect.size_exponent(jnp.asarray(0.15 * size2 * wobble), jnp.asarray(size2), everyone)
+    flat = cj.detect.size_exponent(jnp.asarray(0.15 * wobble), jnp.asarray(size2), everyone)
+    assert abs(float(grows) - 1.0) < 0.05 and float(flat) < 0.05
+    # Similar sizes, plus 30 % larger clients with far more energy (copies plus an
+    # attack direction): no size information, β = 0, the plain energy test.
+    size2 = np.where(np.arange(40) < 12, 2.4, 1.0) * wobble
+    energy = np.where(np.arange(40) < 12, 1.6, 0.15) * wobble
+    assert float(cj.detect.size_exponent(jnp.asarray(energy), jnp.asarray(size2), everyone)) == 0.0
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_honest_clients_of_very_different_size_are_not_flagged(proportional):
+    case = adv.c8_spread(np.random.default_rng(1), 100.0, proportional=proportional)
+    res = cj.clair(np.asarray(case["updates"], np.float32))
+    assert bool(np.all(res.client_benign)) and not bool(np.any(res.noisy))
+    # Noise in proportion to size: a large client's noise is projected away, not kept
+    # as missed signal (α ≈ 0): within 15 % of the oracle (local: 4×).
+    row = adv.run_case("benign norm spread 1-100x" + ("" if proportional else ", noise of one level"), 1)
+    assert row["vs_oracle"] < 1.15 and row["vs_local"] < 0.3
+
+
+def test_small_attackers_cannot_hide_behind_a_wide_spread_of_honest_sizes():
+    row = _run("norm spread 1-100x, 20% small gaussian", 0)
+    assert row["tpr"] == 1.0 and row["fpr"] == 0.0
