@@ -151,9 +151,12 @@ def c1_few(rng, k, attackers=0):
     return _case(updates, clean, u, ~bad)
 
 
-def c1_high_rank(rng, r, k=10, q=4):
+def c1_high_rank(rng, r, k=10, q=4, known_noise=False):
+    """A shared rank near Kq/2; with ``known_noise`` the caller passes the true
+    per-entry noise std (``noise=``) instead of letting CLAIR estimate it."""
     updates, clean, u, benign = dense_case(rng, k=k, q=q, r=r)
-    return _case(updates, clean, u, benign)
+    given = {"noise": NOISE / np.sqrt(P * q)} if known_noise else {}
+    return _case(updates, clean, u, benign, clair_kwargs=given)
 
 
 def c1_copies(rng, frac=0.4):
@@ -305,6 +308,7 @@ CASES = {
     "K=2 all honest": (1, lambda g: c1_few(g, 2), False),
     "rank 14, K=10, q=4": (1, lambda g: c1_high_rank(g, 14), False),
     "rank 20 = Kq/2, K=10, q=4": (1, lambda g: c1_high_rank(g, 20), False),
+    "rank 20 = Kq/2, noise level given": (1, lambda g: c1_high_rank(g, 20, known_noise=True), False),
     "40% copies of one honest update": (1, c1_copies, False),
     "3 clients 1e4x along a shared direction": (2, lambda g: c2_huge_in_subspace(g), True),
     "same, LoRA input": (2, lambda g: c2_huge_in_subspace(g, lora=True), False),
@@ -367,7 +371,7 @@ def run_case(name, seed):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        res = cj.clair(updates)
+        res = cj.clair(updates, **case.get("clair_kwargs", {}))
         seconds = time.perf_counter() - t0
     benign = np.asarray(case["benign"], bool)
     dense = np.asarray(updates.B @ updates.A if isinstance(updates, cj.LoRAFactors) else updates, np.float64)

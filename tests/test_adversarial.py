@@ -315,3 +315,12 @@ def test_honest_clients_of_very_different_size_are_not_flagged(proportional):
 def test_small_attackers_cannot_hide_behind_a_wide_spread_of_honest_sizes():
     row = _run("norm spread 1-100x, 20% small gaussian", 0)
     assert row["tpr"] == 1.0 and row["fpr"] == 0.0
+
+
+def test_a_rank_near_half_the_stack_is_warned_about_and_a_known_noise_level_fixes_it():
+    warned = _run("rank 20 = Kq/2, K=10, q=4")
+    assert any("a fifth of the benign stack" in w for w in warned["warnings"])
+    assert warned["vs_local"] > 1.2          # σ̂ 1.5× too large: true directions lost
+    given = _run("rank 20 = Kq/2, noise level given")
+    assert not given["warnings"] and given["vs_local"] < 1.05
+    assert not _run("benign norm spread 1-3x")["warnings"]
