@@ -73,37 +73,22 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
     verdict = pool.client_verdict(
         *(_concat([getattr(d, field) for d in detections]) for field in ("benign", "scores", "z", "usable")),
         z_crit=opts.z_crit, min_gap=opts.min_gap, threshold=opts.threshold)
-    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling) for p, d in zip(problems, detections)]
+    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling, noise_given=opts.noise is not None)
+                   for p, d in zip(problems, detections)]
 
     n_empty = sum(int((r.rank == 0).sum()) for r in refinements)
     if n_empty:
         n_all = sum(int(r.rank.size) for r in refinements)
         warnings.warn(f"clair: no shared subspace found (r̂ = 0) in {n_empty} of {n_all} problem(s); "
                       "their benign clients keep their local updates", RuntimeWarning, stacklevel=3)
-    if opts.rank is None and opts.noise is None:   # σ̂ and r̂ both read from the spectrum
-        crowded = [_crowded(p, d, r) for p, d, r in zip(problems, detections, refinements)]
-        n_crowded = sum(int(c.sum()) for c in crowded)
-        if n_crowded:
-            n_all = sum(int(c.size) for c in crowded)
-            warnings.warn(f"clair: r̂ reaches a fifth of the benign stack's short side in {n_crowded} of {n_all} "
-                          "problem(s): σ̂, read from the stack's median singular value, may then hold shared signal, "
-                          "and r̂ and the refinement may miss true directions; pass noise= (the per-entry noise "
-                          "std) or rank= where known", RuntimeWarning, stacklevel=3)
+    n_crowded = sum(int(r.crowded.sum()) for r in refinements)
+    if n_crowded:
+        n_all = sum(int(r.rank.size) for r in refinements)
+        warnings.warn(f"clair: r̂ reaches a fifth of the benign stack's short side in {n_crowded} of {n_all} "
+                      "problem(s): σ̂, read from the stack's median singular value, may hold shared signal there, "
+                      "so r̂ may miss true directions and the benign clients keep their off-subspace part; pass "
+                      "noise= (the per-entry noise std) or rank= where known", RuntimeWarning, stacklevel=3)
     return tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
-
-
-def _crowded(problems, detection, refinement):
-    """(n,) problems whose r̂ is at least a fifth of min(p, benign noise columns).
-
-    The median singular value is noise only while the rank stays below half of
-    the stack's short side; an r̂ past a fifth of it says the true rank may be
-    there: a flat rank-Kq/2 signal is read as r̂ ≈ 0.23–0.25 Kq with σ̂ 1.5× too
-    large (the zoo's "rank 20 = Kq/2" row).
-    """
-    p = problems.dims[0]
-    n = np.sum(np.where(np.asarray(detection.benign), np.asarray(detection.columns), 0), axis=-1)
-    rank = np.asarray(refinement.rank)
-    return (rank > 0) & (5 * rank >= np.minimum(p, n))
 
 
 def _detect_on_devices(updates, opts, devices):

@@ -28,7 +28,7 @@ from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
 __all__ = ["capped", "benign_spectrum", "StackSVD", "stack_svd", "select_rank", "shared_basis", "majority_basis", "subspace", "project",
-           "local_share", "partial_pool", "POOLING", "Refinement", "refine"]
+           "local_share", "crowded", "CROWDED_SHARE", "partial_pool", "POOLING", "Refinement", "refine"]
 
 #: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
 POOLING = ("auto", "none", "full")
@@ -563,6 +563,9 @@ class Refinement(NamedTuple):
         noisy: (n, K) flagged clients refined anyway, by projection: their update
             looks like an honest one under heavier noise (:func:`noise_like`). They
             were left out of Û.
+        crowded: (n,) problems where r̂ reached :data:`CROWDED_SHARE` of the stack's
+            short side with σ̂ estimated (:func:`crowded`): there every refined
+            client kept its whole off-subspace part (α = 1).
     """
 
     subspace: jax.Array
@@ -572,9 +575,36 @@ class Refinement(NamedTuple):
     shrinkage: jax.Array
     local_share: jax.Array
     noisy: jax.Array
+    crowded: jax.Array
 
 
-def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none") -> Refinement:
+#: r̂ at this share of min(p, the refined clients' noise columns) or above means
+#: the stack's median singular value, from which σ̂ is read, may be signal.
+CROWDED_SHARE = 0.2
+
+
+def crowded(ranks, used, columns, p, share=CROWDED_SHARE):
+    """(n,) problems whose r̂ is at least ``share`` × min(p, Σ_used noise columns).
+
+    σ̂ comes from the benign stack's median singular value, which is noise only
+    while the shared rank stays below half of the stack's short side. A flat
+    signal of rank Kq/2 is read as r̂ ≈ 0.23–0.25·Kq with σ̂ 1.5× the true level
+    (the zoo's "rank 20 = Kq/2" row): an r̂ past a fifth of the short side says
+    the true rank may be near half of it, where σ̂ cannot tell the directions
+    Û missed from noise.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> used = jnp.ones((2, 10), bool)
+        >>> cj.refine.crowded(jnp.array([3, 9]), used, jnp.full((2, 10), 4), 48).tolist()
+        [False, True]
+    """
+    n = jnp.sum(jnp.where(used, columns, 0), axis=-1)
+    return (ranks > 0) & (ranks >= share * jnp.minimum(p, n))
+
+
+def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none",
+           noise_given=False) -> Refinement:
     """Stage 6: Û from the benign clients' stacked updates, then Θ̃_k = Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k.
 
     r̂ is the number of singular values of the benign stack above the noise edge
@@ -588,7 +618,10 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     off-subspace part is what noise at σ̂ leaves (the plain projection) and
     grows toward 1 where the client clearly carries signal outside Û, so a
     benign client never loses signal its own update carries for lack of
-    evidence of a shared direction; a client flagged decisively in one problem
+    evidence of a shared direction. Where r̂ and σ̂ are both read from the
+    spectrum and r̂ reaches a fifth of the stack's short side (:func:`crowded`),
+    σ̂ may hold shared signal and cannot say what is noise: there α_k = 1, every
+    refined client keeps its whole off-subspace part (``crowded``); a client flagged decisively in one problem
     (refit z > :data:`DECISIVE_Z`) is left out of that problem's Û; on noiseless data the refined update of a
     benign client is its own update. ``local_share`` reports α per problem and client.
 
@@ -608,6 +641,7 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
             pooling of the coordinates inside Û (:func:`partial_pool`, with the
             detection's σ̂ and noise columns). Dense input only: LoRA factors keep
             the projection (a pooled update would not have the client's LoRA shape).
+        noise_given: σ̂ is the caller's noise level, not an estimate (no ``crowded`` fallback).
     """
     # r̂ ≤ rank(L̂) near the chosen λ (or the given rank): no basis needs more columns.
     most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
@@ -616,18 +650,21 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
                                               detection.rank_cap, detection.columns, detection.svd, rank=rank,
                                               margin=margin, dims=problems.dims, width=most)
     width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
+    unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
+    # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1.
+    sigma = jnp.where(unsure, 0.0, detection.noise_level)
     if problems.factored:
         # Host (numpy) factors are refined a chunk of modules at a time, into a numpy B̃.
         full_basis, refined_b, share, ones, noisy = stack.map_chunks(
             functools.partial(_refine_factors, p=problems.dims[0], width=width),
             (coefficients, problems.right, basis, ranks, problems.blocks, problems.factors.B, problems.usable, used,
-             detection.noise_level, detection.columns), host_out=(1,))
+             sigma, detection.columns), host_out=(1,))
         a = problems.factors.A
         if not np.all(np.asarray(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
             a = jnp.where(problems.usable[..., None, None], a, 0.0)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share, noisy)
-    return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, detection.noise_level, detection.columns,
-                          p=problems.dims[0], pooling=pooling, width=width)
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share, noisy, unsure)
+    return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, sigma, detection.columns,
+                          p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
 
 
 def _refine_b(b, used, basis, share):
@@ -676,4 +713,4 @@ def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, *, 
     projected = jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
     noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)
     refined = jnp.where(noisy[..., None, None], projected, refined + share[..., None, None] * (blocks - projected))
-    return Refinement(basis, ranks, refined, used, shrinkage, share, noisy)
+    return Refinement(basis, ranks, refined, used, shrinkage, share, noisy, jnp.zeros(ranks.shape, bool))

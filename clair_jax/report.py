@@ -57,6 +57,11 @@ class ClairResult(NamedTuple):
             (:func:`clair_jax.detect.repeated`): a repeated update counts once, so
             they are flagged and left out of Û (refined like any flagged client:
             projected when noise-like, else kept).
+        crowded: (...,) bool, problems where r̂ reached a fifth of the benign stack's
+            short side while σ̂ was estimated (:func:`clair_jax.refine.crowded`): σ̂ may
+            hold shared signal there, so nothing was removed off Û (α = 1 for every
+            refined client) and a ``RuntimeWarning`` says so. Pass ``noise=`` or
+            ``rank=`` where known.
     """
 
     benign: jax.Array
@@ -77,6 +82,7 @@ class ClairResult(NamedTuple):
     local_share: jax.Array
     noisy: jax.Array
     copies: jax.Array
+    crowded: jax.Array
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -102,6 +108,9 @@ class ClairResult(NamedTuple):
         if np.any(rank == 0):
             lines.append(f"no shared subspace (r̂ = 0) in {int(np.sum(rank == 0))} problem(s): "
                          "benign updates there are left as they were")
+        if np.any(self.crowded):
+            lines.append(f"r̂ near half the stack in {int(np.sum(self.crowded))} problem(s): σ̂ may hold shared "
+                         "signal, so benign updates there keep their off-subspace part (pass noise= or rank=)")
         kept = self._in_any_problem(np.asarray(self.local_share) > 0.5)
         if kept.size:
             lines.append(f"refined only part of the way (> half their off-subspace part kept, weak evidence "
@@ -157,4 +166,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         local_share=unflatten(refinement.local_share),
         noisy=unflatten(refinement.noisy),
         copies=unflatten(detection.copies),
+        crowded=unflatten(refinement.crowded),
     )

@@ -184,8 +184,9 @@ def _used(result):
 def evaluate_digits(fed, *, clair_kwargs=None):
     """CLAIR, the baselines, benign FedAvg and the oracle-S refinement on one federation.
 
-    CLAIR runs once with ``pooling="auto"``; its Û and verdict also give the
-    refinement without pooling (Û Ûᵀ Θ̂_k) and with full pooling (Λ = 0).
+    CLAIR runs once with ``pooling="auto"``; its Û, verdict and α_k also give the
+    refinement without pooling (what ``pooling="none"`` returns:
+    Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k) and with full pooling (Λ = 0).
 
     Returns:
         (accuracies: method → (K,) accuracy of every client, clair result, Λ used
@@ -195,6 +196,9 @@ def evaluate_digits(fed, *, clair_kwargs=None):
     x = jnp.asarray(fed.updates)
     result = cj.clair(x, **{"pooling": "auto", **(clair_kwargs or {})})
     used = _used(result)
+    projected = cj.refine.project(result.subspace, x, used)
+    share = jnp.asarray(result.local_share)[:, None, None]
+    unpooled = jnp.where(used[:, None, None], projected + share * (x - projected), result.refined)
     estimates = {
         "local": b.local(x),
         "fedavg": b.fedavg(x),
@@ -202,7 +206,7 @@ def evaluate_digits(fed, *, clair_kwargs=None):
         "trimmed mean": b.trimmed_mean(x),
         "multi-krum": b.multi_krum(x),
         "benign fedavg": b.fedavg(x, weights=jnp.asarray(fed.benign, x.dtype)),
-        "clair (no pooling)": cj.refine.project(result.subspace, x, used),
+        "clair (no pooling)": unpooled,
         "clair (pooling)": result.refined,
         "clair (full pooling)": cj.refine.partial_pool(result.subspace, x, used, result.noise_level,
                                                        pooling="full")[0],
