@@ -14,7 +14,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clair_jax import _checks, detect, pool, refine, report, stack
 from clair_jax.options import ClairOptions
