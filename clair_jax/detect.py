@@ -691,10 +691,10 @@ def until_settled(problems, options) -> Detection:
                      jnp.asarray(sigma * scale), prep.cols, passes, out.copies, out.svd)
 
 
-def concatenate(parts, device=None) -> Detection:
-    """Detections of consecutive chunks of problems → one, on ``device``."""
+def concatenate(parts, size, device=None) -> Detection:
+    """Detections of consecutive chunks of problems → the first ``size`` in one, on ``device``."""
     def join(*xs):
-        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)
+        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)[:size]
 
     arrays = jax.tree_util.tree_map(join, *[d._replace(passes=None) for d in parts])
     return arrays._replace(passes=max(d.passes for d in parts))

@@ -101,7 +101,7 @@ def _detect_on_devices(updates, opts, devices):
     rounds after the λ path, and even a ``lax.map`` of loops followed by one SVD:
     ``benchmarks/cpu_concurrency.py``), as a sharded program did before.
     """
-    chunks, lead = stack.split(updates, len(devices))
+    chunks, lead, size = stack.split(updates, len(devices))   # equal chunks: one program
 
     def one(chunk, device):
         with jax.default_device(device):
@@ -114,8 +114,8 @@ def _detect_on_devices(updates, opts, devices):
         with concurrent.futures.ThreadPoolExecutor(len(chunks)) as workers:
             parts = list(workers.map(one, chunks, devices))
     home = devices[0]
-    return (stack.concatenate([p for p, _ in parts], lead, home),
-            detect.concatenate([d for _, d in parts], home))
+    return (stack.concatenate([p for p, _ in parts], lead, size, home),
+            detect.concatenate([d for _, d in parts], size, home))
 
 
 def _concat(arrays):

@@ -179,9 +179,13 @@ def _reduce_all(b, a):
 def split(updates, parts):
     """Flatten the leading axes of checked updates and cut them into ≤ ``parts`` contiguous chunks.
 
+    Every chunk has the same number of problems (the last is padded by repeating
+    its last problem, a valid problem), so one compiled program serves them all.
+
     Returns:
-        (chunks, lead): non-empty chunks of the same kind as ``updates``, each with
-        one leading problem axis, and the user's leading shape.
+        (chunks, lead, size): non-empty chunks of the same kind as ``updates``, each
+        with one leading problem axis, the user's leading shape and the number of
+        problems before padding (:func:`concatenate` drops the rest).
     """
     if isinstance(updates, LoRAFactors):
         lead = updates.B.shape[:-3]
@@ -192,17 +196,26 @@ def split(updates, parts):
         lead = updates.shape[:-3]
         flat = updates.reshape((-1,) + updates.shape[-3:])
         n = flat.shape[0]
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    chunks = [jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], flat) for a, b in zip(bounds, bounds[1:]) if b > a]
-    return chunks, lead
+    width = -(-n // parts)
+
+    def take(x, start):
+        part = x[start:start + width]
+        if part.shape[0] == width:
+            return part
+        xp = np if isinstance(x, np.ndarray) else jnp   # host factors stay on the host
+        return xp.concatenate([part, xp.repeat(part[-1:], width - part.shape[0], axis=0)])
+
+    chunks = [jax.tree_util.tree_map(lambda x, s=start: take(x, s), flat) for start in range(0, n, width)]
+    return chunks, lead, n
 
 
-def concatenate(parts, lead, device=None):
-    """Problems built chunk by chunk (:func:`split`) → one batch in the ``lead`` layout, on ``device``."""
+def concatenate(parts, lead, size, device=None):
+    """Problems built chunk by chunk (:func:`split`) → the first ``size`` in one batch in the
+    ``lead`` layout, on ``device``."""
     first = parts[0]
 
     def join(*xs):
-        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)
+        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)[:size]
 
     arrays = [(p.blocks, p.usable, p.factors, p.right) for p in parts]
     blocks, usable, factors, right = jax.tree_util.tree_map(join, *arrays)

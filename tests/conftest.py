@@ -1,8 +1,20 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # XLA's CPU SVD calls OpenBLAS; its threads oversubscribe 2 cores (small SVDs get
 # up to 100x slower). Set before jax/numpy load it; notebooks inherit it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# One XLA compilation cache for the run, shared with the notebook kernels and the
+# subprocesses (they inherit the environment): compiling dominates the suite, and a
+# program that two of them build (or that this process's in-memory cache has
+# dropped) is then compiled once. A fresh directory each run, removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="clair_jax-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
