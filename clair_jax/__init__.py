@@ -13,7 +13,7 @@ from clair_jax import baselines, data, detect, metrics, pool, prox, refine, solv
 from clair_jax.decompose import Decomposition, decompose
 from clair_jax.lora import LoRAFactors
 from clair_jax.options import ClairOptions
-from clair_jax.pipeline import clair, clair_groups
+from clair_jax.pipeline import Screening, clair, clair_groups, conclude, screen
 from clair_jax.pool import ClientVerdict, pool_verdicts
 from clair_jax.report import ClairResult
 
@@ -25,9 +25,11 @@ __all__ = [
     "ClientVerdict",
     "Decomposition",
     "LoRAFactors",
+    "Screening",
     "baselines",
     "clair",
     "clair_groups",
+    "conclude",
     "data",
     "decompose",
     "detect",
@@ -36,6 +38,7 @@ __all__ = [
     "pool_verdicts",
     "prox",
     "refine",
+    "screen",
     "solvers",
     "stack",
     "tuning",

@@ -9,8 +9,9 @@ after it and works on a flat batch of single (K, p, q) problems.
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import warnings
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from clair_jax import _checks, detect, pool, refine, report, stack
 from clair_jax.options import ClairOptions
 
-__all__ = ["clair", "clair_groups"]
+__all__ = ["Screening", "clair", "clair_groups", "conclude", "screen"]
 
 
 def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
@@ -48,6 +49,59 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
         >>> bool((wide.client_benign == fed.benign).all()), narrow.refined.shape
         (True, (12, 10, 2))
     """
+    return conclude(screen(groups, devices=devices, **options))
+
+
+class Screening(NamedTuple):
+    """What :func:`screen` found in this process's groups: stages 1–2, before any verdict.
+
+    Attributes:
+        problems: one :class:`clair_jax.stack.Problems` per group.
+        detections: one :class:`clair_jax.detect.Detection` per group.
+        options: the checked :class:`~clair_jax.ClairOptions`.
+    """
+
+    problems: tuple
+    detections: tuple
+    options: ClairOptions
+
+    def evidence(self) -> tuple:
+        """(benign, scores, z, usable), each (n, K) over every problem of every group: what
+        the client verdict pools. Small: processes that screened their own problems gather
+        it (concatenated on the first axis) and pass it to :meth:`verdict`."""
+        return tuple(_concat([getattr(d, f) for d in self.detections]) for f in ("benign", "scores", "z", "usable"))
+
+    def verdict(self, evidence=None) -> pool.ClientVerdict:
+        """Stage 3, one verdict per client from ``evidence`` (default: :meth:`evidence`),
+        with this screening's ``z_crit``, ``min_gap`` and ``threshold``."""
+        o = self.options
+        return pool.client_verdict(*(self.evidence() if evidence is None else evidence),
+                                   z_crit=o.z_crit, min_gap=o.min_gap, threshold=o.threshold)
+
+
+def screen(groups: Sequence, *, devices=None, **options) -> Screening:
+    """Stages 1–2 of :func:`clair_groups`: stack, decompose and screen every problem, no verdict yet.
+
+    ``cj.conclude(cj.screen(groups, **options))`` is ``cj.clair_groups(groups, **options)``.
+    Apart, they let several processes (hosts) share one federation's problems: each
+    screens its own share, the small evidence is gathered, and each refines its
+    share with the one pooled verdict, exactly as one process over every problem::
+
+        s = cj.screen([my_modules], devices=jax.local_devices())
+        everyone = [np.concatenate(e) for e in zip(*gather(s.evidence()))]   # e.g. process_allgather
+        (mine,) = cj.conclude(s, s.verdict(everyone))
+
+    Args and options: as for :func:`clair_groups`.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> fed = cj.data.make_federation(0, num_clients=12, p=10, q=3, rank=2, contamination=0.25)
+        >>> host_a, host_b = cj.screen([fed.updates[..., :2]]), cj.screen([fed.updates])
+        >>> pooled = host_a.verdict([jnp.concatenate(e) for e in zip(host_a.evidence(), host_b.evidence())])
+        >>> (res,) = cj.conclude(host_b, pooled)
+        >>> bool((res.client_benign == fed.benign).all())
+        True
+    """
     opts = ClairOptions.checked(**options)
     if not isinstance(groups, (list, tuple)) or hasattr(groups, "_fields"):
         raise TypeError("groups must be a list or tuple of update arrays / cj.LoRAFactors "
@@ -69,25 +123,47 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
         detections = [detect.until_settled(p, opts) for p in problems]
     else:
         problems, detections = zip(*(_detect_on_devices(g, opts, devices) for g in groups))
-    verdict = pool.client_verdict(
-        *(_concat([getattr(d, field) for d in detections]) for field in ("benign", "scores", "z", "usable")),
-        z_crit=opts.z_crit, min_gap=opts.min_gap, threshold=opts.threshold)
-    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling, noise_given=opts.noise is not None)
+    return Screening(tuple(problems), tuple(detections), opts)
+
+
+def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None) -> tuple:
+    """Stages 3–5 of :func:`clair_groups`: pool the verdict, refine every group, report.
+
+    Args:
+        screening: :func:`screen`'s answer.
+        verdict: the client verdict to refine with; default ``screening.verdict()``,
+            this screening's own evidence. Several processes that screened their own
+            share of the problems pass the verdict pooled over everyone's evidence.
+
+    Returns:
+        A tuple of :class:`~clair_jax.ClairResult`, one per group.
+    """
+    if not isinstance(screening, Screening):
+        raise TypeError(f"screening must be what cj.screen returns, got {type(screening).__name__}")
+    problems, detections, opts = screening
+    verdict = screening.verdict() if verdict is None else verdict
+    if not isinstance(verdict, pool.ClientVerdict) or verdict.benign.shape != (problems[0].num_clients,):
+        raise ValueError(f"verdict must be a cj.ClientVerdict over the {problems[0].num_clients} clients "
+                         "(from Screening.verdict or cj.pool.client_verdict)")
+    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling,
+                                 noise_given=opts.noise is not None)
                    for p, d in zip(problems, detections)]
 
     n_empty = sum(int((r.rank == 0).sum()) for r in refinements)
     if n_empty:
         n_all = sum(int(r.rank.size) for r in refinements)
         warnings.warn(f"clair: no shared subspace found (r̂ = 0) in {n_empty} of {n_all} problem(s); "
-                      "their benign clients keep their local updates", RuntimeWarning, stacklevel=3)
+                      "their benign clients keep their local updates", RuntimeWarning, stacklevel=_outside())
     n_crowded = sum(int(r.crowded.sum()) for r in refinements)
     if n_crowded:
         n_all = sum(int(r.rank.size) for r in refinements)
         warnings.warn(f"clair: r̂ reaches a fifth of the benign stack's short side in {n_crowded} of {n_all} "
                       "problem(s): σ̂, read from the stack's median singular value, may hold shared signal there, "
                       "so r̂ may miss true directions and the benign clients keep their off-subspace part; pass "
-                      "noise= (the per-entry noise std) or rank= where known", RuntimeWarning, stacklevel=3)
+                      "noise= (the per-entry noise std) or rank= where known", RuntimeWarning, stacklevel=_outside())
     return tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
+
+
 
 
 def _detect_on_devices(updates, opts, devices):
@@ -116,6 +192,14 @@ def _detect_on_devices(updates, opts, devices):
     home = devices[0]
     return (stack.concatenate([p for p, _ in parts], lead, size, home),
             detect.concatenate([d for _, d in parts], size, home))
+
+
+def _outside():
+    """The stacklevel of the first caller outside clair_jax (for warnings.warn from this module)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("clair_jax"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _concat(arrays):
@@ -195,7 +279,9 @@ def clair(
             accelerators; one after another on CPU host devices, where two concurrent
             detection programs hang XLA:CPU: ``benchmarks/cpu_concurrency.py``); verdicts and refinement are then computed on
             ``devices[0]``. Same results as one device. With several hosts
-            (``jax.distributed``), pass this process's ``jax.local_devices()``.
+            (``jax.distributed``), each process passes its ``jax.local_devices()`` to
+            :func:`screen` with its share of the modules and refines with the verdict
+            pooled over every host (:func:`conclude`).
         pooling: ``"none"`` (default): Θ̃_k = Û Ûᵀ Θ̂_k; ``"auto"``: each benign client's
             coordinates inside Û shrunk toward the benign centre by an empirical-Bayes Λ
             (homogeneous clients get about the benign FedAvg, heterogeneous ones keep

@@ -61,6 +61,32 @@ def test_pool_verdicts_of_separate_results_equals_the_joint_verdict():
     np.testing.assert_allclose(np.asarray(verdict.scores), np.asarray(joint[0].client_scores), rtol=1e-6)
 
 
+def test_hosts_screening_their_own_layers_and_pooling_equal_one_process():
+    # Client 0 is replaced by noise in layer 0 only: the host holding layers 1-3 calls
+    # it benign on its own evidence; the verdict pooled over both hosts flags it.
+    fed, updates = _layers()
+    updates = np.array(updates)
+    fake = np.random.default_rng(0).standard_normal(updates.shape[-2:])
+    updates[0, 0] = fake * np.linalg.norm(updates[0, 0]) / np.linalg.norm(fake)
+    updates = jnp.asarray(updates)
+    whole = cj.clair(updates)
+    hosts = [cj.screen([updates[:1]]), cj.screen([updates[1:]])]
+    evidence = [jnp.concatenate(e) for e in zip(*(h.evidence() for h in hosts))]
+    pooled = hosts[1].verdict(evidence)
+    assert bool(hosts[1].verdict().benign[0]) and not bool(pooled.benign[0])   # the hosts disagree
+    mine = [cj.conclude(h, pooled)[0] for h in hosts]
+    for res in mine:
+        np.testing.assert_array_equal(np.asarray(res.client_benign), np.asarray(whole.client_benign))
+    np.testing.assert_allclose(np.concatenate([np.asarray(r.refined) for r in mine]), np.asarray(whole.refined),
+                               rtol=1e-6, atol=1e-9)
+    own = cj.conclude(hosts[1])[0]   # its own verdict refines client 0 as benign: not the joint answer
+    assert bool(own.client_benign[0]) and not np.allclose(np.asarray(own.refined), np.asarray(whole.refined[1:]))
+    with pytest.raises(ValueError, match="verdict"):
+        cj.conclude(hosts[0], cj.pool.client_verdict(*(e[:, :3] for e in evidence)))
+    with pytest.raises(TypeError, match="screening"):
+        cj.conclude(whole)
+
+
 def test_pool_verdict_rules():
     usable = jnp.ones((3, 4), bool)
     benign = jnp.array([[1, 1, 0, 1], [1, 1, 0, 0], [1, 1, 0, 0]], bool)
