@@ -88,3 +88,10 @@ def test_cpu_concurrency_quick(tmp_path):
     rows, _ = _run("cpu_concurrency", tmp_path)
     assert [r["case"] for r in rows] == ["loop"]
     assert rows[0]["result"] == "runs" and rows[0]["concurrent_s"] > 0 and rows[0]["speedup"] > 0
+
+
+def test_bench_hosts_quick(tmp_path):
+    # Two processes joined by jax.distributed (gloo), each screening half the modules and
+    # refining with the pooled verdict: the one-process verdicts and ranks.
+    rows, _ = _run("bench_hosts", tmp_path)
+    assert rows[0]["hosts"] == 2 and rows[0]["same_verdicts_and_ranks"] and rows[0]["verdicts_correct"]
