@@ -111,11 +111,13 @@ def layer_sharding(mesh, ndim, axis_name=AXIS):
 
 
 def pad_layers(x, multiple):
-    """Pad axis 0 of ``x`` to a multiple of ``multiple`` by repeating its last entry."""
+    """Pad axis 0 of ``x`` to a multiple of ``multiple`` by repeating its last entry
+    (a numpy array stays a numpy array, on the host)."""
     extra = (-x.shape[0]) % multiple
     if extra == 0:
         return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
 
 
 def map_over_layers(fn, mesh=None, axis_name=AXIS, *, per_device="auto"):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax.lora import LoRAFactors, reduce_factors
+from clair_jax.sharding import pad_layers
 
 __all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems", "split", "concatenate"]
 
@@ -197,15 +198,9 @@ def split(updates, parts):
         flat = updates.reshape((-1,) + updates.shape[-3:])
         n = flat.shape[0]
     width = -(-n // parts)
-
-    def take(x, start):
-        part = x[start:start + width]
-        if part.shape[0] == width:
-            return part
-        xp = np if isinstance(x, np.ndarray) else jnp   # host factors stay on the host
-        return xp.concatenate([part, xp.repeat(part[-1:], width - part.shape[0], axis=0)])
-
-    chunks = [jax.tree_util.tree_map(lambda x, s=start: take(x, s), flat) for start in range(0, n, width)]
+    # Only the last chunk is padded: host factors are never copied whole.
+    chunks = [jax.tree_util.tree_map(lambda x, s=start: pad_layers(x[s:s + width], width), flat)
+              for start in range(0, n, width)]
     return chunks, lead, n
 
 
