@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax import _checks, linalg
+from clair_jax._compile import program
 from clair_jax.prox import safe_frobenius_norm
 from clair_jax.sharding import over_problems
 from clair_jax.solvers import solve_exact, solve_penalized
@@ -107,7 +108,7 @@ def _oriented_shape(shape, side):
     return jax.eval_shape(lambda b: orient(b, side), jax.ShapeDtypeStruct(shape, jnp.float32)).shape
 
 
-@functools.partial(jax.jit, static_argnames=("side", "exact", "auto_mu", "tol", "max_iter", "svt_budget"))
+@program(static_argnames=("side", "exact", "auto_mu", "tol", "max_iter", "svt_budget"))
 def _decompose_jit(blocks, lam, mu, *, side, exact, auto_mu, tol, max_iter, svt_budget):
     # Everything after the input checks is one compiled call: on small problems
     # the eager reshapes and broadcasts around the solve cost as much as the solve.

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax import linalg, refine, sharding, tuning
+from clair_jax._compile import program
 from clair_jax.decompose import Decomposition
 from clair_jax.prox import safe_frobenius_norm
 from clair_jax.solvers import solve_alm_path
@@ -469,7 +470,7 @@ def _prepare_one(blocks, usable, *, dims):
     return _Prepared(x, scale, weights, cols, sigma, float(np.sqrt(p)) + jnp.sqrt(width))
 
 
-@functools.partial(jax.jit, static_argnames=("dims",))
+@program(static_argnames=("dims",))
 def _prepare_all(blocks, usable, *, dims):
     return jax.vmap(functools.partial(_prepare_one, dims=dims))(blocks, usable)
 
@@ -583,7 +584,7 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
     return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale, copies, svd)
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+@program(static_argnames=("static",))
 def _pass_all(prep, blocks, usable, lams, mu, threshold, *, static):
     def one(pr, b, u, m):
         return _pass_one(pr, b, u, lams, m, threshold, static)

@@ -9,13 +9,13 @@ objects, so a user can judge clients over results computed separately.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from clair_jax._compile import program
 from clair_jax.detect import MIN_GAP, split_scores
 
 __all__ = ["ClientVerdict", "client_verdict", "layer_threshold", "pool_verdicts"]
@@ -95,7 +95,7 @@ def client_verdict(benign, scores, z, usable, *, z_crit=5.0, min_gap=MIN_GAP, th
                            threshold=None if threshold is None else float(threshold))
 
 
-@functools.partial(jax.jit, static_argnames=("z_crit", "min_gap", "threshold"))
+@program(static_argnames=("z_crit", "min_gap", "threshold"))
 def _client_verdict(benign, scores, z, usable, *, z_crit, min_gap, threshold):
     n = benign.shape[0]
     client_usable = jnp.all(usable, axis=0)

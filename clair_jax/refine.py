@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clair_jax._compile import program
 from clair_jax.lora import LoRAFactors, lift
 from clair_jax import stack
 from clair_jax.stack import to_stacked
@@ -426,7 +427,7 @@ def _basis_one(blocks, used, rank_cap, columns, carried, *, rank, margin, dims, 
     return basis, r, _coefficients(basis, svd)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "margin", "dims", "width"))
+@program(static_argnames=("rank", "margin", "dims", "width"))
 def _bases(blocks, client_benign, benign, z, rank_cap, columns, carried, *, rank, margin, dims, width):
     used = jnp.broadcast_to(client_benign, benign.shape)
     # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
@@ -675,7 +676,7 @@ def _refine_b(b, used, basis, share):
     return jnp.where(used[:, None, None], mixed, b)
 
 
-@functools.partial(jax.jit, static_argnames=("p", "width"))
+@program(static_argnames=("p", "width"))
 def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable, used, noise_level, columns, *, p,
                     width):
     """LoRA input: B̃_k = ÛÛᵀB_k + α_k(I − ÛÛᵀ)B_k with Û = QŨ (lifted without Q); A_k unchanged."""
@@ -701,7 +702,7 @@ def _noisy(basis, blocks, ranks, columns, usable, used, p):
     return like & usable & ~used & (ranks > 0)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("p", "pooling", "width"))
+@program(static_argnames=("p", "pooling", "width"))
 def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, *, p, pooling, width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
     basis = basis[..., :width]

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clair_jax._compile import program
+
 __all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers", "over_problems", "shard_problems"]
 
 
@@ -140,5 +142,5 @@ def map_over_layers(fn, mesh=None, axis_name=AXIS, *, per_device="auto"):
         raise ValueError(f"per_device must be 'auto', 'vmap' or 'map', got {per_device!r}")
     mesh = layer_mesh(axis_name=axis_name) if mesh is None else mesh
     if mesh.devices.size == 1:
-        return jax.jit(jax.vmap(fn))
-    return jax.jit(over_problems(fn, per_device, mesh=mesh, axis_name=axis_name))
+        return program(jax.vmap(fn))
+    return program(over_problems(fn, per_device, mesh=mesh, axis_name=axis_name))

@@ -8,12 +8,14 @@ Functions here take one problem; callers vmap over leading axes.
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clair_jax._compile import program
 from clair_jax.lora import LoRAFactors, reduce_factors
 from clair_jax.sharding import pad_layers
 
@@ -112,7 +114,7 @@ def _zero(x, usable):
 #: LoRA factors held in host (numpy) memory go to the device this many bytes of
 #: modules at a time (stage 2 and the refinement), so a model's worth of factors
 #: is never copied whole.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 
 def map_chunks(fn, arrays, *, host_out=()):
@@ -127,6 +129,7 @@ def map_chunks(fn, arrays, *, host_out=()):
     leaves = jax.tree_util.tree_leaves(arrays)
     if not any(isinstance(x, np.ndarray) for x in leaves):
         return fn(*arrays)
+    _release_freed_memory()
     n = leaves[0].shape[0]
     per_problem = sum(x.nbytes for x in leaves) // n
     size = max(1, min(n, CHUNK_BYTES // max(per_problem, 1)))
@@ -161,12 +164,23 @@ def map_chunks(fn, arrays, *, host_out=()):
     return tuple(joined)
 
 
+def _release_freed_memory():
+    """Hands memory that is free but still held by glibc's allocator (compilation
+    scratch, the previous stage's buffers) back to the system before a host-memory
+    stage: the process's peak is the input plus what the stages hold at once.
+    A no-op where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 def _flat(x):
     """(..., K, p, q) → (n, K, p, q); no copy when there is one leading axis already."""
     return x if x.ndim == 4 else x.reshape((-1,) + x.shape[-3:])
 
 
-@jax.jit
+@program
 def _reduce_all(b, a):
     def one(args):
         b1, a1 = args

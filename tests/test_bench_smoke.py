@@ -95,3 +95,11 @@ def test_bench_hosts_quick(tmp_path):
     # refining with the pooled verdict: the one-process verdicts and ranks.
     rows, _ = _run("bench_hosts", tmp_path)
     assert rows[0]["hosts"] == 2 and rows[0]["same_verdicts_and_ranks"] and rows[0]["verdicts_correct"]
+
+
+def test_bench_compile_quick(tmp_path):
+    """CLAIR's CPU compiler options and XLA's defaults compile the same program: same answer."""
+    (row,), _ = _run("bench_compile", tmp_path)
+    assert row["same_verdicts"] == "yes"
+    assert row["refined_rel_diff"] < 1e-5
+    assert row["cold_s"] > 0 and row["warm_ms"] > 0

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from clair_jax._compile import program
 
 __all__ = [
     "init_mlp",
@@ -94,7 +94,7 @@ def init_mlp(key, module_dim, num_modules, width, out_dim, dtype=jnp.float32):
     return _init_mlp(key, int(module_dim), int(num_modules), int(width), int(out_dim), jnp.dtype(dtype))
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+@program(static_argnums=(1, 2, 3, 4, 5))
 def _init_mlp(key, module_dim, num_modules, width, out_dim, dtype):
     k1, k2, k3 = jax.random.split(key, 3)
     orthogonal = jax.nn.initializers.orthogonal()
@@ -166,7 +166,7 @@ def client_loss(params, deltas, x, y, mask=None):
     return _client_loss(params, jnp.swapaxes(deltas, 0, 1), x, y, mask)
 
 
-@jax.jit
+@program
 def _client_loss(params, deltas_k_first, x, y, mask):
     return jax.vmap(lambda d, xk, yk, mk: _masked_mse(mlp_apply(params, xk, d), yk, mk))(
         deltas_k_first, x, y, mask
@@ -215,7 +215,7 @@ def _train_base(params, x, y, opt, steps):
     def loss_fn(p):
         return _masked_mse(mlp_apply(p, x), y, mask)
 
-    @jax.jit
+    @program
     def run(params):
         def step(carry, _):
             p, s = carry
@@ -355,7 +355,7 @@ def _delta(theta, mode, scale):
     return theta["delta"] if mode == "full" else scale * theta["b"] @ theta["a"]
 
 
-@partial(jax.jit, static_argnums=(5, 6, 7, 8))
+@program(static_argnums=(5, 6, 7, 8))
 def _fine_tune(params, init, x, y, mask, opt, steps, mode, scale):
     def train_one(theta0, xk, yk, mk):
         def loss_fn(theta):
@@ -537,10 +537,10 @@ def make_mlp_federation(
     )
 
 
-_apply = jax.jit(mlp_apply)
+_apply = program(mlp_apply)
 
 
-@jax.jit
+@program
 def client_forward(params, deltas, x):
     """Outputs of every client's model: (L, K, p, q) deltas, (K, n, d) inputs → (K, n, out)."""
     return jax.vmap(lambda d, xk: mlp_apply(params, xk, d))(jnp.swapaxes(deltas, 0, 1), x)

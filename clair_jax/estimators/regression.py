@@ -21,12 +21,13 @@ noise, sign-flipped responses) on top of any coefficient matrices Θ_k.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clair_jax._compile import program
 
 __all__ = [
     "RegressionData",
@@ -183,8 +184,8 @@ def ridge(x, y, mask, alpha):
     return jax.scipy.linalg.cho_solve(chol, xw.T @ (y * w))
 
 
-_fit_ols = jax.jit(jax.vmap(ols))
-_fit_ridge = jax.jit(jax.vmap(ridge))
+_fit_ols = program(jax.vmap(ols))
+_fit_ridge = program(jax.vmap(ridge))
 
 
 # --------------------------------------------------------------------------- all clients
@@ -319,7 +320,7 @@ def simulate_regression(
     return _simulate(key, theta, jnp.asarray(n), code, noise, heavy_noise_factor, n_max, int(num_test))
 
 
-@partial(jax.jit, static_argnums=(6, 7))
+@program(static_argnums=(6, 7))
 def _simulate(key, theta, n, code, noise, heavy_noise_factor, n_max, num_test):
     k, p, q = theta.shape
     dtype = theta.dtype

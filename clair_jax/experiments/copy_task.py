@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clair_jax._compile import program
 from clair_jax.experiments import transformer as tfm
 
 __all__ = [
@@ -357,7 +358,7 @@ def train_base(key: jax.Array, cfg: CopyTaskConfig, progress: _Progress | None =
         updates, state = opt.update(grads, state, params)
         return (optax.apply_updates(params, updates), state), loss
 
-    @jax.jit
+    @program
     def run_chunk(carry, keys):
         return jax.lax.scan(step, carry, keys)
 
@@ -429,7 +430,7 @@ def train_clients(base, train_seqs, key: jax.Array, cfg: CopyTaskConfig, progres
         adapters, states, loss = vstep(base, adapters, states, train_seqs, cfg)
         return (adapters, states), loss
 
-    @jax.jit
+    @program
     def run_chunk(carry, xs):
         return jax.lax.scan(step, carry, xs)
 
@@ -654,7 +655,7 @@ def run_copy_task(
 
     t0 = time.perf_counter()
     benign_idx = np.flatnonzero(fed.benign)
-    eval_clients = jax.jit(jax.vmap(lambda d, s: evaluate(base, s, cfg, d)))
+    eval_clients = program(jax.vmap(lambda d, s: evaluate(base, s, cfg, d)))
     methods = {}
     for name, delta in deltas.items():
         scores = jax.device_get(eval_clients(delta[benign_idx], test_seqs[benign_idx]))
