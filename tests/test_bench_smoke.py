@@ -97,6 +97,7 @@ def test_bench_hosts_quick(tmp_path):
     assert rows[0]["hosts"] == 2 and rows[0]["same_verdicts_and_ranks"] and rows[0]["verdicts_correct"]
 
 
+@pytest.mark.slow   # two cold processes, one with XLA's default options: ~25 s of compilation
 def test_bench_compile_quick(tmp_path):
     """CLAIR's CPU compiler options and XLA's defaults compile the same program: same answer."""
     (row,), _ = _run("bench_compile", tmp_path)

@@ -11,7 +11,8 @@ from clair_jax.experiments.regression import flagged_by_kind, run_regression
 
 @pytest.fixture(scope="module")
 def regression_result():
-    return run_regression(1, num_clients=24, contamination=0.3, p=16, q=4, rank=2, num_samples=(40, 80), num_test=300)
+    # The shapes of notebook e's quick run: its programs compile once per test run.
+    return run_regression(1, num_clients=16, contamination=0.3, p=16, q=4, rank=2, num_samples=(40, 80), num_test=200)
 
 
 def test_regression_ranks_clair_ahead_of_local_and_fedavg(regression_result):
@@ -37,7 +38,7 @@ def test_flagged_by_kind_counts_by_hand():
 
 
 def test_mlp_ranks_clair_ahead_of_local_and_fedavg():
-    out = run_mlp(2, num_clients=16, contamination=0.25, num_samples=(150, 250), steps=400, num_test=200)
+    out = run_mlp(2, num_clients=12, contamination=0.25, num_samples=(100, 150), steps=200, num_test=100)
     m = out["methods"]
     assert out["train_loss"]["final"] < out["train_loss"]["initial"]
     assert m["clair"]["test_mse"] < m["local"]["test_mse"]
@@ -46,13 +47,13 @@ def test_mlp_ranks_clair_ahead_of_local_and_fedavg():
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "out.json"
-    rc = cli.main(["regression", "--seed", "3", "--clients", "12", "--contamination", "0.25", "--p", "8",
-                   "--q", "4", "--samples", "30", "50", "--json", str(path), "--quiet"])
+    rc = cli.main(["regression", "--seed", "3", "--clients", "16", "--contamination", "0.25", "--p", "16",
+                   "--q", "4", "--samples", "40", "80", "--json", str(path), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| clair |" in printed and "| fedavg |" in printed
     data = json.loads(path.read_text())
-    assert data["config"]["num_clients"] == 12
+    assert data["config"]["num_clients"] == 16
     assert data["methods"]["clair"]["test_mse"] > 0
 
 
