@@ -21,7 +21,9 @@ CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 class _Program:
     """A jitted function whose compiler options follow the default backend, read at the first call
-    (so importing clair_jax initialises no backend)."""
+    (so importing clair_jax initialises no backend). Called on tracers (inside a user's
+    ``jit``, ``vmap`` or ``grad``) it is a plain ``jax.jit``: compiler options belong to
+    the outermost program, which is the caller's."""
 
     def __init__(self, fun, jit_kwargs):
         self._fun, self._jit_kwargs = fun, jit_kwargs
@@ -32,11 +34,16 @@ class _Program:
         options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
         return jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
 
+    @functools.cached_property
+    def _traced(self):
+        return jax.jit(self._fun, **self._jit_kwargs)
+
     def __call__(self, *args, **kwargs):
-        return self._jitted(*args, **kwargs)
+        inside = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs)))
+        return (self._traced if inside else self._jitted)(*args, **kwargs)
 
     def __getattr__(self, name):   # lower, trace, _cache_size, …: the jitted function's
-        if name.startswith("__") or name in ("_fun", "_jit_kwargs"):
+        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_jitted", "_traced"):
             raise AttributeError(name)
         return getattr(self._jitted, name)
 
