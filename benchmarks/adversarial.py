@@ -417,6 +417,15 @@ def run_copy_task(seed, quick):
     bad = labels != "benign"
     m = out["methods"]
     loss = lambda name: m[name]["loss"]  # noqa: E731
+    # What separates the foreign client from the honest client that looks most
+    # contaminated: the two statistics the pooled verdict thresholds (mean and
+    # largest module z). Where the honest one is above on both, no threshold on
+    # them flags the foreign client alone.
+    module_z = np.array(list(out["module_z"].values()))          # (modules, K)
+    pooled_z, max_z = np.asarray(out["client_z"]), module_z.max(axis=0)
+    foreign = int(np.flatnonzero(labels == "foreign")[0])
+    honest = np.flatnonzero(~bad)
+    top = int(honest[np.argmax(pooled_z[honest] + max_z[honest] / len(module_z))])
     return dict(
         case=f"copy task ({'quick' if quick else 'full'}), foreign flagged {bool(flagged[labels == 'foreign'].all())}",
         cls=6, seed=seed, tpr=float(np.mean(flagged[bad])), fpr=float(np.mean(flagged[~bad])),
@@ -426,6 +435,11 @@ def run_copy_task(seed, quick):
         rank_min=int(min(out["rank"].values())), rank_max=int(max(out["rank"].values())), true_rank=-1,
         nonfinite="", converged=bool(out["converged"]), warnings=[], seconds=sum(out["timings"].values()),
         f1=out["detection"]["pooled"]["f1"],
+        foreign_z=float(pooled_z[foreign]), foreign_max_z=float(max_z[foreign]),
+        foreign_flagged=bool(flagged[foreign]),
+        top_honest_z=float(pooled_z[top]), top_honest_max_z=float(max_z[top]),
+        top_honest_flagged=bool(flagged[top]),
+        false_alarms=int(np.sum(flagged[~bad])),
     )
 
 
@@ -454,6 +468,11 @@ COLUMNS = [("cls", "class", "d"), ("case", "case", ""), ("tpr", "TPR", ".2f"), (
            ("converged", "converged", "")]
 
 
+COPY_COLUMNS = [("run", "run", ""), ("f1", "pooled F1", ".3f"), ("false_alarms", "false alarms", "d"),
+                ("foreign", "foreign client", ""), ("honest", "most contaminated-looking honest client", ""),
+                ("above", "honest above on both", "")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, the cheapest cases (smoke test)")
@@ -477,9 +496,20 @@ def main(argv=None):
                   f"{r['true_rank']} nonfinite={r['nonfinite']} conv={r['converged']} ({r['seconds']:.1f} s)",
                   flush=True)
     if args.copy_task:
+        copies = []
         for seed in ([0] if args.quick else range(5)):
-            rows.append(run_copy_task(seed, quick=args.quick))
-            print(rows[-1], flush=True)
+            copies.append(run_copy_task(seed, quick=args.quick))
+            print(copies[-1], flush=True)
+        rows += copies
+        print("\nClass 6: the foreign client against the honest client that looks most contaminated "
+              "(pooled z, largest module z)\n")
+        print(markdown_table([dict(r, run=f"{'quick' if args.quick else 'full'} seed {r['seed']}",
+                                   foreign=f"{r['foreign_z']:.1f}, {r['foreign_max_z']:.1f}"
+                                           f"{' (flagged)' if r['foreign_flagged'] else ''}",
+                                   honest=f"{r['top_honest_z']:.1f}, {r['top_honest_max_z']:.1f}"
+                                          f"{' (flagged)' if r['top_honest_flagged'] else ''}",
+                                   above=r["top_honest_z"] >= r["foreign_z"] and r["top_honest_max_z"] >= r["foreign_max_z"])
+                              for r in copies], COPY_COLUMNS))
     seconds = time.perf_counter() - t0
     summary = summarise(rows)
     print()

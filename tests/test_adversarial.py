@@ -344,3 +344,19 @@ def test_crowded_lora_modules_keep_their_factors():
     assert bool(np.all(np.asarray(res.crowded)))
     np.testing.assert_allclose(np.asarray(res.refined.B), b, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(res.refined.A), a)
+
+
+# ---------------------------------------------------------------- class 6
+
+
+@pytest.mark.slow
+def test_copy_task_row_sets_the_foreign_client_beside_the_top_honest_one(tmp_path):
+    out = tmp_path / "adv.json"
+    adv.main(["--quick", "--only", "NONE", "--copy-task", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["cls"] == 6 and 0.0 <= row["f1"] <= 1.0
+    stats = [row[k] for k in ("foreign_z", "foreign_max_z", "top_honest_z", "top_honest_max_z")]
+    assert np.all(np.isfinite(stats))
+    # The largest module z is at least the mean over modules.
+    assert row["foreign_max_z"] >= row["foreign_z"] and row["top_honest_max_z"] >= row["top_honest_z"]
+    assert row["false_alarms"] == round(row["fpr"] * 8) and row["false_alarms"] >= int(row["top_honest_flagged"])
