@@ -22,7 +22,7 @@ from clair_jax.options import ClairOptions
 __all__ = ["Screening", "clair", "clair_groups", "conclude", "screen"]
 
 
-def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
+def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, **options) -> tuple:
     """CLAIR on several groups of updates that share their clients; one verdict per client.
 
     A model's adapted modules need not share one shape (grouped-query attention:
@@ -36,6 +36,8 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
             the same K clients in the same order in each; shapes, LoRA ranks and
             leading axes may differ between groups.
         devices: as for :func:`clair`.
+        coordinate_noise: None, or one entry per group, each None or a callable as
+            for :func:`clair`.
         **options: as for :func:`clair`.
 
     Returns:
@@ -49,7 +51,7 @@ def clair_groups(groups: Sequence, *, devices=None, **options) -> tuple:
         >>> bool((wide.client_benign == fed.benign).all()), narrow.refined.shape
         (True, (12, 10, 2))
     """
-    return conclude(screen(groups, devices=devices, **options))
+    return conclude(screen(groups, devices=devices, **options), coordinate_noise=coordinate_noise)
 
 
 class Screening(NamedTuple):
@@ -126,7 +128,7 @@ def screen(groups: Sequence, *, devices=None, **options) -> Screening:
     return Screening(tuple(problems), tuple(detections), opts)
 
 
-def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None) -> tuple:
+def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *, coordinate_noise=None) -> tuple:
     """Stages 3–5 of :func:`clair_groups`: pool the verdict, refine every group, report.
 
     Args:
@@ -134,6 +136,8 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None) ->
         verdict: the client verdict to refine with; default ``screening.verdict()``,
             this screening's own evidence. Several processes that screened their own
             share of the problems pass the verdict pooled over everyone's evidence.
+        coordinate_noise: None, or one entry per group, each None or a callable as
+            for :func:`clair` (needs ``pooling="auto"`` and dense updates).
 
     Returns:
         A tuple of :class:`~clair_jax.ClairResult`, one per group.
@@ -145,9 +149,10 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None) ->
     if not isinstance(verdict, pool.ClientVerdict) or verdict.benign.shape != (problems[0].num_clients,):
         raise ValueError(f"verdict must be a cj.ClientVerdict over the {problems[0].num_clients} clients "
                          "(from Screening.verdict or cj.pool.client_verdict)")
+    reporters = _check_coordinate_noise(coordinate_noise, problems, opts)
     refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling,
-                                 noise_given=opts.noise is not None)
-                   for p, d in zip(problems, detections)]
+                                 noise_given=opts.noise is not None, coordinate_noise=c)
+                   for p, d, c in zip(problems, detections, reporters)]
 
     n_empty = sum(int((r.rank == 0).sum()) for r in refinements)
     if n_empty:
@@ -164,6 +169,29 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None) ->
     return tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
 
 
+
+
+def _check_coordinate_noise(coordinate_noise, problems, opts):
+    """One callable (or None) per group, each usable where it is given."""
+    if coordinate_noise is None:
+        return [None] * len(problems)
+    if callable(coordinate_noise) or not isinstance(coordinate_noise, (list, tuple)) \
+            or len(coordinate_noise) != len(problems):
+        raise TypeError(f"coordinate_noise must be None or a list with one entry per group ({len(problems)}), "
+                        f"each None or a callable; got {coordinate_noise!r}")
+    for i, (c, p) in enumerate(zip(coordinate_noise, problems)):
+        where = "" if len(problems) == 1 else f" (group {i})"
+        if c is None:
+            continue
+        if not callable(c):
+            raise TypeError(f"coordinate_noise{where} must be a callable Û → (..., K, r) noise, got {c!r}")
+        if opts.pooling != "auto":
+            raise ValueError(f"coordinate_noise{where} sets the noise of partial pooling: pass pooling='auto' "
+                             f"(got pooling={opts.pooling!r})")
+        if p.factored:
+            raise ValueError(f"coordinate_noise{where} needs dense updates: LoRA factors keep the projection "
+                             "(a pooled update would not have the client's LoRA shape)")
+    return list(coordinate_noise)
 
 
 def _detect_on_devices(updates, opts, devices):
@@ -222,6 +250,7 @@ def clair(
     svt: str = "auto",
     devices=None,
     pooling: str = "none",
+    coordinate_noise=None,
 ) -> report.ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -287,6 +316,14 @@ def clair(
             (homogeneous clients get about the benign FedAvg, heterogeneous ones keep
             theirs); ``"full"``: Λ = 0. Λ is reported as ``shrinkage``. Dense input only
             (LoRA factors keep the projection). See :func:`clair_jax.refine.partial_pool`.
+        coordinate_noise: for ``pooling="auto"``, an optional callable the refinement
+            asks once Û is known: Û, shaped as ``ClairResult.subspace`` (..., p, r_max),
+            → (..., K, r_max), the variance each client's coordinates carry along each
+            direction of Û (its row of ÛᵀΘ̂_k, summed over q; ÛᵀΘ̂_kᵀ with ``side="right"``).
+            Read from the updates alone, Λ assumes the noise is as large along Û as off
+            it; clients that refit on their own data say how large it is
+            (:func:`clair_jax.estimators.coordinate_noise`, a jackknife). In a federation
+            this is a second round: the server sends Û, each client returns r numbers.
 
     Returns:
         :class:`~clair_jax.ClairResult`.
@@ -300,4 +337,4 @@ def clair(
     """
     return clair_groups([updates], rank=rank, lam=lam, noise=noise, side=side, threshold=threshold, tol=tol,
                         max_iter=max_iter, min_gap=min_gap, refit=refit, z_crit=z_crit, svt=svt, devices=devices,
-                        pooling=pooling)[0]
+                        pooling=pooling, coordinate_noise=None if coordinate_noise is None else [coordinate_noise])[0]

@@ -337,20 +337,23 @@ def _robust_centre(coords, benign, iterations=10, huber=2.0):
     return centre.reshape(coords.shape[1:])
 
 
-def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="auto"):
+def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="auto", coordinate_noise=None):
     r"""Partial pooling of the benign clients' coordinates inside the subspace.
 
     Θ̃_k = Û(V̄ + Λ_k(V_k − V̄)) for benign k (Θ̂_k otherwise), with V_k = ÛᵀΘ̂_k,
     V̄ a robust (Huber-weighted) centre of the benign V_k and Λ_k = diag(λ_k1 … λ_kr)
     an empirical-Bayes shrinkage per direction j of Û:
 
-        λ_kj = τ_j² / (τ_j² + ν_k),   ν_k = σ_k² c_k,
-        τ_j² = max(0, median_{k∈Ŝ}(‖V_kj − V̄_j‖² − ν_k)),
+        λ_kj = τ_j² / (τ_j² + ν_kj),   ν_kj = σ_k² c_k (or as reported),
+        τ_j² = max(0, median_{k∈Ŝ}(‖V_kj − V̄_j‖² − ν_kj)),
 
-    where V_kj is row j of V_k (q coefficients), ν_k the estimation noise a
-    client's row carries (σ_k the per-entry noise level, c_k its noise columns: q
-    for a full-rank block, the LoRA rank for a factored one) and τ_j² the spread
-    of the true rows between clients. No spread beyond the noise: every benign
+    where V_kj is row j of V_k (q coefficients), ν_kj the estimation noise a
+    client's row carries and τ_j² the spread of the true rows between clients.
+    Read from the updates alone, ν_kj = σ_k² c_k (σ_k the per-entry noise level,
+    c_k its noise columns: q for a full-rank block, the LoRA rank for a factored
+    one) assumes the noise is as large along Û as off it; where the clients can
+    measure it on their own data (:func:`clair_jax.estimators.coordinate_noise`)
+    ``coordinate_noise`` gives ν_kj directly. No spread beyond the noise: every benign
     client gets ÛV̄ (the benign FedAvg projected on Û); spread far above the noise:
     Λ_k → I and Θ̃_k → ÛÛᵀΘ̂_k (:func:`project`). Contaminated clients never enter
     V̄ nor τ².
@@ -363,6 +366,8 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
         columns: (K,) noise columns per block (default q each).
         pooling: ``"auto"`` (empirical Bayes), ``"none"`` (Λ = I: the projection)
             or ``"full"`` (Λ = 0: every benign client gets ÛV̄).
+        coordinate_noise: optional (K, r) ν_kj, the variance of client k's row j of
+            V_k summed over its q entries (input units squared), for ``"auto"``.
 
     Returns:
         (refined (K, p, q), shrinkage (K, r)): Λ's diagonal per client (1 for
@@ -386,12 +391,14 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
     centre = _robust_centre(coords, benign)                                # V̄, (r, q)
     cols = jnp.full((k,), q) if columns is None else jnp.asarray(columns)
     sigma2 = jnp.broadcast_to(jnp.square(jnp.asarray(noise_level, dtype)), (k,))
-    nu = sigma2 * cols.astype(dtype)                                       # (K,)
+    nu = (sigma2 * cols.astype(dtype))[:, None]                            # (K, 1)
+    if coordinate_noise is not None:
+        nu = jnp.asarray(coordinate_noise, dtype)                          # (K, r)
     if pooling == "auto":
         spread = jnp.sum(jnp.square(coords - centre), axis=-1)              # (K, r)
-        excess = jnp.where(benign[:, None], spread - nu[:, None], jnp.inf)
+        excess = jnp.where(benign[:, None], spread - nu, jnp.inf)
         tau2 = jnp.maximum(jnp.sort(excess, axis=0)[(jnp.maximum(jnp.sum(benign), 1) - 1) // 2], 0.0)  # (r,)
-        denom = tau2[None, :] + nu[:, None]
+        denom = tau2[None, :] + nu
         shrink = jnp.where(denom > 0, tau2[None, :] / jnp.where(denom > 0, denom, 1.0), 1.0)
     else:
         shrink = jnp.full((k, basis.shape[-1]), 1.0 if pooling == "none" else 0.0, dtype)
@@ -605,7 +612,7 @@ def crowded(ranks, used, columns, p, share=CROWDED_SHARE):
 
 
 def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling="none",
-           noise_given=False) -> Refinement:
+           noise_given=False, coordinate_noise=None) -> Refinement:
     """Stage 6: Û from the benign clients' stacked updates, then Θ̃_k = Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k.
 
     r̂ is the number of singular values of the benign stack above the noise edge
@@ -643,6 +650,10 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
             detection's σ̂ and noise columns). Dense input only: LoRA factors keep
             the projection (a pooled update would not have the client's LoRA shape).
         noise_given: σ̂ is the caller's noise level, not an estimate (no ``crowded`` fallback).
+        coordinate_noise: optional callable, Û (the user's leading axes, p, r_max) → ν
+            (leading axes, K, r_max): each client's noise along each direction of Û
+            (:func:`partial_pool`), asked once Û is known; used with ``pooling="auto"``,
+            except in ``crowded`` problems (where Λ = 1).
     """
     # r̂ ≤ rank(L̂) near the chosen λ (or the given rank): no basis needs more columns.
     most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
@@ -664,8 +675,33 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
         if not np.all(np.asarray(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
             a = jnp.where(problems.usable[..., None, None], a, 0.0)
         return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share, noisy, unsure)
-    return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, sigma, detection.columns,
+    reported = None
+    if coordinate_noise is not None:
+        # Where σ̂ may hold shared signal Û may miss directions: no pooling there either.
+        reported = jnp.where(unsure[:, None, None], 0.0,
+                             reported_noise(coordinate_noise, problems, basis[..., :width]))
+    return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, sigma, detection.columns, reported,
                           p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
+
+
+def reported_noise(coordinate_noise, problems, basis):
+    """Ask ``coordinate_noise`` for ν given Û (n, p, r) and check its answer → (n, K, r)."""
+    k, r = problems.num_clients, basis.shape[-1]
+    answer = coordinate_noise(problems.unflatten(basis))
+    try:
+        nu = np.asarray(answer, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"coordinate_noise must return an array of shape {problems.lead + (k, r)}, "
+                        f"got {type(answer).__name__}") from err
+    if nu.shape != problems.lead + (k, r):
+        raise ValueError(f"coordinate_noise must return shape {problems.lead + (k, r)} (leading axes, K clients, "
+                         f"the {r} columns of Û it was given), got {nu.shape}")
+    bad = ~(np.isfinite(nu) & (nu >= 0))
+    if bad.any():
+        client = int(np.argwhere(bad)[0][-2])
+        raise ValueError(f"coordinate_noise must be finite and >= 0 (a variance), got {nu[bad].ravel()[0]!r} "
+                         f"for client {client}")
+    return jnp.asarray(nu.reshape((-1, k, r)), problems.blocks.dtype)
 
 
 def _refine_b(b, used, basis, share):
@@ -703,13 +739,13 @@ def _noisy(basis, blocks, ranks, columns, usable, used, p):
 
 
 @program(static_argnames=("p", "pooling", "width"))
-def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, *, p, pooling, width):
+def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, reported, *, p, pooling, width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
     basis = basis[..., :width]
     share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
         basis, blocks, ranks, noise_level, columns, used), 0.0)
-    refined, shrinkage = jax.vmap(functools.partial(partial_pool, pooling=pooling))(
-        basis, blocks, used, noise_level, columns)
+    refined, shrinkage = jax.vmap(lambda *a: partial_pool(*a[:5], pooling=pooling, coordinate_noise=a[5]))(
+        basis, blocks, used, noise_level, columns, reported)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).
     projected = jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
     noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)

@@ -78,3 +78,20 @@ def test_cli_runs_the_study_and_writes_json(tmp_path, capsys):
     assert acc["benign fedavg"] > acc["local"]
     assert saved["summary"]["mixed"]["benign fedavg"] == pytest.approx(acc["benign fedavg"])
     assert len(run["per_client"]["local"]) == 40
+
+
+def test_clients_reporting_their_noise_pool_more_where_it_is_larger_along_u(data):
+    # The ridge clients' noise along Û is larger than the σ̂ read off the stack: the
+    # reported noise lowers Λ, and on this federation lifts the benign accuracy past
+    # both the σ̂-based pooling and local fitting.
+    fed = D.make_digits_federation(0, kind="none", num_clients=40, data=data)
+    acc, result, shrink = D.evaluate_digits(fed)
+    used = np.asarray(result.client_benign)
+    r = int(np.asarray(result.rank))
+    assert shrink["reported noise"][used][:, :r].mean() < shrink["pooling"][used][:, :r].mean()
+    ben = fed.benign
+    mean = {m: acc[m][ben].mean() for m in ("local", "clair (pooling)", "clair (reported noise)")}
+    assert mean["clair (reported noise)"] > mean["clair (pooling)"] > mean["local"]
+    # What each client reported: r non-negative numbers, from its own images only.
+    nu = D.reported_noise(fed)(np.asarray(result.subspace))
+    assert nu.shape == (40, result.subspace.shape[-1]) and np.all(nu >= 0)

@@ -128,3 +128,104 @@ def test_clair_pooling_option_reports_shrinkage():
     np.testing.assert_allclose(auto.shrinkage, lam, atol=tol)
     with pytest.raises(ValueError, match="pooling"):
         cj.clair(fed.updates, pooling="half")
+
+
+# ------------------------------------------- noise reported by the clients (coordinate_noise)
+
+
+def test_reported_noise_per_direction_matches_the_formula():
+    # ν_kj given per client and direction replaces σ_k² c_k in both τ_j² and Λ_kj.
+    u, blocks, _ = _federation(9, spread=0.3, noise=0.2)
+    k = blocks.shape[0]
+    benign = jnp.ones(k, bool)
+    nu = np.stack([np.linspace(0.05, 0.5, k), np.linspace(2.0, 3.0, k)], axis=1)   # direction 1 much noisier
+    refined, lam = refine.partial_pool(u, blocks, benign, 0.2, coordinate_noise=nu)
+    full, _ = refine.partial_pool(u, blocks, benign, 0.2, pooling="full")
+    centre = np.asarray(u).T @ np.asarray(full[0])
+    v = np.einsum("pr,kpq->krq", np.asarray(u), np.asarray(blocks))
+    tau2 = np.maximum(np.sort(np.sum((v - centre) ** 2, axis=-1) - nu, axis=0)[(k - 1) // 2], 0.0)
+    np.testing.assert_allclose(lam, tau2 / (tau2 + nu), rtol=1e-10)
+    # More noise along a direction pools it more.
+    assert float(jnp.mean(lam[:, 1])) < float(jnp.mean(lam[:, 0]))
+    # Reported noise equal to σ² q is the default rule.
+    same, lam_same = refine.partial_pool(u, blocks, benign, 0.2, coordinate_noise=np.full((k, 2), 0.2 ** 2 * 6))
+    default, lam_default = refine.partial_pool(u, blocks, benign, 0.2)
+    np.testing.assert_allclose(same, default, atol=1e-12)
+    np.testing.assert_allclose(lam_same, lam_default, atol=1e-12)
+
+
+def _pooled_federation():
+    import clair_jax as cj
+
+    fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2, contamination=0.25, noise=0.3)
+    return cj, fed
+
+
+def test_clair_asks_for_the_noise_once_the_subspace_is_known():
+    cj, fed = _pooled_federation()
+    seen = []
+
+    def report(basis):
+        seen.append(np.asarray(basis))
+        return np.full((16, basis.shape[-1]), 1e6)   # huge noise: full pooling
+
+    res = cj.clair(fed.updates, pooling="auto", coordinate_noise=report)
+    (basis,) = seen
+    np.testing.assert_allclose(basis, res.subspace)
+    used = np.asarray(res.client_benign) & (int(res.rank) > 0)
+    live = np.arange(basis.shape[-1]) < int(res.rank)
+    assert np.all(np.asarray(res.shrinkage)[used][:, live] < 1e-3)
+    assert np.all(np.asarray(res.shrinkage)[~used] == 1.0)
+    # No noise reported: every benign client keeps its coordinates (the projection plus α_k).
+    quiet = cj.clair(fed.updates, pooling="auto", coordinate_noise=lambda b: np.zeros((16, b.shape[-1])))
+    plain = cj.clair(fed.updates)
+    np.testing.assert_allclose(quiet.refined, plain.refined, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, answer, error, match", [
+    ({}, None, ValueError, "pooling='auto'"),
+    ({"pooling": "auto"}, "not callable", TypeError, "coordinate_noise"),
+    ({"pooling": "auto"}, lambda b: np.zeros((15, b.shape[-1])), ValueError, "shape"),
+    ({"pooling": "auto"}, lambda b: -np.ones((16, b.shape[-1])), ValueError, "client 0"),
+    ({"pooling": "auto"}, lambda b: np.full((16, b.shape[-1]), np.nan), ValueError, "finite"),
+])
+def test_coordinate_noise_errors_name_the_argument(kwargs, answer, error, match):
+    cj, fed = _pooled_federation()
+    report = (lambda b: np.zeros((16, b.shape[-1]))) if answer is None else answer
+    with pytest.raises(error, match=match):
+        cj.clair(fed.updates, coordinate_noise=report, **kwargs)
+
+
+def test_coordinate_noise_needs_dense_updates():
+    import clair_jax as cj
+
+    rng = np.random.default_rng(0)
+    factors = cj.LoRAFactors(rng.standard_normal((8, 16, 2)), rng.standard_normal((8, 2, 12)))
+    with pytest.raises(ValueError, match="dense"):
+        cj.clair(factors, pooling="auto", coordinate_noise=lambda b: np.zeros((8, b.shape[-1])))
+
+
+def test_jackknife_reads_the_ols_noise_along_each_direction():
+    from clair_jax.estimators import coordinate_noise
+
+    rng = np.random.default_rng(1)
+    n, p, q, sigma = 400, 5, 3, 0.7
+    x = rng.standard_normal((n, p)) * np.array([1.0, 1.0, 1.0, 0.2, 0.2])   # two weak inputs: noisier there
+    basis = np.linalg.qr(rng.standard_normal((p, 2)))[0]
+    basis[:, 1] = 0.0                                                           # a padded column gives 0
+    ols = lambda a, b: np.linalg.lstsq(a, b, rcond=None)[0]                     # noqa: E731
+    truth = sigma ** 2 * q * np.einsum("pj,pq,qj->j", basis, np.linalg.inv(x.T @ x), basis)
+    for groups in (None, 40):
+        got = [coordinate_noise(ols, x, x @ np.ones((p, q)) + sigma * rng.standard_normal((n, q)), basis,
+                                groups=groups) for _ in range(20)]
+        np.testing.assert_allclose(np.mean(got, axis=0)[0], truth[0], rtol=0.2)
+        assert np.all(np.asarray(got)[:, 1] == 0.0)
+    # side="right" reads Θ̂ᵀ: the fit's columns.
+    right = coordinate_noise(lambda a, b: ols(a, b).T, x, x @ np.ones((p, q)), basis, side="right")
+    assert right.shape == (2,)
+    with pytest.raises(ValueError, match="groups"):
+        coordinate_noise(ols, x, x, basis, groups=1)
+    with pytest.raises(ValueError, match="rows to match basis"):
+        coordinate_noise(ols, x, x[:, :2], basis.T)
+    with pytest.raises(ValueError, match="same samples"):
+        coordinate_noise(ols, x, x[:10], basis)

@@ -6,6 +6,8 @@
   per-client LoRA or full-delta fine-tuning of its hidden layers, vmapped over
   clients; the per-layer deltas have the layer axis leading, ready for
   :func:`clair_jax.clair`.
+* :mod:`clair_jax.estimators.jackknife`: a client's own estimate of the noise its
+  coordinates carry along Û, for partial pooling (``coordinate_noise``).
 """
 
 from clair_jax.estimators.regression import (
@@ -17,6 +19,7 @@ from clair_jax.estimators.regression import (
     prediction_mse,
     simulate_regression,
 )
+from clair_jax.estimators.jackknife import coordinate_noise
 from clair_jax.estimators.mlp import (
     MLPFederation,
     FineTuneResult,
@@ -44,4 +47,5 @@ __all__ = [
     "fine_tune",
     "make_mlp_federation",
     "client_loss",
+    "coordinate_noise",
 ]

@@ -30,6 +30,7 @@ scikit-learn is imported only here (the ``realdata`` extra).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from typing import NamedTuple
@@ -38,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import clair_jax as cj
+from clair_jax.estimators import coordinate_noise
 from clair_jax.experiments.regression import _log, flagged_by_kind, format_table
 
 __all__ = [
     "KINDS", "POISONS", "DigitsFederation", "load_digits", "make_digits_federation", "ridge_fit", "accuracy",
-    "evaluate_digits", "run_digits", "run_digits_seeds", "table", "add_arguments", "run",
+    "evaluate_digits", "reported_noise", "run_digits", "run_digits_seeds", "table", "add_arguments", "run",
 ]
 
 #: Contamination settings: "none" (every client benign), one poison, or "mixed".
@@ -53,7 +55,7 @@ POISONS = ("label_flip", "random_labels", "parity", "pixel_regression")
 PIXELS = (19, 20, 21, 27, 28, 29, 35, 36, 37, 44)
 #: Methods in table order.
 METHODS = ("local", "fedavg", "median", "trimmed mean", "multi-krum", "benign fedavg",
-           "clair (no pooling)", "clair (pooling)", "clair (full pooling)", "oracle S")
+           "clair (no pooling)", "clair (pooling)", "clair (reported noise)", "clair (full pooling)", "oracle S")
 
 
 def load_digits():
@@ -76,6 +78,9 @@ class DigitsFederation(NamedTuple):
         mix: (K, 10) class mix π_k.
         num_samples: (K,) n_k.
         test_x: (m, 65) held-out images with the intercept column. test_y: (m,) labels.
+        train: K pairs (x (n_k, 65), targets (n_k, 10)): each client's own training data
+            (what it refits to report its noise along Û).
+        ridge: ρ of every client's fit.
     """
 
     updates: np.ndarray
@@ -85,6 +90,8 @@ class DigitsFederation(NamedTuple):
     num_samples: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    train: tuple = ()
+    ridge: float = 1.0
 
 
 def _with_intercept(x):
@@ -145,14 +152,16 @@ def make_digits_federation(seed=0, *, kind="mixed", num_clients=40, contaminatio
         bad = rng.choice(num_clients, size=int(round(contamination * num_clients)), replace=False)
         for i, c in enumerate(np.sort(bad)):
             kinds[c] = POISONS[i % len(POISONS)] if kind == "mixed" else kind
-    updates = np.empty((num_clients, 65, 10))
+    updates, train_data = np.empty((num_clients, 65, 10)), []
     for k in range(num_clients):
         counts = rng.multinomial(n[k], mix[k])
         idx = np.concatenate([rng.choice(by_class[c], size=counts[c], replace=counts[c] > len(by_class[c]))
                               for c in range(10)])
         y = _targets(kinds[k], images[idx], labels[idx], rng)
-        updates[k] = ridge_fit(_with_intercept(images[idx]), y, ridge)
-    return DigitsFederation(updates, kinds == "none", kinds, mix, n, _with_intercept(images[test]), labels[test])
+        train_data.append((_with_intercept(images[idx]), y))
+        updates[k] = ridge_fit(*train_data[-1], ridge)
+    return DigitsFederation(updates, kinds == "none", kinds, mix, n, _with_intercept(images[test]), labels[test],
+                            tuple(train_data), float(ridge))
 
 
 def accuracy(estimates, fed):
@@ -181,20 +190,30 @@ def _used(result):
     return result.client_benign & (result.rank > 0)
 
 
+def reported_noise(fed):
+    """The clients' answer to Û: each refits its ridge classifier without one image at a time
+    (:func:`clair_jax.estimators.coordinate_noise`) → (K, r) noise along each direction."""
+    fit = functools.partial(ridge_fit, ridge=fed.ridge)
+    return lambda basis: np.stack([coordinate_noise(fit, x, y, basis) for x, y in fed.train])
+
+
 def evaluate_digits(fed, *, clair_kwargs=None):
     """CLAIR, the baselines, benign FedAvg and the oracle-S refinement on one federation.
 
-    CLAIR runs once with ``pooling="auto"``; its Û, verdict and α_k also give the
+    CLAIR runs with ``pooling="auto"``; its Û, verdict and α_k also give the
     refinement without pooling (what ``pooling="none"`` returns:
-    Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k) and with full pooling (Λ = 0).
+    Û Ûᵀ Θ̂_k + α_k(I − Û Ûᵀ)Θ̂_k) and with full pooling (Λ = 0). Once more with
+    the clients reporting their noise along Û (:func:`reported_noise`):
+    "clair (reported noise)".
 
     Returns:
-        (accuracies: method → (K,) accuracy of every client, clair result, Λ used
-        by the pooled refinement (K, r̂)).
+        (accuracies: method → (K,) accuracy of every client, clair result, Λ (K, r_max) of
+        each pooled refinement: {"pooling": …, "reported noise": …}).
     """
     b = cj.baselines
     x = jnp.asarray(fed.updates)
     result = cj.clair(x, **{"pooling": "auto", **(clair_kwargs or {})})
+    reported = cj.clair(x, **{"pooling": "auto", **(clair_kwargs or {}), "coordinate_noise": reported_noise(fed)})
     used = _used(result)
     projected = cj.refine.project(result.subspace, x, used)
     share = jnp.asarray(result.local_share)[:, None, None]
@@ -208,11 +227,13 @@ def evaluate_digits(fed, *, clair_kwargs=None):
         "benign fedavg": b.fedavg(x, weights=jnp.asarray(fed.benign, x.dtype)),
         "clair (no pooling)": unpooled,
         "clair (pooling)": result.refined,
+        "clair (reported noise)": reported.refined,
         "clair (full pooling)": cj.refine.partial_pool(result.subspace, x, used, result.noise_level,
                                                        pooling="full")[0],
         "oracle S": _oracle_s(x, fed.benign, "auto"),
     }
-    return {name: accuracy(est, fed) for name, est in estimates.items()}, result, np.asarray(result.shrinkage)
+    shrinkage = {"pooling": np.asarray(result.shrinkage), "reported noise": np.asarray(reported.shrinkage)}
+    return {name: accuracy(est, fed) for name, est in estimates.items()}, result, shrinkage
 
 
 def run_digits(seed=0, *, kind="mixed", num_clients=40, contamination=0.3, num_samples=(30, 60), dirichlet=0.5,
@@ -238,6 +259,11 @@ def run_digits(seed=0, *, kind="mixed", num_clients=40, contamination=0.3, num_s
                          "below_local": float(np.mean(a < acc["local"][ben] - 1e-12))}
     rates = cj.metrics.detection_rates(result.client_benign, jnp.asarray(ben))
     verdict = np.asarray(result.client_benign)
+    rank = int(np.asarray(result.rank))
+
+    def mean_shrink(lam):   # over the refined benign clients and the r̂ live directions
+        return float(lam[verdict & ben][:, :rank].mean()) if np.any(verdict & ben) and rank > 0 else None
+
     out = {
         "experiment": "digits",
         "config": {"seed": seed, "kind": kind, "num_clients": num_clients, "contamination": contamination,
@@ -247,10 +273,11 @@ def run_digits(seed=0, *, kind="mixed", num_clients=40, contamination=0.3, num_s
             "tpr": float(rates["tpr"]) if not ben.all() else None, "fpr": float(rates["fpr"]),
             "flagged_by_kind": flagged_by_kind(verdict, ben, fed.kinds),
             "rank": int(np.asarray(result.rank)), "noise_level": float(np.asarray(result.noise_level)),
-            "shrinkage": float(shrink[verdict & ben][:, : int(np.asarray(result.rank))].mean())
-            if np.any(verdict & ben) and int(np.asarray(result.rank)) > 0 else None,
+            "shrinkage": mean_shrink(shrink["pooling"]),
+            "shrinkage_reported": mean_shrink(shrink["reported noise"]),
         },
-        "per_client": {name: acc[name].tolist() for name in ("local", "clair (no pooling)", "clair (pooling)")},
+        "per_client": {name: acc[name].tolist()
+                       for name in ("local", "clair (no pooling)", "clair (pooling)", "clair (reported noise)")},
         "kinds": [str(k) for k in fed.kinds],
         "seconds": time.perf_counter() - t0,
     }
@@ -276,8 +303,9 @@ def run_digits_seeds(seeds, kinds=KINDS, **kwargs):
         row["tpr"] = float(np.mean(tprs)) if tprs else None
         row["fpr"] = float(np.mean([r["clair"]["fpr"] for r in mine]))
         row["rank"] = float(np.mean([r["clair"]["rank"] for r in mine]))
-        shr = [r["clair"]["shrinkage"] for r in mine if r["clair"]["shrinkage"] is not None]
-        row["shrinkage"] = float(np.mean(shr)) if shr else None
+        for key in ("shrinkage", "shrinkage_reported"):
+            shr = [r["clair"][key] for r in mine if r["clair"][key] is not None]
+            row[key] = float(np.mean(shr)) if shr else None
         summary[k] = row
     return {"runs": runs, "summary": summary, "seeds": list(seeds)}
 
@@ -291,8 +319,9 @@ def table(out):
         r["FPR"] = f"{row['fpr']:.2f}"
         r["r̂"] = f"{row['rank']:.1f}"
         r["mean Λ"] = "–" if row["shrinkage"] is None else f"{row['shrinkage']:.2f}"
+        r["mean Λ (reported)"] = "–" if row["shrinkage_reported"] is None else f"{row['shrinkage_reported']:.2f}"
         rows.append(r)
-    cols = ["contamination", *METHODS, "CLAIR TPR", "FPR", "r̂", "mean Λ"]
+    cols = ["contamination", *METHODS, "CLAIR TPR", "FPR", "r̂", "mean Λ", "mean Λ (reported)"]
     return format_table(rows, cols) + f"\n\nmean accuracy of the benign clients, {len(out['seeds'])} seed(s)"
 
 
