@@ -324,6 +324,10 @@ def clair(
             it; clients that refit on their own data say how large it is
             (:func:`clair_jax.estimators.coordinate_noise`, a jackknife). In a federation
             this is a second round: the server sends Û, each client returns r numbers.
+            Calibrated so, the pooling model also tells which clients it cannot
+            explain: a benign-judged client whose coordinates inside Û lie far beyond
+            its noise (another task inside Û) is set aside (``outlying``), Û is fitted
+            again without it (f is asked once more) and it keeps its update.
 
     Returns:
         :class:`~clair_jax.ClairResult`.

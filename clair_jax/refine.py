@@ -28,7 +28,7 @@ from clair_jax import stack
 from clair_jax.stack import to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
-__all__ = ["capped", "benign_spectrum", "StackSVD", "stack_svd", "select_rank", "shared_basis", "majority_basis", "subspace", "project",
+__all__ = ["centre_cut", "pool_members", "capped", "benign_spectrum", "StackSVD", "stack_svd", "select_rank", "shared_basis", "majority_basis", "subspace", "project",
            "local_share", "crowded", "CROWDED_SHARE", "partial_pool", "POOLING", "Refinement", "refine"]
 
 #: Pooling modes of :func:`partial_pool`: empirical Bayes, none (Λ = 1), full (Λ = 0).
@@ -337,6 +337,27 @@ def _robust_centre(coords, benign, iterations=10, huber=2.0):
     return centre.reshape(coords.shape[1:])
 
 
+#: A benign client whose coordinates inside Û lie farther from the centre than this many
+#: standard deviations of a χ² with q·r̂ degrees of freedom (its distance in units of its
+#: own expected spread τ_j² + ν_kj, read against the set's median) is kept out of the
+#: pooled centre and keeps its own coordinates (:func:`partial_pool`).
+CENTRE_Z = 5.0
+#: Rounds of that exclusion (each on the previous round's set).
+CENTRE_PASSES = 3
+
+
+def centre_cut(dof, z=CENTRE_Z):
+    """Upper z-quantile over the median of χ²_dof (Wilson–Hilferty): the ratio to the set's
+    median distance above which :func:`partial_pool` stops pooling a client.
+
+    Example:
+        >>> round(float(centre_cut(90.0)), 2), round(float(centre_cut(8.0)), 2)
+        (1.95, 6.41)
+    """
+    a = 2.0 / (9.0 * jnp.maximum(dof, 1.0))
+    return jnp.power((1.0 - a + z * jnp.sqrt(a)) / (1.0 - a), 3)
+
+
 def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="auto", coordinate_noise=None):
     r"""Partial pooling of the benign clients' coordinates inside the subspace.
 
@@ -353,7 +374,13 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
     c_k its noise columns: q for a full-rank block, the LoRA rank for a factored
     one) assumes the noise is as large along Û as off it; where the clients can
     measure it on their own data (:func:`clair_jax.estimators.coordinate_noise`)
-    ``coordinate_noise`` gives ν_kj directly. No spread beyond the noise: every benign
+    ``coordinate_noise`` gives ν_kj directly.
+
+    Only the clients whose coordinates the model explains are pooled
+    (:func:`pool_members`): one whose distance from V̄ is far beyond its own noise
+    and the spread between clients (a relabelled client, or one of another task,
+    whose update lies inside Û) stays out of V̄ and τ² and keeps its own
+    coordinates (Λ_k = I), so it does not pull the benign clients toward it. No spread beyond the noise: every benign
     client gets ÛV̄ (the benign FedAvg projected on Û); spread far above the noise:
     Λ_k → I and Θ̃_k → ÛÛᵀΘ̂_k (:func:`project`). Contaminated clients never enter
     V̄ nor τ².
@@ -384,28 +411,75 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
     """
     if pooling not in POOLING:
         raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
-    k, _, q = blocks.shape
-    dtype = blocks.dtype
-    coords = jnp.einsum("pr,kpq->krq", basis, blocks)                       # V_k, (K, r, q)
-    live = jnp.sum(jnp.square(basis), axis=0) > 0                          # (r,)
-    centre = _robust_centre(coords, benign)                                # V̄, (r, q)
-    cols = jnp.full((k,), q) if columns is None else jnp.asarray(columns)
-    sigma2 = jnp.broadcast_to(jnp.square(jnp.asarray(noise_level, dtype)), (k,))
-    nu = (sigma2 * cols.astype(dtype))[:, None]                            # (K, 1)
-    if coordinate_noise is not None:
-        nu = jnp.asarray(coordinate_noise, dtype)                          # (K, r)
+    k = blocks.shape[0]
+    coords, live, nu = _coordinates(basis, blocks, noise_level, columns, coordinate_noise)
     if pooling == "auto":
-        spread = jnp.sum(jnp.square(coords - centre), axis=-1)              # (K, r)
-        excess = jnp.where(benign[:, None], spread - nu, jnp.inf)
-        tau2 = jnp.maximum(jnp.sort(excess, axis=0)[(jnp.maximum(jnp.sum(benign), 1) - 1) // 2], 0.0)  # (r,)
-        denom = tau2[None, :] + nu
-        shrink = jnp.where(denom > 0, tau2[None, :] / jnp.where(denom > 0, denom, 1.0), 1.0)
+        members = pool_members(basis, blocks, benign, noise_level, columns, coordinate_noise=coordinate_noise)
+        centre, tau2, expected, _ = _centre_fit(coords, members, nu, live)
+        shrink = jnp.where(expected > 0, tau2[None, :] / jnp.where(expected > 0, expected, 1.0), 1.0)
     else:
-        shrink = jnp.full((k, basis.shape[-1]), 1.0 if pooling == "none" else 0.0, dtype)
-    shrink = jnp.where(benign[:, None] & live[None, :], shrink, 1.0).astype(dtype)
+        members = benign
+        centre = _robust_centre(coords, benign)
+        shrink = jnp.full((k, basis.shape[-1]), 1.0 if pooling == "none" else 0.0, blocks.dtype)
+    shrink = jnp.where(members[:, None] & live[None, :], shrink, 1.0).astype(blocks.dtype)
     pooled = centre + shrink[..., None] * (coords - centre)                 # (K, r, q)
     refined = jnp.einsum("pr,krq->kpq", basis, pooled)
     return jnp.where(benign[:, None, None], refined, blocks), shrink
+
+
+def _coordinates(basis, blocks, noise_level, columns, coordinate_noise):
+    """V_k = ÛᵀΘ̂_k (K, r, q), the live columns of Û (r,) and ν_kj ((K, 1) from σ̂, or (K, r) as reported)."""
+    k, _, q = blocks.shape
+    dtype = blocks.dtype
+    coords = jnp.einsum("pr,kpq->krq", basis, blocks)
+    live = jnp.sum(jnp.square(basis), axis=0) > 0
+    cols = jnp.full((k,), q) if columns is None else jnp.asarray(columns)
+    sigma2 = jnp.broadcast_to(jnp.square(jnp.asarray(noise_level, dtype)), (k,))
+    nu = (sigma2 * cols.astype(dtype))[:, None]
+    if coordinate_noise is not None:
+        nu = jnp.asarray(coordinate_noise, dtype)
+    return coords, live, nu
+
+
+def _centre_fit(coords, members, nu, live):
+    """V̄, τ², each client's expected spread τ_j² + ν_kj and its distance d_k, from ``members``."""
+    centre = _robust_centre(coords, members)
+    spread = jnp.sum(jnp.square(coords - centre), axis=-1)                  # (K, r)
+    excess = jnp.where(members[:, None], spread - nu, jnp.inf)
+    tau2 = jnp.maximum(jnp.sort(excess, axis=0)[(jnp.maximum(jnp.sum(members), 1) - 1) // 2], 0.0)
+    expected = tau2[None, :] + nu                                            # E‖V_kj − V̄_j‖² under the model
+    ratio = jnp.where(expected > 0, spread / jnp.where(expected > 0, expected, 1.0),
+                      jnp.where(spread > 0, jnp.inf, 0.0))
+    distance = jnp.sum(jnp.where(live[None, :], ratio, 0.0), axis=-1) / jnp.maximum(jnp.sum(live), 1)
+    return centre, tau2, expected, distance
+
+
+def pool_members(basis, blocks, benign, noise_level, columns=None, *, coordinate_noise=None):
+    """(K,) the benign clients whose coordinates inside Û the pooling model explains.
+
+    d_k = mean_j ‖V_kj − V̄_j‖²/(τ_j² + ν_kj) is about 1 for an honest client; a
+    client with d_k above :func:`centre_cut` (q·r̂) × the median d of the set is
+    left out, and V̄, τ² and d are read again without it (:data:`CENTRE_PASSES`
+    rounds). :func:`partial_pool` pools only these clients; with the noise reported
+    by the clients, :func:`refine` also fits Û again without the others.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> u = jnp.eye(6)[:, :1]
+        >>> rows = jnp.array([[1.0, 1.1, 0.9, 1.05, 0.95, 9.0]]).T        # client 5 far off
+        >>> blocks = jnp.einsum("pr,kr->kp", u, rows)[..., None]
+        >>> cj.refine.pool_members(u, blocks, jnp.ones(6, bool), 0.05).tolist()
+        [True, True, True, True, True, False]
+    """
+    q = blocks.shape[-1]
+    coords, live, nu = _coordinates(basis, blocks, noise_level, columns, coordinate_noise)
+    cut = centre_cut(q * jnp.sum(live).astype(blocks.dtype))
+    members = benign
+    for _ in range(CENTRE_PASSES):
+        _, _, _, distance = _centre_fit(coords, members, nu, live)
+        typical = jnp.sort(jnp.where(members, distance, jnp.inf))[(jnp.maximum(jnp.sum(members), 1) - 1) // 2]
+        members = benign & (distance <= cut * typical)
+    return members
 
 
 # --------------------------------------------- the stage: every problem at once
@@ -574,6 +648,10 @@ class Refinement(NamedTuple):
         crowded: (n,) problems where r̂ reached :data:`CROWDED_SHARE` of the stack's
             short side with σ̂ estimated (:func:`crowded`): there every refined
             client kept its whole off-subspace part (α = 1).
+        outlying: (n, K) clients of the verdict's benign set whose coordinates inside
+            Û the pooling model could not explain given the noise they reported
+            (:func:`pool_members`): left out of Û and of the pooled centre, they keep
+            their update. All False without ``coordinate_noise``.
     """
 
     subspace: jax.Array
@@ -584,6 +662,7 @@ class Refinement(NamedTuple):
     local_share: jax.Array
     noisy: jax.Array
     crowded: jax.Array
+    outlying: jax.Array
 
 
 #: r̂ at this share of min(p, the refined clients' noise columns) or above means
@@ -674,14 +753,35 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
         a = problems.factors.A
         if not np.all(np.asarray(problems.usable)):   # non-finite clients are returned zeroed, as stage 2 reads them
             a = jnp.where(problems.usable[..., None, None], a, 0.0)
-        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share, noisy, unsure)
-    reported = None
+        return Refinement(full_basis, ranks, LoRAFactors(refined_b, a), used, ones, share, noisy, unsure,
+                          jnp.zeros(used.shape, bool))
+    reported, outlying = None, jnp.zeros(used.shape, bool)
     if coordinate_noise is not None:
-        # Where σ̂ may hold shared signal Û may miss directions: no pooling there either.
-        reported = jnp.where(unsure[:, None, None], 0.0,
-                             reported_noise(coordinate_noise, problems, basis[..., :width]))
+        reported = reported_noise(coordinate_noise, problems, basis[..., :width])
+        # With the clients' own noise along Û the pooling model is calibrated: a client
+        # whose coordinates it cannot explain (another task inside Û, invisible to the
+        # detection) is kept out of Û too, and Û, r̂ and the noise are read again without it.
+        members = _members(basis[..., :width], problems.blocks, used, detection.noise_level, detection.columns,
+                           reported)
+        outlying = used & ~members
+        if bool(jnp.any(outlying)):
+            basis, ranks, coefficients, used = _bases(problems.blocks, members, detection.benign, detection.z,
+                                                      detection.rank_cap, detection.columns, detection.svd,
+                                                      rank=rank, margin=margin, dims=problems.dims, width=most)
+            width = max(int(np.max(np.asarray(ranks))), 1)
+            unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
+            sigma = jnp.where(unsure, 0.0, detection.noise_level)
+            reported = reported_noise(coordinate_noise, problems, basis[..., :width])
+        # Where σ̂ may hold shared signal Û may miss directions: no pooling there.
+        reported = jnp.where(unsure[:, None, None], 0.0, reported)
     return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, sigma, detection.columns, reported,
-                          p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
+                          outlying, p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
+
+
+@program
+def _members(basis, blocks, used, noise_level, columns, reported):
+    return jax.vmap(lambda b, x, u, s, c, nu: pool_members(b, x, u, s, c, coordinate_noise=nu))(
+        basis, blocks, used, noise_level, columns, reported)
 
 
 def reported_noise(coordinate_noise, problems, basis):
@@ -739,7 +839,8 @@ def _noisy(basis, blocks, ranks, columns, usable, used, p):
 
 
 @program(static_argnames=("p", "pooling", "width"))
-def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, reported, *, p, pooling, width):
+def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, reported, outlying, *, p, pooling,
+                   width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
     basis = basis[..., :width]
     share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
@@ -748,6 +849,6 @@ def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, rep
         basis, blocks, used, noise_level, columns, reported)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).
     projected = jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
-    noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)
+    noisy = _noisy(basis, blocks, ranks, columns, usable, used, p) & ~outlying
     refined = jnp.where(noisy[..., None, None], projected, refined + share[..., None, None] * (blocks - projected))
-    return Refinement(basis, ranks, refined, used, shrinkage, share, noisy, jnp.zeros(ranks.shape, bool))
+    return Refinement(basis, ranks, refined, used, shrinkage, share, noisy, jnp.zeros(ranks.shape, bool), outlying)

@@ -62,6 +62,11 @@ class ClairResult(NamedTuple):
             hold shared signal there, so nothing was removed off Û (α = 1 for every
             refined client) and a ``RuntimeWarning`` says so. Pass ``noise=`` or
             ``rank=`` where known.
+        outlying: (..., K) bool, clients the verdict calls benign whose coordinates
+            inside Û lie farther from the benign centre than the noise they reported
+            and the spread between clients explain (``coordinate_noise``,
+            :func:`clair_jax.refine.pool_members`): Û was fitted again without them and
+            they keep their update. All False without ``coordinate_noise``.
     """
 
     benign: jax.Array
@@ -83,6 +88,7 @@ class ClairResult(NamedTuple):
     noisy: jax.Array
     copies: jax.Array
     crowded: jax.Array
+    outlying: jax.Array
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -118,6 +124,10 @@ class ClairResult(NamedTuple):
         noisy = self._in_any_problem(self.noisy)
         if noisy.size:
             lines.append(f"flagged but noise-like (left out of Û, refined by projection): {noisy.tolist()}")
+        outlying = self._in_any_problem(self.outlying)
+        if outlying.size:
+            lines.append(f"benign but not explained inside Û by their reported noise (left out of Û and the "
+                         f"pooled centre, keep their update): {outlying.tolist()}")
         copies = self._in_any_problem(self.copies)
         if copies.size:
             lines.append(f"repeat another client's update (counted once, flagged): {copies.tolist()}")
@@ -167,4 +177,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         noisy=unflatten(refinement.noisy),
         copies=unflatten(detection.copies),
         crowded=unflatten(refinement.crowded),
+        outlying=unflatten(refinement.outlying),
     )

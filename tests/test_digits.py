@@ -95,3 +95,17 @@ def test_clients_reporting_their_noise_pool_more_where_it_is_larger_along_u(data
     # What each client reported: r non-negative numbers, from its own images only.
     nu = D.reported_noise(fed)(np.asarray(result.subspace))
     assert nu.shape == (40, result.subspace.shape[-1]) and np.all(nu >= 0)
+
+
+def test_reported_noise_sets_an_other_task_group_inside_u_aside(data):
+    # Pixel regression: a coherent group of another task, invisible to the detection
+    # (r̂ 14-15, crowded). With the clients' reported noise its coordinates inside Û are
+    # out of the pooling model's reach: it is set aside, Û is fitted again without it,
+    # and the benign clients beat their local fits.
+    fed = D.make_digits_federation(0, kind="pixel_regression", num_clients=40, data=data)
+    acc, result, shrink = D.evaluate_digits(fed)
+    out = shrink["outlying"]
+    assert out[~fed.benign].mean() >= 0.9 and out[fed.benign].mean() <= 0.05
+    ben = fed.benign
+    assert acc["clair (reported noise)"][ben].mean() > acc["local"][ben].mean() + 0.02
+    assert acc["clair (pooling)"][ben].mean() == pytest.approx(acc["local"][ben].mean())   # crowded: local

@@ -208,7 +208,8 @@ def evaluate_digits(fed, *, clair_kwargs=None):
 
     Returns:
         (accuracies: method → (K,) accuracy of every client, clair result, Λ (K, r_max) of
-        each pooled refinement: {"pooling": …, "reported noise": …}).
+        each pooled refinement and the clients set aside with the reported noise:
+        {"pooling": …, "reported noise": …, "outlying": (K,) bool}).
     """
     b = cj.baselines
     x = jnp.asarray(fed.updates)
@@ -232,7 +233,8 @@ def evaluate_digits(fed, *, clair_kwargs=None):
                                                        pooling="full")[0],
         "oracle S": _oracle_s(x, fed.benign, "auto"),
     }
-    shrinkage = {"pooling": np.asarray(result.shrinkage), "reported noise": np.asarray(reported.shrinkage)}
+    shrinkage = {"pooling": np.asarray(result.shrinkage), "reported noise": np.asarray(reported.shrinkage),
+                 "outlying": np.asarray(reported.outlying)}
     return {name: accuracy(est, fed) for name, est in estimates.items()}, result, shrinkage
 
 
@@ -275,6 +277,9 @@ def run_digits(seed=0, *, kind="mixed", num_clients=40, contamination=0.3, num_s
             "rank": int(np.asarray(result.rank)), "noise_level": float(np.asarray(result.noise_level)),
             "shrinkage": mean_shrink(shrink["pooling"]),
             "shrinkage_reported": mean_shrink(shrink["reported noise"]),
+            # With the reported noise: clients left out of Û and the centre although the verdict clears them.
+            "outlying_benign": float(np.mean(shrink["outlying"][ben])),
+            "outlying_contaminated": float(np.mean(shrink["outlying"][~ben])) if not ben.all() else None,
         },
         "per_client": {name: acc[name].tolist()
                        for name in ("local", "clair (no pooling)", "clair (pooling)", "clair (reported noise)")},
@@ -303,6 +308,9 @@ def run_digits_seeds(seeds, kinds=KINDS, **kwargs):
         row["tpr"] = float(np.mean(tprs)) if tprs else None
         row["fpr"] = float(np.mean([r["clair"]["fpr"] for r in mine]))
         row["rank"] = float(np.mean([r["clair"]["rank"] for r in mine]))
+        row["outlying benign"] = float(np.mean([r["clair"]["outlying_benign"] for r in mine]))
+        out_bad = [r["clair"]["outlying_contaminated"] for r in mine if r["clair"]["outlying_contaminated"] is not None]
+        row["outlying contaminated"] = float(np.mean(out_bad)) if out_bad else None
         for key in ("shrinkage", "shrinkage_reported"):
             shr = [r["clair"][key] for r in mine if r["clair"][key] is not None]
             row[key] = float(np.mean(shr)) if shr else None
@@ -320,8 +328,12 @@ def table(out):
         r["r̂"] = f"{row['rank']:.1f}"
         r["mean Λ"] = "–" if row["shrinkage"] is None else f"{row['shrinkage']:.2f}"
         r["mean Λ (reported)"] = "–" if row["shrinkage_reported"] is None else f"{row['shrinkage_reported']:.2f}"
+        r["set aside (reported): contaminated / benign"] = (
+            f"{'–' if row['outlying contaminated'] is None else format(row['outlying contaminated'], '.2f')} / "
+            f"{row['outlying benign']:.2f}")
         rows.append(r)
-    cols = ["contamination", *METHODS, "CLAIR TPR", "FPR", "r̂", "mean Λ", "mean Λ (reported)"]
+    cols = ["contamination", *METHODS, "CLAIR TPR", "FPR", "r̂", "mean Λ", "mean Λ (reported)",
+            "set aside (reported): contaminated / benign"]
     return format_table(rows, cols) + f"\n\nmean accuracy of the benign clients, {len(out['seeds'])} seed(s)"
 
 
