@@ -732,7 +732,10 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
         coordinate_noise: optional callable, Û (the user's leading axes, p, r_max) → ν
             (leading axes, K, r_max): each client's noise along each direction of Û
             (:func:`partial_pool`), asked once Û is known; used with ``pooling="auto"``,
-            except in ``crowded`` problems (where Λ = 1).
+            except in ``crowded`` problems (where Λ = 1). Benign clients whose coordinates
+            the pooling model cannot explain with it (:func:`pool_members`) are set aside
+            (``outlying``: they keep their update), Û is fitted again without them and the
+            callable is asked again for the new Û.
     """
     # r̂ ≤ rank(L̂) near the chosen λ (or the given rank): no basis needs more columns.
     most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
