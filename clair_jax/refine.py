@@ -380,10 +380,11 @@ def partial_pool(basis, blocks, benign, noise_level, columns=None, *, pooling="a
     (:func:`pool_members`): one whose distance from V̄ is far beyond its own noise
     and the spread between clients (a relabelled client, or one of another task,
     whose update lies inside Û) stays out of V̄ and τ² and keeps its own
-    coordinates (Λ_k = I), so it does not pull the benign clients toward it. No spread beyond the noise: every benign
-    client gets ÛV̄ (the benign FedAvg projected on Û); spread far above the noise:
-    Λ_k → I and Θ̃_k → ÛÛᵀΘ̂_k (:func:`project`). Contaminated clients never enter
-    V̄ nor τ².
+    coordinates (Λ_k = I), so it does not pull the benign clients toward it.
+
+    No spread beyond the noise: every benign client gets ÛV̄ (the benign FedAvg
+    projected on Û); spread far above the noise: Λ_k → I and Θ̃_k → ÛÛᵀΘ̂_k
+    (:func:`project`). Contaminated clients never enter V̄ nor τ².
 
     Args:
         basis: (p, r) Û, orthonormal columns; all-zero columns (beyond r̂) are ignored.
@@ -740,13 +741,18 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
     # r̂ ≤ rank(L̂) near the chosen λ (or the given rank): no basis needs more columns.
     most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
     most = max(1, min(most, min(problems.blocks.shape[-2], problems.num_clients * problems.blocks.shape[-1])))
-    basis, ranks, coefficients, used = _bases(problems.blocks, client_benign, detection.benign, detection.z,
-                                              detection.rank_cap, detection.columns, detection.svd, rank=rank,
-                                              margin=margin, dims=problems.dims, width=most)
-    width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
-    unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
-    # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1.
-    sigma = jnp.where(unsure, 0.0, detection.noise_level)
+
+    def fit(members):
+        """Û, r̂, Û's coefficients on the blocks, the refined set, Û's width, crowded problems and σ."""
+        basis, ranks, coefficients, used = _bases(problems.blocks, members, detection.benign, detection.z,
+                                                  detection.rank_cap, detection.columns, detection.svd, rank=rank,
+                                                  margin=margin, dims=problems.dims, width=most)
+        width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
+        unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
+        # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1.
+        return basis, ranks, coefficients, used, width, unsure, jnp.where(unsure, 0.0, detection.noise_level)
+
+    basis, ranks, coefficients, used, width, unsure, sigma = fit(client_benign)
     if problems.factored:
         # Host (numpy) factors are refined a chunk of modules at a time, into a numpy B̃.
         full_basis, refined_b, share, ones, noisy = stack.map_chunks(
@@ -768,12 +774,7 @@ def refine(problems, detection, client_benign, *, rank=None, margin=1.2, pooling
                            reported)
         outlying = used & ~members
         if bool(jnp.any(outlying)):
-            basis, ranks, coefficients, used = _bases(problems.blocks, members, detection.benign, detection.z,
-                                                      detection.rank_cap, detection.columns, detection.svd,
-                                                      rank=rank, margin=margin, dims=problems.dims, width=most)
-            width = max(int(np.max(np.asarray(ranks))), 1)
-            unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
-            sigma = jnp.where(unsure, 0.0, detection.noise_level)
+            basis, ranks, coefficients, used, width, unsure, sigma = fit(members)
             reported = reported_noise(coordinate_noise, problems, basis[..., :width])
         # Where σ̂ may hold shared signal Û may miss directions: no pooling there.
         reported = jnp.where(unsure[:, None, None], 0.0, reported)
