@@ -213,8 +213,10 @@ def evaluate_digits(fed, *, clair_kwargs=None):
     """
     b = cj.baselines
     x = jnp.asarray(fed.updates)
-    result = cj.clair(x, **{"pooling": "auto", **(clair_kwargs or {})})
-    reported = cj.clair(x, **{"pooling": "auto", **(clair_kwargs or {}), "coordinate_noise": reported_noise(fed)})
+    # One screening, two refinements: the verdict does not depend on the pooling.
+    screening = cj.screen([x], **{"pooling": "auto", **(clair_kwargs or {})})
+    (result,) = cj.conclude(screening)
+    (reported,) = cj.conclude(screening, coordinate_noise=[reported_noise(fed)])
     used = _used(result)
     projected = cj.refine.project(result.subspace, x, used)
     share = jnp.asarray(result.local_share)[:, None, None]
