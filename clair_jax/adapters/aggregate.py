@@ -289,8 +289,9 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     Returns:
         The report: ``clients`` (input order: name, path, benign, score, z,
         nonfinite, output, flagged_copy, lora_rank, dtypes, passthrough,
-        local_modules), ``groups`` (per module group: shape, modules, lora_rank and
-        per module r̂, λ, noise level, convergence), ``global_adapter``, timings.
+        local_modules, module_z: the refit statistic per module), ``groups`` (per
+        module group: shape, modules, lora_rank and per module r̂, λ, noise level,
+        convergence), ``global_adapter``, timings.
 
     Raises:
         AdapterError: a client that cannot be used (nothing is written then).
@@ -339,15 +340,19 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         results_by_call[ci] = tuple(_light(r) for r in again)
     t_solve_total = time.perf_counter() - t0
 
-    # Where each client kept its local lora_B: flagged in that call, or no subspace.
+    # Where each client kept its local lora_B: flagged in that call, or no subspace;
+    # and each client's refit statistic per module (absent where a call left it out).
     local = np.zeros(k, int)
+    module_z = [{} for _ in range(k)]
     for ci, (call, results) in enumerate(zip(calls, results_by_call)):
         members = keep if ci in resolved else everyone
         for chunk, res in zip(call, results):
             own = np.asarray(res.client_benign, bool)
             no_sub = np.asarray(res.rank).reshape(-1) == 0
+            z = np.asarray(res.residual_z, float).reshape(len(chunk.modules), -1)
             for col, j in enumerate(members):
                 local[j] += len(chunk.modules) if not own[col] else int(no_sub.sum())
+                module_z[j].update({name: float(z[i, col]) for i, name in enumerate(chunk.modules)})
 
     # Step 4: write.
     t = time.perf_counter()
@@ -371,6 +376,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             z=float(verdict.z[j]), nonfinite=bool(verdict.nonfinite[j]), output=output, flagged_copy=flagged_copy,
             lora_rank=max(e.rank for e in client.modules.values()), dtypes=list(client.dtypes),
             passthrough=list(client.passthrough), local_modules=int(local[j]) if benign[j] else None,
+            module_z=module_z[j],
         ))
     global_path = None
     if global_rank is not None and benign.any():
