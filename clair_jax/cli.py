@@ -26,6 +26,8 @@ COMMANDS = {
     "digits": ("clair_jax.experiments.digits", "real data: scikit-learn's 8x8 digits, ridge-classifier clients"),
     "copy-task": ("clair_jax.experiments.copy_task", "Transformer LoRA text-copying experiment"),
     "aggregate": ("clair_jax.adapters.cli", "PEFT LoRA adapter directories in, refined adapters out"),
+    "shakespeare": ("clair_jax.experiments.shakespeare",
+                    "real LLM: federated LoRA of SmolLM2-135M on Shakespeare's roles, judged by clair aggregate"),
 }
 
 
