@@ -100,7 +100,7 @@ class ShakespeareConfig(NamedTuple):
     """
 
     plays: tuple = ("hamlet", "lear", "macbeth", "othello", "romeo_and_juliet", "julius_caesar")
-    clients: int = 24
+    clients: int = 28
     contamination: float = 0.25
     min_speeches: int = 40
     seq_len: int = 64
@@ -617,9 +617,20 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
     m_cap = cfg.max_heldout_seqs
     ph, pt, pm = jnp.asarray(probe_hidden), jnp.asarray(probe_tokens), jnp.asarray(probe_mask)
     scored = [j for j, c in enumerate(clients) if c.benign]
-    held = {j: (jnp.asarray(_pad_rows(hidden_held[j], m_cap)), jnp.asarray(_pad_rows(clients[j].heldout, m_cap)),
-                jnp.asarray(_pad_rows(clients[j].heldout_mask, m_cap))) for j in scored}
+
+    def held_of(j):
+        return (jnp.asarray(_pad_rows(hidden_held[j], m_cap)), jnp.asarray(_pad_rows(clients[j].heldout, m_cap)),
+                jnp.asarray(_pad_rows(clients[j].heldout_mask, m_cap)))
+
+    held = {j: held_of(j) for j in scored}
     methods = {}
+    # Does the backdoor take at all? Its success under the attackers' own adapters.
+    attackers = [j for j, c in enumerate(clients) if c.kind in ("backdoor", "boosted")]
+    own_hits = 0
+    for j in attackers:
+        own_hits += int(evaluate(model.params, {m: jnp.asarray(v) for m, v in local[j].items()}, *held_of(j),
+                                 ph, pt, pm)[2])
+    backdoor_attackers = own_hits / (len(attackers) * len(probe_tokens)) if attackers else None
     for name in METHODS:
         per_client, hits = {}, 0
         for j in scored:
@@ -653,6 +664,9 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
                       z=row["z"], module_z=row.get("module_z", {}), local_modules=row["local_modules"],
                       final_loss=float(losses[j, -1]))
                  for j, (c, f, row) in enumerate(zip(clients, flagged, report["clients"]))],
+        backdoor_attackers=backdoor_attackers,
+        local_below_base=float(np.mean([methods["local"]["ppl_per_client"][n] < methods["base"]["ppl_per_client"][n]
+                                        for n in methods["base"]["ppl_per_client"]])),
         detection=dict(tpr=float(np.mean(flagged[~benign])) if (~benign).any() else None,
                        fpr=float(np.mean(flagged[benign])), flagged_by_kind=by_kind),
         rank=ranks,
@@ -683,6 +697,9 @@ def format_report(out: dict) -> str:
         lines.append(f"{label:<46}{m['ppl']:>9.3f}{m['worse_than_local']:>18.2f}{m['backdoor']:>10.2f}")
     d = out["detection"]
     tpr = "—" if d["tpr"] is None else f"{d['tpr']:.2f}"
+    if out.get("backdoor_attackers") is not None:
+        lines.append(f"backdoor success under the attackers' own adapters: {out['backdoor_attackers']:.2f}; "
+                     f"honest clients whose local adapter beats the base model: {out['local_below_base']:.2f}")
     lines += ["", f"detection: TPR {tpr}, FPR {d['fpr']:.2f}; flagged by kind: "
               + ", ".join(f"{k} {v:.2f}" for k, v in d["flagged_by_kind"].items()),
               "r̂ per module: " + ", ".join(f"{k.split('layers.')[-1]} {v}" for k, v in out["rank"].items()),
