@@ -200,26 +200,3 @@ def test_smollm2_perplexity_matches_an_independent_forward(smollm2):
     print(f"perplexity on the first 42 tokens: JAX {jax_ppl:.3f}, NumPy reference {numpy_ppl:.3f}")
     assert abs(jax_ppl / numpy_ppl - 1) < 0.05
     assert 5 < jax_ppl < 100  # a real language model on Shakespeare, not a broken one (≈ 200 with rotate-half)
-
-
-@pytest.mark.slow
-@pytest.mark.peft
-def test_refined_adapters_load_with_peft(tmp_path):
-    """Every adapter `clair shakespeare` writes loads with PeftModel.from_pretrained on a Llama of SmolLM2's shape."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    cfg = llm.LlamaConfig(vocab_size=64, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128,
-                          rms_eps=1e-5, rope_base=1e4)
-    spec = llm.LoRASpec(layers=(1,), modules=("q", "k", "v", "o"), rank=4, alpha=8.0)
-    lora = llm.init_lora(jax.random.key(0), cfg, spec)
-    lora = {m: {"A": v["A"], "B": v["B"] + 0.1} for m, v in lora.items()}
-    llm.save_peft_adapter(tmp_path / "a", lora, cfg, spec, base_model="tiny")
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, tie_word_embeddings=True))
-    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "a"))
-    q_b = model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight.detach().numpy()
-    np.testing.assert_allclose(q_b, llm.hf_rows(np.asarray(lora["q"]["B"][0]), 4, 16), atol=1e-6)
-    assert torch.is_tensor(model(torch.arange(5)[None]).logits)
-    assert os.path.isdir(tmp_path / "a")
