@@ -200,3 +200,11 @@ def test_smollm2_perplexity_matches_an_independent_forward(smollm2):
     print(f"perplexity on the first 42 tokens: JAX {jax_ppl:.3f}, NumPy reference {numpy_ppl:.3f}")
     assert abs(jax_ppl / numpy_ppl - 1) < 0.05
     assert 5 < jax_ppl < 100  # a real language model on Shakespeare, not a broken one (≈ 200 with rotate-half)
+    # the wrong pairing: q/k rows in HF order under interleaved RoPE is far worse (the permutation matters)
+    cfg, layers = smollm2.config, smollm2.params["layers"]
+    wrong = {**smollm2.params, "layers": {**layers,
+             "q": jnp.stack([llm.hf_rows(w, cfg.n_heads, cfg.head_dim) for w in np.asarray(layers["q"])]),
+             "k": jnp.stack([llm.hf_rows(w, cfg.n_kv_heads, cfg.head_dim) for w in np.asarray(layers["k"])])}}
+    wrong_ppl = reference.perplexity(np.asarray(llm.forward(wrong, jnp.asarray(ids)[None], cfg))[0], ids)
+    print(f"perplexity with q/k rows in the wrong (HF) order: {wrong_ppl:.1f}")
+    assert wrong_ppl > 2 * jax_ppl
