@@ -10,7 +10,7 @@ as JSON: wall time of each (the slowest process for N), the speed-up, and
 whether the pooled verdicts, per-module verdicts and ranks equal the
 one-process ones. On a CPU each process gets its own cores' share; this is the
 way to use several cores for independent modules where several host devices in
-one process run one after another (``benchmarks/cpu_concurrency.py``).
+one process run one after another (``benchmarks/investigations/cpu_concurrency.py``).
 
 Usage::
 

@@ -264,7 +264,7 @@ def _whole_space_ritz(x, tau, rtol, allowed_floor):
     residual ‖X vᵢ − σᵢ uᵢ‖ = ‖X (Xᵀ uᵢ) − λᵢ uᵢ‖/σᵢ, computed without G, must be
     ≤ max(rtol·σ₁, atol). Rounding in G puts an error of about c·eps·σ₁²/τ into the
     answer (c ≤ 3.6 on 360 random float32 cases, τ/σ₁ from 1e-3 to 0.3:
-    ``benchmarks/gram_svt_accuracy.py``), so the certificate passes for τ ≳ 1 % of
+    ``benchmarks/investigations/gram_svt_accuracy.py``), so the certificate passes for τ ≳ 1 % of
     σ₁ in float32, which the penalised programs' μ is (1.8–2.6 % at the benchmarks'
     noise) and the exact program's 1/ρ usually is; below that the full SVD takes
     over. Certified answers were within 1.6e-5·σ₁ of the float64 SVT there.

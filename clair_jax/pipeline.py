@@ -203,7 +203,7 @@ def _detect_on_devices(updates, opts, devices):
     work at the same time. On CPU host devices they run one after another:
     two concurrent detection programs hang XLA:CPU (jax 0.10.2; the refit's SVD
     rounds after the λ path, and even a ``lax.map`` of loops followed by one SVD:
-    ``benchmarks/cpu_concurrency.py``), as a sharded program did before.
+    ``benchmarks/investigations/cpu_concurrency.py``), as a sharded program did before.
     """
     chunks, lead, size = stack.split(updates, len(devices))   # equal chunks: one program
 
@@ -306,7 +306,7 @@ def clair(
             (leading axes) are cut into one contiguous chunk per device and each
             chunk is decomposed and screened on its own device (at the same time on
             accelerators; one after another on CPU host devices, where two concurrent
-            detection programs hang XLA:CPU: ``benchmarks/cpu_concurrency.py``); verdicts and refinement are then computed on
+            detection programs hang XLA:CPU: ``benchmarks/investigations/cpu_concurrency.py``); verdicts and refinement are then computed on
             ``devices[0]``. Same results as one device. With several hosts
             (``jax.distributed``), each process passes its ``jax.local_devices()`` to
             :func:`screen` with its share of the modules and refines with the verdict

@@ -17,10 +17,11 @@ def _run(module, tmp_path, *extra):
     import importlib
 
     bench = importlib.import_module(f"benchmarks.{module}")
-    out = tmp_path / f"{module}.json"
+    name = module.rpartition(".")[2]   # "investigations.cpu_concurrency" writes "cpu_concurrency"
+    out = tmp_path / f"{name}.json"
     result = bench.main(["--quick", "--json", str(out), *extra])
     payload = json.loads(out.read_text())
-    assert payload["benchmark"] == module
+    assert payload["benchmark"] == name
     assert payload["machine"]["cpu_count"] >= 1
     return result, payload
 
@@ -70,12 +71,12 @@ def test_bench_scaling_quick(tmp_path):
 
 def test_bench_lambda_path_quick(tmp_path):
     pytest.importorskip("clair_jax.decompose")
-    rows, _ = _run("bench_lambda_path", tmp_path)
+    rows, _ = _run("investigations.bench_lambda_path", tmp_path)
     assert rows[0]["grid"] > 1 and np.isfinite(rows[0]["batch_ms"])
 
 
 def test_gram_svt_accuracy_quick(tmp_path):
-    rows, _ = _run("gram_svt_accuracy", tmp_path)
+    rows, _ = _run("investigations.gram_svt_accuracy", tmp_path)
     for r in rows:
         assert r["max_c"] < 10  # the error model err ≈ c·eps·σ₁²/τ holds
         if r["max_err_certified"] is not None:
@@ -85,7 +86,7 @@ def test_gram_svt_accuracy_quick(tmp_path):
 
 def test_cpu_concurrency_quick(tmp_path):
     # Two programs on two host devices, in a fresh process: the smallest case runs.
-    rows, _ = _run("cpu_concurrency", tmp_path)
+    rows, _ = _run("investigations.cpu_concurrency", tmp_path)
     assert [r["case"] for r in rows] == ["loop"]
     assert rows[0]["result"] == "runs" and rows[0]["concurrent_s"] > 0 and rows[0]["speedup"] > 0
 

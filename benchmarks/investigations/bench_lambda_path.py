@@ -12,7 +12,7 @@ call is timed too.
 
 Usage::
 
-    python benchmarks/bench_lambda_path.py [--quick] [--json PATH]
+    python benchmarks/investigations/bench_lambda_path.py [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp

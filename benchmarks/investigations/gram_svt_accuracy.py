@@ -12,7 +12,7 @@ compares one float32 Gram-path SVT with the float64 SVT of the same matrix:
 
 Usage::
 
-    python benchmarks/gram_svt_accuracy.py [--quick] [--cases N] [--json PATH]
+    python benchmarks/investigations/gram_svt_accuracy.py [--quick] [--cases N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp

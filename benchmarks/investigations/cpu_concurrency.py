@@ -23,7 +23,7 @@ can be enabled in :func:`clair_jax.pipeline.clair_groups`.
 
 Usage::
 
-    python benchmarks/cpu_concurrency.py [--timeout 60] [--cases ...] [--quick] [--json PATH]
+    python benchmarks/investigations/cpu_concurrency.py [--timeout 60] [--cases ...] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 CASES = ["loop", "loop+svd inside", "loop, then svd", "λ path", "detection pass, no refit", "detection pass"]
