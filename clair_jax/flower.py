@@ -13,10 +13,11 @@ flwr ≥ 1.22) and keeps its constructor arguments and defaults. Each round it
    round of a few replies is judged against the whole federation;
 3. returns the benign repliers' weighted FedAvg (``weighted_by_key``) as the
    global arrays, with metrics that include ``clair-flagged`` (nodes flagged this
-   round);
-4. in the next ``configure_train`` / ``configure_evaluate``, sends each benign node
-   its own refined adapter (B̃ = ÛÛᵀB, same A), a node with none the global
-   arrays, and a flagged node the global arrays or nothing (``flagged_nodes``).
+   round: contaminated or an unusable reply) and ``clair-noisy`` (honest but
+   noisy nodes: left out of Û and of the FedAvg, not flagged);
+4. in the next ``configure_train`` / ``configure_evaluate``, sends each benign or
+   noisy node its own refined adapter (B̃ = ÛÛᵀB, same A), a node with none the
+   global arrays, and a flagged node the global arrays or nothing (``flagged_nodes``).
 
 This module imports ``flwr``; ``import clair_jax`` does not import it. Install
 with ``pip install "clair-jax[flower]"``. The guide is ``docs/flower.md``.
@@ -52,15 +53,23 @@ CLAIR_OPTIONS = frozenset({"rank", "lam", "noise", "threshold", "tol", "max_iter
 class NodeVerdict:
     """One round's verdict on one node's reply.
 
+    ``status`` is the verdict to act on: ``"benign"``, ``"noisy"`` (honest but
+    noisier than the rest: it gets its refined adapter, stays out of Û and of the
+    FedAvg, and is not flagged), ``"contaminated"``, ``"rejected"`` (an unusable
+    reply, not judged) or ``"unjudged"`` (too few adapters to judge; averaged).
+
     Attributes:
         server_round: the round the reply belongs to.
-        benign: False when the node was flagged (contaminated or an unusable reply).
+        benign: True when the node is in the collaborative set (Û and the FedAvg use
+            it; unjudged replies too); False for noisy, contaminated and rejected ones.
         judged: True when CLAIR judged the adapter; False when the reply was
             rejected before (``reason`` says why) or the pool was too small to judge.
         reason: ``"clair"`` for a CLAIR verdict, else why the reply was rejected or
             not judged.
         score: the pooled contamination score (NaN when not judged).
         z: the pooled refit statistic (NaN when not judged).
+        status: see above; by default read from ``benign`` and ``judged``
+            (``"benign"``/``"contaminated"`` when judged, ``"unjudged"``/``"rejected"`` when not).
     """
 
     server_round: int
@@ -69,6 +78,24 @@ class NodeVerdict:
     reason: str
     score: float = math.nan
     z: float = math.nan
+    status: str = ""
+
+    def __post_init__(self):
+        if not self.status:
+            status = ("benign" if self.benign else "contaminated") if self.judged else \
+                ("unjudged" if self.benign else "rejected")
+            object.__setattr__(self, "status", status)
+        if self.status not in NODE_STATUSES:
+            raise ValueError(f"status must be one of {NODE_STATUSES}, got {self.status!r}")
+
+    @property
+    def flagged(self) -> bool:
+        """Contaminated, or an unusable reply."""
+        return self.status in ("contaminated", "rejected")
+
+
+#: The statuses of a :class:`NodeVerdict`.
+NODE_STATUSES = ("benign", "noisy", "contaminated", "rejected", "unjudged")
 
 
 @dataclass(frozen=True)
@@ -106,7 +133,7 @@ class ClairStrategy(FedAvg):
             ``lora-alpha`` and ``lora-r`` (and ``lora-use-rslora``: s = alpha/√r)
             from the train config when it holds them, else s = 1. A scaling common
             to all modules changes no verdict; it matters when modules differ.
-        personalise: send each benign node its own refined adapter (default True);
+        personalise: send each benign or noisy node its own refined adapter (default True);
             False sends everyone the global arrays, as FedAvg.
         flagged_nodes: ``"global"`` (default) sends a node whose latest verdict is
             flagged the global arrays; ``"exclude"`` leaves it out of the round.
@@ -226,9 +253,10 @@ class ClairStrategy(FedAvg):
         return verdicts[-1] if verdicts else None
 
     def is_flagged(self, node_id: int) -> bool:
-        """Whether the node's latest verdict flagged it."""
+        """Whether the node's latest verdict flagged it (contaminated or an unusable reply;
+        an honest but noisy node is not flagged)."""
         verdict = self.latest_verdict(node_id)
-        return verdict is not None and not verdict.benign
+        return verdict is not None and verdict.flagged
 
     def personal_arrays(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
         """What the node is sent next: its refined adapter inside ``arrays``, or ``arrays``.
@@ -302,7 +330,8 @@ class ClairStrategy(FedAvg):
         Returns:
             (global arrays, metrics): the benign repliers' weighted FedAvg (None when
             no reply is benign) and the aggregated train metrics plus
-            ``clair-flagged`` (nodes flagged this round), ``clair-invalid``
+            ``clair-flagged`` (nodes flagged this round), ``clair-noisy`` (honest but
+            noisy nodes: refined, not flagged), ``clair-invalid``
             (replies rejected before judging), ``clair-replies`` and
             ``clair-judged`` (adapters CLAIR judged, banked ones included).
         """
@@ -323,22 +352,27 @@ class ClairStrategy(FedAvg):
             verdict = verdicts.get(node_id)
             if verdict is not None and not verdict.benign:
                 self.bank[node_id] = _Banked(banked.server_round, banked.arrays, banked.weight, False)
-                self._personal.pop(node_id, None)
+                if verdict.flagged:
+                    self._personal.pop(node_id, None)
                 self._record(node_id, NodeVerdict(
-                    server_round, False, True, f"its banked adapter of round {banked.server_round} was flagged "
-                    "against this round's pool", verdict.score, verdict.z))
+                    server_round, False, True, f"its banked adapter of round {banked.server_round} was "
+                    f"{'flagged' if verdict.flagged else 'found noisy'} against this round's pool",
+                    verdict.score, verdict.z, verdict.status))
         for node_id, (arrays, weight, _) in valid.items():
             verdict = verdicts[node_id]
             self._record(node_id, verdict)
             self.bank[node_id] = _Banked(server_round, arrays, weight, verdict.benign)
-            if verdict.benign and node_id in refined:
+            if not verdict.flagged and node_id in refined:
                 self._personal[node_id] = (server_round, refined[node_id])
             else:
                 self._personal.pop(node_id, None)
         benign = [n for n in valid if verdicts[n].benign]
-        flagged = sorted(rejected) + [n for n in valid if not verdicts[n].benign]
+        flagged = sorted(rejected) + [n for n in valid if verdicts[n].flagged]
+        noisy = [n for n in valid if verdicts[n].status == "noisy"]
         log(INFO, "aggregate_train: clair flagged %d of %d replies%s", len(flagged), len(replies),
             f": {flagged}" if flagged else "")
+        if noisy:
+            log(INFO, "\t> honest but noisy (refined, not used for Û or the FedAvg): %s", noisy)
         for node_id in flagged:
             log(INFO, "\t> node %d flagged: %s", node_id, self.history[node_id][-1].reason)
 
@@ -351,6 +385,7 @@ class ClairStrategy(FedAvg):
                 log(WARNING, "aggregate_train: train metrics could not be aggregated (%s); CLAIR's only", err)
                 metrics = MetricRecord()
         metrics["clair-flagged"] = len(flagged)
+        metrics["clair-noisy"] = len(noisy)
         metrics["clair-invalid"] = len(rejected)
         metrics["clair-replies"] = len(replies)
         metrics["clair-judged"] = judged
@@ -539,11 +574,13 @@ class ClairStrategy(FedAvg):
         benign = np.asarray(verdict.benign)[:k]
         scores = np.asarray(verdict.scores)[:k]
         zs = np.asarray(verdict.z)[:k]
-        verdicts = {n: NodeVerdict(server_round, bool(benign[j]), True, "clair", float(scores[j]), float(zs[j]))
+        status = np.asarray(verdict.status)[:k]
+        verdicts = {n: NodeVerdict(server_round, bool(benign[j]), True, "clair", float(scores[j]), float(zs[j]),
+                                   cj.pool.STATUSES[int(status[j])])
                     for j, n in enumerate(nodes)}
         refined = {}
         for j, node_id in enumerate(valid):
-            if not benign[j]:
+            if status[j] == cj.pool.CONTAMINATED:
                 continue
             own = {}
             for (shape, members), result in zip(groups.items(), results):
@@ -583,7 +620,7 @@ def _clair_groups(problems, options):
     results = cj.clair_groups(problems, **options)
     first = results[0]  # every result carries the same pooled verdict
     return results, _Verdict(np.asarray(first.client_benign), np.asarray(first.client_scores),
-                             np.asarray(first.client_z))
+                             np.asarray(first.client_z), np.asarray(first.client_status))
 
 
 @dataclass(frozen=True)
@@ -591,3 +628,4 @@ class _Verdict:
     benign: np.ndarray
     scores: np.ndarray
     z: np.ndarray
+    status: np.ndarray

@@ -166,6 +166,13 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
                       "problem(s): σ̂, read from the stack's median singular value, may hold shared signal there, "
                       "so r̂ may miss true directions and the benign clients keep their off-subspace part; pass "
                       "noise= (the per-entry noise std) or rank= where known", RuntimeWarning, stacklevel=_outside())
+    if verdict.status is None:
+        # The public status: outside Ŝ, honest but noisy where noise-like in every problem
+        # with a shared subspace (pool.client_status); over this process's problems.
+        status = pool.client_status(verdict.benign, _concat([r.noisy for r in refinements]),
+                                    _concat([r.rank for r in refinements]),
+                                    _concat([d.copies for d in detections]))
+        verdict = verdict._replace(status=status)
     return tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
 
 

@@ -18,7 +18,21 @@ import jax.numpy as jnp
 from clair_jax._compile import program
 from clair_jax.detect import MIN_GAP, split_scores
 
-__all__ = ["ClientVerdict", "client_verdict", "layer_threshold", "pool_verdicts"]
+__all__ = ["BENIGN", "NOISY", "CONTAMINATED", "STATUSES", "ClientVerdict", "client_status", "client_verdict",
+           "layer_threshold", "pool_verdicts", "status_names"]
+
+#: Client status codes (``ClairResult.client_status``, ``ClientVerdict.status``):
+#: in the collaborative set (Û is fitted on it, it is refined) ...
+BENIGN = 0
+#: ... honest but noisy: left out of Û, its update the shared signal plus more
+#: noise than the others' (:func:`clair_jax.refine.noise_like` in every problem
+#: with a shared subspace); refined by projection, not accused ...
+NOISY = 1
+#: ... or contaminated: evidence off the shared subspace beyond what its own noise
+#: explains (or a non-finite or repeated update); it keeps its update.
+CONTAMINATED = 2
+#: The names of the status codes, indexed by code.
+STATUSES = ("benign", "noisy", "contaminated")
 
 
 def layer_threshold(z_crit: float, n: int) -> float:
@@ -50,16 +64,61 @@ class ClientVerdict(NamedTuple):
     """One verdict per client, pooled over problems.
 
     Attributes:
-        benign: (K,) bool, the client-level collaborative set.
+        benign: (K,) bool, the client-level collaborative set Ŝ: the clients Û is
+            fitted on. False does not by itself accuse a client: read ``status``.
         scores: (K,) mean contamination score over problems.
         z: (K,) mean refit statistic over problems.
         nonfinite: (K,) bool, clients whose update holds NaN/Inf in some problem.
+        status: (K,) int8, the public verdict: :data:`BENIGN` (in Ŝ), :data:`NOISY`
+            (honest but noisier: outside Ŝ, refined by projection, not accused) or
+            :data:`CONTAMINATED` (:func:`client_status`; names in :data:`STATUSES`,
+            :func:`status_names`). None from :func:`client_verdict`, which sees only
+            the detection's evidence: the noise test needs Û, so
+            :func:`clair_jax.conclude` and :func:`pool_verdicts` fill it in.
     """
 
     benign: jax.Array
     scores: jax.Array
     z: jax.Array
     nonfinite: jax.Array
+    status: jax.Array | None = None
+
+
+def client_status(benign, noisy, rank, copies=None) -> jax.Array:
+    """(K,) int8 status per client from the verdict and the refinement's per-problem evidence.
+
+    A client of the collaborative set is :data:`BENIGN`. A client outside it is
+    :data:`NOISY` (honest but noisy) when, in every problem with a shared subspace
+    (r̂ > 0, at least one), its update looks like an honest one under heavier noise
+    (``noisy``, :func:`clair_jax.refine.noise_like`: a flat residual spectrum, as
+    isotropic noise leaves, and the shared signal inside Û) and it repeats no other
+    client's update; else it is :data:`CONTAMINATED`. Contamination confined to one
+    problem (one layer) is structured there, so the client is contaminated.
+
+    Args:
+        benign: (K,) bool, the pooled collaborative set.
+        noisy: (n, K) bool, per problem: outside the set, finite and noise-like.
+        rank: (n,) r̂ per problem.
+        copies: (n, K) bool or None, clients repeating another's update per problem.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> noisy = jnp.array([[False, True, False], [False, True, True]])
+        >>> s = cj.pool.client_status(jnp.array([True, False, False]), noisy, jnp.array([3, 3]))
+        >>> cj.pool.status_names(s)
+        ['benign', 'noisy', 'contaminated']
+    """
+    noisy = jnp.reshape(jnp.asarray(noisy, bool), (-1, jnp.shape(benign)[-1]))
+    has_subspace = jnp.reshape(jnp.asarray(rank), (-1,))[:, None] > 0
+    like = jnp.all(noisy | ~has_subspace, axis=0) & jnp.any(has_subspace)
+    if copies is not None:
+        like = like & ~jnp.any(jnp.reshape(jnp.asarray(copies, bool), noisy.shape), axis=0)
+    return jnp.where(benign, BENIGN, jnp.where(like, NOISY, CONTAMINATED)).astype(jnp.int8)
+
+
+def status_names(status) -> list:
+    """The names (:data:`STATUSES`) of a (K,) array of status codes."""
+    return [STATUSES[int(s)] for s in jnp.reshape(jnp.asarray(status), (-1,)).tolist()]
 
 
 def client_verdict(benign, scores, z, usable, *, z_crit=5.0, min_gap=MIN_GAP, threshold=None) -> ClientVerdict:
@@ -123,6 +182,10 @@ def pool_verdicts(results: Sequence, *, z_crit=5.0, min_gap=MIN_GAP, threshold=N
     ``min_gap`` and ``threshold`` as there). Results may differ in shapes and in
     their leading (module) axes.
 
+    The pooled ``status`` (:func:`client_status`) reads each result's ``noisy``,
+    ``copies`` and ``rank``: a client outside the pooled set is honest but noisy
+    when it is noise-like in every problem of every result with r̂ > 0.
+
     Example:
         >>> import clair_jax as cj
         >>> fed = cj.data.make_federation(0, num_clients=12, p=10, q=3, rank=2, contamination=0.25)
@@ -142,5 +205,7 @@ def pool_verdicts(results: Sequence, *, z_crit=5.0, min_gap=MIN_GAP, threshold=N
         return jnp.concatenate([jnp.reshape(getattr(r, field), (-1, k)) for r in results])
 
     usable = jnp.concatenate([jnp.broadcast_to(~r.nonfinite, jnp.reshape(r.benign, (-1, k)).shape) for r in results])
-    return client_verdict(stacked("benign"), stacked("scores"), stacked("residual_z"), usable,
-                          z_crit=z_crit, min_gap=min_gap, threshold=threshold)
+    verdict = client_verdict(stacked("benign"), stacked("scores"), stacked("residual_z"), usable,
+                             z_crit=z_crit, min_gap=min_gap, threshold=threshold)
+    rank = jnp.concatenate([jnp.reshape(r.rank, (-1,)) for r in results])
+    return verdict._replace(status=client_status(verdict.benign, stacked("noisy"), rank, stacked("copies")))

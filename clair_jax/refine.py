@@ -823,7 +823,11 @@ def _refine_factors(coefficients, right, basis, ranks, blocks, factors_b, usable
     basis, coefficients = basis[..., :width], coefficients[..., :width]
     share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
         basis, blocks, ranks, noise_level, columns, used), 0.0)
-    noisy = _noisy(basis, blocks, ranks, columns, usable, used, p)
+    # LoRA's estimation noise lives in the trained factor B_k: judge noise-likeness on
+    # Qᵀ B_k = X_k (A_k R_k)⁺, where isotropic noise in B stays isotropic (in X_k it is
+    # coloured by A_k's singular values, which no flatness test should read as structure).
+    whitened = jnp.einsum("nkdr,nkrs->nkds", blocks, jnp.linalg.pinv(right))
+    noisy = _noisy(basis, whitened, ranks, columns, usable, used, p)
 
     def one(args):
         coef, rt, b, ok, u, r, sh = args

@@ -9,6 +9,7 @@ import numpy as np
 
 from clair_jax.decompose import Decomposition
 from clair_jax.lora import LoRAFactors
+from clair_jax.pool import CONTAMINATED, NOISY, status_names
 from clair_jax.stack import orient
 
 __all__ = ["ClairResult", "assemble"]
@@ -17,19 +18,27 @@ __all__ = ["ClairResult", "assemble"]
 class ClairResult(NamedTuple):
     """What CLAIR found. ``...`` are the input's leading (layer / module) axes.
 
+    The public verdict is ``client_status`` (names: :meth:`statuses`): every
+    client is ``"benign"`` (in the collaborative set Ŝ; Û is fitted on it),
+    ``"noisy"`` (honest but noisier than the rest: kept out of Û, refined by
+    projection, not accused) or ``"contaminated"`` (keeps its update). Integrations
+    serve a refined update to every client that is not contaminated.
+    ``client_benign`` is Ŝ, the set Û is fitted on: False there does not by
+    itself accuse a client.
+
     Attributes:
         benign: (..., K) bool, the collaborative set of each problem.
         scores: (..., K) contamination scores ‖Ĉ_k‖_F/‖Θ̂_k‖_F in [0, 1].
-        client_benign: (K,) bool verdict pooled over all problems (what the
-            refinement uses when there are leading axes); see
-            :func:`clair_jax.pool.client_verdict`.
+        client_benign: (K,) bool, the collaborative set Ŝ pooled over all problems
+            (the clients Û is fitted on); see :func:`clair_jax.pool.client_verdict`.
+            A client outside it may be honest but noisy: read ``client_status``.
         client_scores: (K,) mean score over problems.
         client_z: (K,) mean refit statistic over problems (the pooled verdict
             flags a client whose mean exceeds ``z_crit``, or whose largest one
             exceeds :func:`clair_jax.pool.layer_threshold`).
         residual_z: (..., K) refit statistic: off-subspace energy above the benign
             median, in robust standard deviations (0 when ``refit=False``).
-        nonfinite: (K,) bool, clients whose update holds NaN/Inf (always flagged).
+        nonfinite: (K,) bool, clients whose update holds NaN/Inf (always contaminated).
         subspace: (..., p, r_max) Û, orthonormal columns; columns ≥ ``rank`` are 0.
         rank: (...,) r̂; 0 where no shared direction was found (the benign updates of
             that problem are then returned unrefined, and a ``RuntimeWarning`` says so).
@@ -49,10 +58,11 @@ class ClairResult(NamedTuple):
             refined client kept (:func:`clair_jax.refine.local_share`): 0 is the plain
             projection ÛÛᵀΘ̂_k; above 0 the client carried more outside Û than noise
             would, and its update was moved only part of the way (1 = its local update).
-        noisy: (..., K) bool, flagged clients whose update looks like an honest one
-            under heavier noise (a flat residual spectrum, the shared signal inside Û:
-            :func:`clair_jax.refine.noise_like`). They stay flagged and out of Û, and
-            their refined update is the projection ÛÛᵀΘ̂_k.
+        noisy: (..., K) bool, per problem, clients outside Ŝ whose update looks like an
+            honest one under heavier noise (a flat residual spectrum, the shared signal
+            inside Û: :func:`clair_jax.refine.noise_like`). They stay out of Û, and their
+            refined update there is the projection ÛÛᵀΘ̂_k. Noise-like in every problem
+            with r̂ > 0 makes the client's status ``"noisy"``.
         copies: (..., K) bool, clients whose update repeats a lower-numbered client's
             (:func:`clair_jax.detect.repeated`): a repeated update counts once, so
             they are flagged and left out of Û (refined like any flagged client:
@@ -67,6 +77,10 @@ class ClairResult(NamedTuple):
             and the spread between clients explain (``coordinate_noise``,
             :func:`clair_jax.refine.pool_members`): Û was fitted again without them and
             they keep their update. All False without ``coordinate_noise``.
+        client_status: (K,) int8, the public verdict per client:
+            :data:`clair_jax.pool.BENIGN` (0), :data:`~clair_jax.pool.NOISY` (1) or
+            :data:`~clair_jax.pool.CONTAMINATED` (2) (:func:`clair_jax.pool.client_status`;
+            :meth:`statuses` gives the names).
     """
 
     benign: jax.Array
@@ -89,6 +103,22 @@ class ClairResult(NamedTuple):
     copies: jax.Array
     crowded: jax.Array
     outlying: jax.Array
+    client_status: jax.Array
+
+    def statuses(self) -> list:
+        """Each client's status by name: ``"benign"``, ``"noisy"`` or ``"contaminated"``.
+
+        Example:
+            >>> import clair_jax as cj
+            >>> fed = cj.data.make_federation(0, num_clients=12, p=10, q=3, rank=2, contamination=0.25)
+            >>> cj.clair(fed.updates).statuses()[5:9]
+            ['benign', 'contaminated', 'contaminated', 'contaminated']
+        """
+        return status_names(self.client_status)
+
+    def contaminated(self) -> np.ndarray:
+        """(K,) bool, the clients reported contaminated (status ``"contaminated"``)."""
+        return np.asarray(self.client_status) == CONTAMINATED
 
     def summary(self) -> str:
         """A short human-readable report, one finding per line.
@@ -99,7 +129,8 @@ class ClairResult(NamedTuple):
             >>> print(cj.clair(fed.updates).summary().splitlines()[0])
             clients: 12, flagged contaminated: 3 [6, 7, 8]
         """
-        flagged = np.flatnonzero(~np.asarray(self.client_benign))
+        flagged = np.flatnonzero(self.contaminated())
+        honest_noisy = np.flatnonzero(np.asarray(self.client_status) == NOISY)
         rank = np.asarray(self.rank)
         converged = np.asarray(self.converged)
         lines = [
@@ -109,6 +140,9 @@ class ClairResult(NamedTuple):
             f"noise level σ̂ (per entry):     {_span(np.asarray(self.noise_level), '{:.3g}')}",
             f"solver converged: {int(converged.sum())}/{converged.size} problems",
         ]
+        if honest_noisy.size:
+            lines.append(f"honest but noisy (not contaminated: left out of Û, refined by projection): "
+                         f"{honest_noisy.tolist()}")
         if not converged.all():
             lines.append("  not converged: raise max_iter or loosen tol; verdicts of those problems are provisional")
         if np.any(rank == 0):
@@ -121,9 +155,10 @@ class ClairResult(NamedTuple):
         if kept.size:
             lines.append(f"refined only part of the way (> half their off-subspace part kept, weak evidence "
                          f"that it is noise): {kept.tolist()}")
-        noisy = self._in_any_problem(self.noisy)
+        noisy = np.setdiff1d(self._in_any_problem(self.noisy), honest_noisy)
         if noisy.size:
-            lines.append(f"flagged but noise-like (left out of Û, refined by projection): {noisy.tolist()}")
+            lines.append(f"contaminated, but noise-like in some problems (refined by projection there): "
+                         f"{noisy.tolist()}")
         outlying = self._in_any_problem(self.outlying)
         if outlying.size:
             lines.append(f"benign but not explained inside Û by their reported noise (left out of Û and the "
@@ -178,4 +213,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         copies=unflatten(detection.copies),
         crowded=unflatten(refinement.crowded),
         outlying=unflatten(refinement.outlying),
+        client_status=verdict.status,
     )

@@ -225,7 +225,7 @@ def test_aggregate_end_to_end(tmp_path, capsys):
     benign = np.asarray(res.client_benign)
     assert not benign[0]
     assert [c["benign"] for c in report["clients"]] == benign.tolist()
-    assert "client00" in printed.out and "flagged" in printed.out and str(out) in printed.out
+    assert "client00" in printed.out and "contaminated" in printed.out and str(out) in printed.out
     assert "module groups" in printed.err                                     # the progress bar
     assert report["groups"][0]["modules"] == QS and len(report["groups"][0]["rank"]) == 2
     assert set(report["groups"][0]) >= {"shape", "modules", "rank", "lam", "noise_level", "converged"}

@@ -9,9 +9,12 @@ Steps (DESIGN §6):
    PEFT scaling folded into B and ranks zero-padded), run CLAIR on the factors:
    ``cj.clair_groups`` with one client verdict per call;
 3. pool the calls' verdicts into one client verdict (``cj.pool_verdicts``);
-   a chunk whose verdict let in a client the pooled verdict flags is solved again
-   without the flagged clients, so no Û is estimated with them in it;
-4. write, for every benign client, ``OUT/<name>/`` with the client's own
+   a chunk whose verdict let in a client the pooled verdict leaves out of the
+   collaborative set is refined again with the pooled verdict (``cj.screen`` +
+   ``cj.conclude``), so no Û is estimated with it in it;
+4. write, for every client whose status is not ``"contaminated"`` (``"benign"``,
+   or ``"noisy"``: honest but noisier, refined by projection onto Û, which it did
+   not help estimate), ``OUT/<name>/`` with the client's own
    ``adapter_config.json`` and an ``adapter_model.safetensors`` with the same keys,
    shapes and dtypes: ``lora_A`` and every full weight byte for byte, ``lora_B``
    refined (B̃ = ÛÛᵀB, the scaling divided back out, the padded rank cut off);
@@ -120,6 +123,18 @@ def _clair_call(factors, clients=None, **options):
         factors = [cj.LoRAFactors(f.B[:, clients], f.A[:, clients]) for f in factors]
     factors = [cj.LoRAFactors(jnp.asarray(f.B), jnp.asarray(f.A)) for f in factors]
     return cj.clair_groups(factors, **options)
+
+
+def _refine_with(factors, verdict, **options):
+    """One call's groups refined with the pooled ``verdict`` (every client present;
+    the call's own noise test decides which clients outside the set are noisy)."""
+    import jax.numpy as jnp
+
+    import clair_jax as cj
+
+    factors = [cj.LoRAFactors(jnp.asarray(f.B), jnp.asarray(f.A)) for f in factors]
+    screen_options = {key: value for key, value in options.items() if key != "coordinate_noise"}
+    return cj.conclude(cj.screen(factors, **screen_options), verdict._replace(status=None))
 
 
 def _pool(results, options):
@@ -272,23 +287,27 @@ def _write_global(federation, benign, store, out_dir, rank):
 
 def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=None, chunk_bytes=CHUNK_BYTES,
               progress=False, **clair_options) -> dict:
-    """Refine K PEFT LoRA adapters with CLAIR and write one refined adapter per benign client.
+    """Refine K PEFT LoRA adapters with CLAIR and write a refined adapter for every client not contaminated.
 
     Args:
         dirs: K ≥ 3 adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``).
-        out_dir: where ``<basename of dir>/`` is written for each benign client.
+        out_dir: where ``<basename of dir>/`` is written for each client whose status is
+            ``"benign"`` or ``"noisy"`` (honest but noisier: its update projected onto Û).
         json_path: also write the report (the returned dict) there as JSON.
         global_rank: also write ``out_dir/global_adapter/``: per module the rank-R
-            truncated SVD of the mean refined benign ΔW (s = 1: r = lora_alpha = R).
-        keep_flagged: copy each flagged client's adapter there unchanged.
+            truncated SVD of the mean refined ΔW of the collaborative set (status
+            ``"benign"``; noisy clients are left out of it as of Û) (s = 1: r = lora_alpha = R).
+        keep_flagged: copy each contaminated client's adapter there unchanged.
         chunk_bytes: budget of one module group (float32 factors of all clients);
             peak memory is about one module group plus the refined lora_B's.
         progress: a progress bar over module groups on stderr.
         **clair_options: passed to ``cj.clair_groups`` (rank, lam, noise, z_crit, …).
 
     Returns:
-        The report: ``clients`` (input order: name, path, benign, score, z,
-        nonfinite, output, flagged_copy, lora_rank, dtypes, passthrough,
+        The report: ``clients`` (input order: name, path, status — ``"benign"``,
+        ``"noisy"`` or ``"contaminated"``, the verdict to act on (an output is written
+        unless contaminated) —, benign (in the collaborative set Û is fitted on),
+        score, z, nonfinite, output, flagged_copy, lora_rank, dtypes, passthrough,
         local_modules, module_z: the refit statistic per module), ``groups`` (per
         module group: shape, modules, lora_rank and per module r̂, λ, noise level,
         convergence), ``global_adapter``, timings.
@@ -296,6 +315,8 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     Raises:
         AdapterError: a client that cannot be used (nothing is written then).
     """
+    from clair_jax.pool import CONTAMINATED, STATUSES   # jax only once there is work
+
     t0 = time.perf_counter()
     federation = load_federation(dirs)
     _check_outputs(federation, out_dir, keep_flagged, global_rank)
@@ -324,35 +345,39 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     verdict = _pool([r for results in results_by_call for r in results], clair_options)
     benign = np.asarray(verdict.benign, bool)
 
-    # A module group whose own verdict let in a client the pooled verdict flags is
-    # solved again without the flagged clients (only possible with several calls).
+    # A module group whose own verdict let in a client the pooled verdict leaves out
+    # of the set is refined again with the pooled verdict (only possible with several calls).
     resolved = []
-    keep = np.flatnonzero(benign).tolist()
     for ci, (call, results) in enumerate(zip(calls, results_by_call)):
         own = np.asarray(results[0].client_benign, bool)
-        if not np.any(own & ~benign) or len(keep) < 2:
+        if not np.any(own & ~benign) or benign.sum() < 2:
             continue
         resolved.append(ci)
         factors = [federation.factors(c.group, c.modules) for c in call]
-        again = _clair_call(factors, clients=keep, **clair_options)
+        again = _refine_with(factors, verdict, **clair_options)
         for chunk, res in zip(call, again):
-            _refined_outputs(federation, chunk, res, keep, store)
+            _refined_outputs(federation, chunk, res, everyone, store)
         results_by_call[ci] = tuple(_light(r) for r in again)
+    if resolved:   # the status reads every call's final noise test
+        verdict = _pool([r for results in results_by_call for r in results], clair_options)
+    status = np.asarray(verdict.status)
+    served = status != CONTAMINATED
     t_solve_total = time.perf_counter() - t0
 
-    # Where each client kept its local lora_B: flagged in that call, or no subspace;
-    # and each client's refit statistic per module (absent where a call left it out).
+    # Where each client kept its local lora_B: outside the set and not noise-like in
+    # that module, or no subspace; and each client's refit statistic per module.
     local = np.zeros(k, int)
     module_z = [{} for _ in range(k)]
-    for ci, (call, results) in enumerate(zip(calls, results_by_call)):
-        members = keep if ci in resolved else everyone
+    for call, results in zip(calls, results_by_call):
         for chunk, res in zip(call, results):
             own = np.asarray(res.client_benign, bool)
             no_sub = np.asarray(res.rank).reshape(-1) == 0
+            projected = np.asarray(res.noisy, bool).reshape(len(chunk.modules), -1)
             z = np.asarray(res.residual_z, float).reshape(len(chunk.modules), -1)
-            for col, j in enumerate(members):
-                local[j] += len(chunk.modules) if not own[col] else int(no_sub.sum())
-                module_z[j].update({name: float(z[i, col]) for i, name in enumerate(chunk.modules)})
+            for j in everyone:
+                refined_here = (own[j] | projected[:, j]) & ~no_sub
+                local[j] += len(chunk.modules) - int(refined_here.sum())
+                module_z[j].update({name: float(z[i, j]) for i, name in enumerate(chunk.modules)})
 
     # Step 4: write.
     t = time.perf_counter()
@@ -360,7 +385,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     clients = []
     for j, client in enumerate(federation.clients):
         output = flagged_copy = None
-        if benign[j]:
+        if served[j]:
             tensors = {}
             with safe_open(client.weights_path, framework="numpy") as fh:
                 for key in client.keys:
@@ -372,10 +397,11 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             flagged_copy = os.path.join(keep_flagged, client.name)
             _copy_adapter(client, flagged_copy)
         clients.append(dict(
-            name=client.name, path=client.path, benign=bool(benign[j]), score=float(verdict.scores[j]),
+            name=client.name, path=client.path, status=STATUSES[int(status[j])], benign=bool(benign[j]),
+            score=float(verdict.scores[j]),
             z=float(verdict.z[j]), nonfinite=bool(verdict.nonfinite[j]), output=output, flagged_copy=flagged_copy,
             lora_rank=max(e.rank for e in client.modules.values()), dtypes=list(client.dtypes),
-            passthrough=list(client.passthrough), local_modules=int(local[j]) if benign[j] else None,
+            passthrough=list(client.passthrough), local_modules=int(local[j]) if served[j] else None,
             module_z=module_z[j],
         ))
     global_path = None

@@ -23,11 +23,11 @@ def add_arguments(parser):
     parser.add_argument("clients", nargs="+", metavar="CLIENT_DIR",
                         help="PEFT LoRA adapter directories (adapter_config.json + adapter_model.safetensors), K >= 3")
     parser.add_argument("--out", required=True, metavar="OUT_DIR",
-                        help="write OUT_DIR/<client dir name>/ for every benign client")
+                        help="write OUT_DIR/<client dir name>/ for every client not contaminated (benign or noisy)")
     parser.add_argument("--json", metavar="REPORT", help="also write the report as JSON")
     parser.add_argument("--global-rank", type=_positive_int, metavar="R",
                         help="also write OUT_DIR/global_adapter/: rank-R SVD of the mean refined benign update")
-    parser.add_argument("--keep-flagged", metavar="DIR", help="copy each flagged client's adapter here unchanged")
+    parser.add_argument("--keep-flagged", metavar="DIR", help="copy each contaminated client's adapter here unchanged")
     parser.add_argument("--rank", type=_positive_int, help="shared rank r̂ (default: chosen from the spectrum)")
     parser.add_argument("--z-crit", type=float, default=5.0,
                         help="refit test: robust standard deviations allowed above the benign median (default 5)")
@@ -39,10 +39,11 @@ def add_arguments(parser):
 
 
 def format_table(report) -> str:
-    """The terminal table: client, verdict, score, z, output."""
+    """The terminal table: client, verdict (its status), score, z, output."""
     rows = [("client", "verdict", "score", "z", "output")]
     for c in report["clients"]:
-        verdict = "benign" if c["benign"] else ("flagged (non-finite)" if c["nonfinite"] else "flagged")
+        status = c.get("status", "benign" if c["benign"] else "contaminated")
+        verdict = "contaminated (non-finite)" if c["nonfinite"] else status
         rows.append((c["name"], verdict, f"{c['score']:.3f}", f"{c['z']:.2f}", c["output"] or c["flagged_copy"] or "—"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows)
@@ -78,9 +79,11 @@ def run(args) -> int:
         return 2
     print(format_table(report))
     written = [c for c in report["clients"] if c["output"]]
-    flagged = [c["name"] for c in report["clients"] if not c["benign"]]
+    flagged = [c["name"] for c in report["clients"] if c["status"] == "contaminated"]
+    noisy = [c["name"] for c in report["clients"] if c["status"] == "noisy"]
     print(f"\n{len(written)} refined adapter(s) written to {report['out_dir']}"
-          + (f"; flagged, no output: {', '.join(flagged)}" if flagged else ""))
+          + (f" (honest but noisy, refined by projection, not used to fit Û: {', '.join(noisy)})" if noisy else "")
+          + (f"; contaminated, no output: {', '.join(flagged)}" if flagged else ""))
     if any(c["passthrough"] for c in report["clients"]):
         print("full weights (modules_to_save / lora_bias) were copied through unchanged per client")
     if report["global_adapter"]:
