@@ -27,10 +27,19 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+def _selects_slow(config):
+    """``-m slow`` (the slow tier's command, README) asks for the slow tests by marker."""
+    words = (config.getoption("markexpr") or "").replace("(", " ").replace(")", " ").split()
+    return any(w == "slow" and (i == 0 or words[i - 1] != "not") for i, w in enumerate(words))
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
+    """Two tiers: ``-m "not slow"`` (what CI runs) and ``-m slow`` (end-to-end,
+    notebook, multi-process and benchmark runs that are long by nature); a plain run
+    skips the slow tests unless ``--runslow``."""
+    if config.getoption("--runslow") or _selects_slow(config):
         return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    skip = pytest.mark.skip(reason="slow: run with -m slow or --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -23,6 +23,7 @@ def _run(name, seed=0):
     return adv.run_case(name, seed)
 
 
+@pytest.mark.slow   # the benchmark's cheap rows end to end; each class is tested on its own below
 def test_quick_zoo_runs_and_writes_json(tmp_path):
     out = tmp_path / "adv.json"
     summary = adv.main(["--quick", "--json", str(out)])

@@ -26,6 +26,7 @@ def _run(module, tmp_path, *extra):
     return result, payload
 
 
+@pytest.mark.slow   # CVXPY, and fresh processes pinned to one core and to both
 def test_bench_solver_quick(tmp_path):
     rows, _ = _run("bench_solver", tmp_path)
     assert {r["program"] for r in rows} == {"exact", "penalized"}
@@ -56,6 +57,7 @@ def test_bench_llm_quick(tmp_path):
     assert dense and dense[0]["dense_s"] is not None
 
 
+@pytest.mark.slow   # a 7B-shaped call's stages at quick size; the stages are tested in test_stages
 def test_bench_llm_call_breakdown_quick(tmp_path):
     # The cold one-call sweep runs fresh processes (minutes); the stage breakdown is in-process.
     (runs, rows), _ = _run("bench_llm_call", tmp_path, "--breakdown", "--no-sweep", "--noise", "0", "0.05")
@@ -63,6 +65,7 @@ def test_bench_llm_call_breakdown_quick(tmp_path):
     assert all(r["correct"] and r["detect_ms"] > 0 and r["reduce_ms"] > 0 for r in rows)
 
 
+@pytest.mark.slow   # the host-device rows run in a fresh process
 def test_bench_scaling_quick(tmp_path):
     (rows, dev_rows), _ = _run("bench_scaling", tmp_path)
     assert all(r["converged"] for r in rows)
@@ -84,6 +87,7 @@ def test_gram_svt_accuracy_quick(tmp_path):
     assert rows[0]["certified"] == 1.0  # τ = 0.3 σ₁: always certified
 
 
+@pytest.mark.slow   # a fresh process with 2 host devices
 def test_cpu_concurrency_quick(tmp_path):
     # Two programs on two host devices, in a fresh process: the smallest case runs.
     rows, _ = _run("investigations.cpu_concurrency", tmp_path)
@@ -91,6 +95,7 @@ def test_cpu_concurrency_quick(tmp_path):
     assert rows[0]["result"] == "runs" and rows[0]["concurrent_s"] > 0 and rows[0]["speedup"] > 0
 
 
+@pytest.mark.slow   # 2 processes joined by jax.distributed (~30 s)
 def test_bench_hosts_quick(tmp_path):
     # Two processes joined by jax.distributed (gloo), each screening half the modules and
     # refining with the pooled verdict: the one-process verdicts and ranks.

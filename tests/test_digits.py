@@ -63,6 +63,7 @@ def test_accuracy_weights_each_class_by_the_clients_mix(data):
     np.testing.assert_allclose(D.accuracy(always3, fed), fed.mix[:, 3], atol=1e-12)
 
 
+@pytest.mark.slow   # the quick notebook's study end to end (~35 s on 2 cores)
 def test_cli_runs_the_study_and_writes_json(tmp_path, capsys):
     path = tmp_path / "digits.json"
     # The quick notebook's federation (seed 0, mixed, K = 40): its programs compile once per test run.
@@ -84,6 +85,12 @@ def test_cli_runs_the_study_and_writes_json(tmp_path, capsys):
     assert acc["clair (reported noise)"] > max(acc["clair (pooling)"], acc["local"])
     assert run["clair"]["outlying_contaminated"] > run["clair"]["outlying_benign"]
     assert "set aside (reported)" in printed
+
+
+def test_cli_reaches_the_study_and_its_checks():
+    """Fast smoke of ``clair digits``: the command parses and its options reach the study."""
+    with pytest.raises(ValueError, match="contamination"):
+        cli.main(["digits", "--kind", "mixed", "--seeds", "1", "--contamination", "1.5", "--quiet"])
 
 
 @pytest.mark.slow

@@ -69,6 +69,7 @@ def test_api_reference_documents_every_public_name(site):
     assert ":func:" not in html and ":class:" not in html  # Sphinx roles became links
 
 
+@pytest.mark.slow   # a second full site build (~1 min on 2 cores)
 def test_strict_build_fails_on_a_reference_to_nothing(tmp_path):
     """A docstring citing a name that does not exist must fail the build, not print as text."""
     for part in ("mkdocs.yml", "CHANGELOG.md", "docs", "clair_jax", "notebooks/figures"):

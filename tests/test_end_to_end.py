@@ -37,6 +37,7 @@ def test_flagged_by_kind_counts_by_hand():
     assert flagged_by_kind(verdict, benign, kinds) == {"benign": 1 / 3, "shuffled": 0.5, "sign_flip": 1.0}
 
 
+@pytest.mark.slow   # 200 training steps of 12 MLP clients, then every aggregator (~20 s on 2 cores)
 def test_mlp_ranks_clair_ahead_of_local_and_fedavg():
     out = run_mlp(2, num_clients=12, contamination=0.25, num_samples=(100, 150), steps=200, num_test=100)
     m = out["methods"]

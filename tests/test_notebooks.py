@@ -1,4 +1,9 @@
-"""Every notebook under notebooks/ runs top to bottom in quick mode (CLAIR_QUICK=1)."""
+"""Every notebook under notebooks/ runs top to bottom in quick mode (CLAIR_QUICK=1).
+
+Slow tier (``-m slow``): each notebook is a run of its own study (15-60 s on 2
+cores, about 4 minutes for all); the functions they call are tested in the fast
+tier on the same quick shapes (test_end_to_end, test_digits, test_copy_task).
+"""
 
 import os
 import pathlib
@@ -11,6 +16,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("CLAIR_QUICK", "1")
