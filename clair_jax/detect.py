@@ -565,16 +565,22 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
     spectrum = svd.s * svd.peak
     unweight = (scale / weights)[:, None, None]
     # The exact program's objective is homogeneous of degree 1, the penalised one's of degree 2.
+    # Norms are taken in the solver's units and scaled after (‖c·C_k‖ = |c|‖C_k‖): squaring
+    # entries of a 1e30-scaled input would overflow where the norm itself does not.
+    block_norms = safe_frobenius_norm(sol.sparse) * (scale / weights)
+    objective = sol.objective * jnp.where(mu > 0, scale**2, scale)
     dec = Decomposition(
         low_rank=sol.low_rank * unweight,
         sparse=sol.sparse * unweight,
-        block_norms=safe_frobenius_norm(sol.sparse * unweight),
+        block_norms=block_norms,
         singular_values=sol.singular_values * scale,
         iterations=sol.iterations,
-        # A non-finite intermediate is never reported as converged.
+        # A non-finite intermediate or reported number is never reported as converged (the
+        # penalised objective grows with scale²: past ≈ 1e19 it overflows float32).
         converged=sol.converged & jnp.all(jnp.isfinite(sol.low_rank)) & jnp.all(jnp.isfinite(sol.sparse))
-        & jnp.isfinite(sol.objective) & jnp.all(jnp.isfinite(z)),
-        objective=sol.objective * jnp.where(mu > 0, scale**2, scale),
+        & jnp.isfinite(sol.objective) & jnp.all(jnp.isfinite(z)) & jnp.isfinite(objective)
+        & jnp.all(jnp.isfinite(block_norms)),
+        objective=objective,
         primal_residual=sol.primal_residual,
         dual_residual=sol.dual_residual,
         lam=lams[best],

@@ -122,10 +122,23 @@ def screen(groups: Sequence, *, devices=None, **options) -> Screening:
 
     if devices is None:
         problems = [stack.problems(g, opts.side) for g in groups]
+        _check_some_client_finite(problems, names)
         detections = [detect.until_settled(p, opts) for p in problems]
     else:
         problems, detections = zip(*(_detect_on_devices(g, opts, devices) for g in groups))
+        _check_some_client_finite(problems, names)
     return Screening(tuple(problems), tuple(detections), opts)
+
+
+def _check_some_client_finite(problems, names):
+    """Refuse input where every client's update holds NaN/Inf: there is nothing to judge."""
+    k = problems[0].num_clients
+    usable = jnp.all(jnp.concatenate([jnp.reshape(p.usable, (-1, k)) for p in problems]), axis=0)
+    if not bool(jnp.any(usable)):
+        where = names[0] if len(names) == 1 else "groups"
+        raise ValueError(f"{where}: no client has finite data: every one of the {k} clients' updates holds "
+                         "NaN or Inf (a client with any non-finite entry is excluded), so there is nothing "
+                         "to aggregate")
 
 
 def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *, coordinate_noise=None) -> tuple:

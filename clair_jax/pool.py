@@ -105,8 +105,8 @@ def client_status(benign, noisy, rank, copies=None) -> jax.Array:
         >>> import jax.numpy as jnp, clair_jax as cj
         >>> noisy = jnp.array([[False, True, False], [False, True, True]])
         >>> s = cj.pool.client_status(jnp.array([True, False, False]), noisy, jnp.array([3, 3]))
-        >>> cj.pool.status_names(s)
-        ['benign', 'noisy', 'contaminated']
+        >>> " ".join(cj.pool.status_names(s))
+        'benign noisy contaminated'
     """
     noisy = jnp.reshape(jnp.asarray(noisy, bool), (-1, jnp.shape(benign)[-1]))
     has_subspace = jnp.reshape(jnp.asarray(rank), (-1,))[:, None] > 0

@@ -81,6 +81,9 @@ class ClairResult(NamedTuple):
             :data:`clair_jax.pool.BENIGN` (0), :data:`~clair_jax.pool.NOISY` (1) or
             :data:`~clair_jax.pool.CONTAMINATED` (2) (:func:`clair_jax.pool.client_status`;
             :meth:`statuses` gives the names).
+        spectrum: (..., s) singular values of each problem's stacked benign updates (the
+            detection's final set, capped), descending, in the input's units: what r̂ and
+            σ̂ are read from (:meth:`plot` draws them).
     """
 
     benign: jax.Array
@@ -104,6 +107,29 @@ class ClairResult(NamedTuple):
     crowded: jax.Array
     outlying: jax.Array
     client_status: jax.Array
+    spectrum: jax.Array
+
+    def plot(self, path=None, *, z_crit: float = 5.0, client_names=None, max_spectra: int = 6):
+        """A picture of the verdict (needs matplotlib; imported only here).
+
+        Three panels: each client's pooled refit z against ``z_crit`` (use the value
+        the result was computed with), coloured by its status; a clients × problems
+        heatmap of the per-problem refit z; up to ``max_spectra`` problems' stacked
+        benign spectra with r̂ (circled) and the noise edge σ̂(√p + √n) (dotted).
+
+        Args:
+            path: also save the figure there (PNG, PDF or SVG by extension).
+            client_names: K labels (default "client 0", ...).
+
+        Returns:
+            The matplotlib ``Figure``.
+
+        Raises:
+            ImportError: matplotlib is not installed.
+        """
+        from clair_jax.plotting import result_figure
+
+        return result_figure(self, path, z_crit=z_crit, client_names=client_names, max_spectra=max_spectra)
 
     def statuses(self) -> list:
         """Each client's status by name: ``"benign"``, ``"noisy"`` or ``"contaminated"``.
@@ -111,8 +137,8 @@ class ClairResult(NamedTuple):
         Example:
             >>> import clair_jax as cj
             >>> fed = cj.data.make_federation(0, num_clients=12, p=10, q=3, rank=2, contamination=0.25)
-            >>> cj.clair(fed.updates).statuses()[5:9]
-            ['benign', 'contaminated', 'contaminated', 'contaminated']
+            >>> " ".join(cj.clair(fed.updates).statuses()[5:9])
+            'benign contaminated contaminated contaminated'
         """
         return status_names(self.client_status)
 
@@ -144,7 +170,14 @@ class ClairResult(NamedTuple):
             lines.append(f"honest but noisy (not contaminated: left out of Û, refined by projection): "
                          f"{honest_noisy.tolist()}")
         if not converged.all():
-            lines.append("  not converged: raise max_iter or loosen tol; verdicts of those problems are provisional")
+            overflow = ~converged & ~np.isfinite(np.asarray(self.decomposition.objective, np.float64)) \
+                & np.all(np.isfinite(np.asarray(self.decomposition.block_norms, np.float64)), axis=-1)
+            if overflow.any():
+                lines.append(f"  {int(overflow.sum())} problem(s) flagged not converged because the objective "
+                             "(∝ scale²) overflows the dtype at this input scale: divide the updates by a "
+                             "common factor or use float64")
+            if (~converged & ~overflow).any():
+                lines.append("  not converged: raise max_iter or loosen tol; verdicts of those problems are provisional")
         if np.any(rank == 0):
             lines.append(f"no shared subspace (r̂ = 0) in {int(np.sum(rank == 0))} problem(s): "
                          "benign updates there are left as they were")
@@ -214,4 +247,5 @@ def assemble(problems, detection, verdict, refinement) -> ClairResult:
         crowded=unflatten(refinement.crowded),
         outlying=unflatten(refinement.outlying),
         client_status=verdict.status,
+        spectrum=unflatten(detection.svd.s * detection.svd.peak[..., None]),
     )

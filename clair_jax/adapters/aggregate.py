@@ -164,17 +164,22 @@ def _np_dtype(code):
 def _group_report(federation, calls, results_by_call):
     groups = []
     for gi, g in enumerate(federation.groups):
-        rank, lam, noise, converged, flagged_in = [], [], [], [], []
+        rank, lam, noise, converged, spectrum, edge = [], [], [], [], [], []
         for call, results in zip(calls, results_by_call):
             for chunk, res in zip(call, results):
                 if chunk.group != gi:
                     continue
                 rank += np.asarray(res.rank).reshape(-1).tolist()
                 lam += np.asarray(res.lam, dtype=float).reshape(-1).tolist()
-                noise += np.asarray(res.noise_level, dtype=float).reshape(-1).tolist()
+                sigma = np.asarray(res.noise_level, dtype=float).reshape(-1)
+                noise += sigma.tolist()
                 converged += np.asarray(res.converged).reshape(-1).astype(bool).tolist()
+                spectrum += np.asarray(res.spectrum, dtype=float).reshape(len(sigma), -1).tolist()
+                # The noise edge σ̂(√p + √n), n the benign stack's noise columns (LoRA rank each).
+                members = np.asarray(res.benign).reshape(len(sigma), -1).sum(axis=1)
+                edge += (sigma * (np.sqrt(g.shape[0]) + np.sqrt(np.maximum(members * g.rank, 1)))).tolist()
         groups.append(dict(shape=list(g.shape), modules=list(g.modules), lora_rank=g.rank, rank=rank, lam=lam,
-                           noise_level=noise, converged=converged))
+                           noise_level=noise, converged=converged, spectrum=spectrum, noise_edge=edge))
     return groups
 
 

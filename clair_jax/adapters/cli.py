@@ -35,6 +35,8 @@ def add_arguments(parser):
                         help="float32 factors per module group, MiB (default 256): bounds peak memory")
     parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
                         help="spread each module group's modules over N local accelerators (default 1)")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the verdict (needs matplotlib): pooled z per client "
+                        "with its status, per-module z heatmap, spectra with r̂ and σ̂")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
@@ -68,6 +70,13 @@ def run(args) -> int:
     from clair_jax.adapters.aggregate import aggregate
     from clair_jax.adapters.peft_format import AdapterError
 
+    if args.plot:   # before any work: a missing matplotlib is a clear exit, not a lost run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("clair aggregate: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+            return 2
+
     if args.rank is not None:
         options["rank"] = args.rank
     try:
@@ -90,4 +99,9 @@ def run(args) -> int:
         print(f"global adapter (rank {report['global_adapter']['rank']}): {report['global_adapter']['path']}")
     if args.json:
         print(f"report: {args.json}")
+    if args.plot:
+        from clair_jax.plotting import report_figure
+
+        report_figure(report, args.plot, z_crit=args.z_crit)
+        print(f"verdict plot: {args.plot}")
     return 0
