@@ -149,6 +149,10 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
         verdict: the client verdict to refine with; default ``screening.verdict()``,
             this screening's own evidence. Several processes that screened their own
             share of the problems pass the verdict pooled over everyone's evidence.
+            Where its ``status`` is None (as :meth:`Screening.verdict` returns it) the
+            status is read from this process's problems (:func:`clair_jax.pool.client_status`);
+            processes that share a federation pool their results with
+            :func:`clair_jax.pool_verdicts` for one status over every problem.
         coordinate_noise: None, or one entry per group, each None or a callable as
             for :func:`clair` (needs ``pooling="auto"`` and dense updates).
 
