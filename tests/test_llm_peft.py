@@ -60,7 +60,7 @@ def test_refined_adapters_load_with_peft_and_give_the_same_logits(tiny, tmp_path
     out = sh.run_shakespeare(seed=1, model=tiny, texts=str(fixture), config=TINY, adapters_dir=str(tmp_path / "run"),
                              progress=False)
     refined = sorted((tmp_path / "run" / "refined").iterdir())
-    assert len(refined) == sum(not c["flagged"] for c in out["clients"]) > 0
+    assert len(refined) == sum(c["status"] != "contaminated" for c in out["clients"]) > 0
     ids = tiny.tokenizer.encode(TEXT).ids
     for folder in refined:
         base = _hf_model(tiny.path)

@@ -64,8 +64,9 @@ def test_adapters_and_heldout_written_and_scored_from_disk(tiny_run, tiny_model)
         d = adapters / "clients" / c["name"]
         assert (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
         assert (d / "heldout.txt").is_file()
-        assert row["name"] == c["name"] and row["benign"] == (not c["flagged"])
-        assert (row["output"] is not None) == row["benign"]
+        assert row["name"] == c["name"] and c["status"] == row["status"]
+        assert c["flagged"] == (row["status"] == "contaminated")
+        assert (row["output"] is not None) == (row["status"] != "contaminated")  # noisy clients are refined too
         if row["output"]:
             lora, spec = llm.load_peft_adapter(row["output"], tiny_model.config)
             assert spec.layers == (tiny_model.config.n_layers - 1,)

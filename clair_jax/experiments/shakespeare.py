@@ -523,7 +523,8 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
     Returns:
         JSON-ready results: ``methods`` (name → ``ppl`` mean over honest clients,
         ``ppl_per_client``, ``worse_than_local`` share, ``backdoor`` success rate),
-        ``clients`` (name, kind, benign, flagged, lines, z, module_z, local_modules),
+        ``clients`` (name, kind, benign, flagged (reported contaminated), status, lines, z,
+        module_z, local_modules),
         ``detection`` (TPR/FPR, flagged share by kind), ``rank`` per module,
         ``spectrum`` per module, ``timings`` per stage, ``adapters_dir``, ``config``.
     """
@@ -652,7 +653,9 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
                                                     for n in m["ppl_per_client"]]))
     timings["evaluate"] = time.perf_counter() - t
 
-    flagged = np.array([not row["benign"] for row in report["clients"]])
+    # Flagged = reported contaminated; a "noisy" client is honest-looking, refined, and not accused.
+    status = [row.get("status", "benign" if row["benign"] else "contaminated") for row in report["clients"]]
+    flagged = np.array([s == "contaminated" for s in status])
     by_kind = {k: float(np.mean(flagged[[c.kind == k for c in clients]]))
                for k in ("honest",) + KINDS if any(c.kind == k for c in clients)}
     ranks = {}
@@ -663,7 +666,8 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg._asdict().items()},
         adapted=dict(layers=list(spec.layers), modules=list(spec.modules), rank=spec.rank, alpha=spec.alpha),
         methods=methods,
-        clients=[dict(name=c.name, kind=c.kind, benign=c.benign, flagged=bool(f), speeches=c.speeches, lines=c.lines,
+        clients=[dict(name=c.name, kind=c.kind, benign=c.benign, flagged=bool(f), status=row.get("status"),
+                      speeches=c.speeches, lines=c.lines,
                       train_seqs=int(len(c.train)), heldout_seqs=int(len(c.heldout)),
                       z=row["z"], module_z=row.get("module_z", {}), local_modules=row["local_modules"],
                       final_loss=float(losses[j, -1]))
