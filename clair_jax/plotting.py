@@ -4,7 +4,7 @@ Three panels: each client's pooled refit z against the threshold, coloured by it
 status; a clients × modules heatmap of the per-module z; each module group's
 stacked benign spectrum with r̂ and the noise edge σ̂(√p + √n) marked.
 :meth:`clair_jax.ClairResult.plot` and ``clair aggregate --plot`` call it.
-Needs matplotlib (``pip install matplotlib``); ``import clair_jax`` does not import it.
+Needs matplotlib (the ``plot`` extra: ``pip install "clair-jax[plot]"``); ``import clair_jax`` does not import it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError("plotting the verdict needs matplotlib: pip install matplotlib") from err
+        raise ImportError("plotting the verdict needs matplotlib: pip install \"clair-jax[plot]\" (or matplotlib)") from err
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo") and not _interactive():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt

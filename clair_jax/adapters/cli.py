@@ -74,7 +74,7 @@ def run(args) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("clair aggregate: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+            print("clair aggregate: --plot needs matplotlib: pip install \"clair-jax[plot]\"", file=sys.stderr)
             return 2
 
     if args.rank is not None:
