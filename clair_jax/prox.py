@@ -9,6 +9,7 @@ exact (zeros are exact zeros, not small numbers) and have finite gradients at ze
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 __all__ = ["svt", "svt_with_spectrum", "block_soft_threshold", "safe_frobenius_norm"]
@@ -22,18 +23,50 @@ def safe_frobenius_norm(x, axis=(-2, -1)):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sumsq, 1.0)), 0.0)
 
 
+@jax.custom_jvp
+def _tall_svd(x):
+    return jnp.linalg.svd(x, full_matrices=False)
+
+
+@_tall_svd.defjvp
+def _tall_svd_jvp(primals, tangents):
+    """JAX's SVD derivative with its 1/(s_i² − s_j²) and 1/s_i terms set to 0 where they
+    divide by (numerically) zero: repeated or zero singular values. Those terms only move
+    the basis inside a degenerate (or null) singular space, which SVT maps to zero
+    whenever the singular values are below the threshold; JAX's own rule gives inf·0 = NaN."""
+    (x,), (dx,) = primals, tangents
+    u, s, vt = _tall_svd(x)
+    v, ut = jnp.swapaxes(vt, -1, -2), jnp.swapaxes(u, -1, -2)
+    tiny = jnp.finfo(s.dtype).eps * jnp.max(s, axis=-1, keepdims=True)
+    ds_mat = ut @ dx @ v
+    ds = jnp.diagonal(ds_mat, axis1=-2, axis2=-1)
+    col, row = s[..., None, :], s[..., :, None]
+    gap = (col + row) * (col - row)
+    safe = jnp.abs(gap) > tiny[..., None] * (col + row + tiny[..., None])
+    f = jnp.where(safe, 1.0 / jnp.where(safe, gap, 1.0), 0.0)
+    ds_s, s_ds = col * ds_mat, row * ds_mat
+    du = u @ (f * (ds_s + jnp.swapaxes(ds_s, -1, -2)))
+    dv = v @ (f * (s_ds + jnp.swapaxes(s_ds, -1, -2)))
+    nonzero = s > tiny
+    inv_s = jnp.where(nonzero, 1.0 / jnp.where(nonzero, s, 1.0), 0.0)
+    dxv = dx @ v
+    du = du + (dxv - u @ (ut @ dxv)) * inv_s[..., None, :]
+    return (u, s, vt), (du, ds, jnp.swapaxes(dv, -1, -2))
+
+
 def thin_svd(x):
     """``jnp.linalg.svd(x, full_matrices=False)``, computed on the tall orientation.
 
     Same factors; for a wide x the SVD of xᵀ is taken and transposed back, because
     XLA:CPU's LAPACK SVD of a wide matrix is about 1.8× slower than of its transpose
-    (64 × 512: 36 ms vs 20 ms for a batch of 32, ``benchmarks/bench_svt.py``).
+    (64 × 512: 36 ms vs 20 ms for a batch of 32, ``benchmarks/bench_svt.py``). Its
+    derivative is finite at repeated and zero singular values (see ``_tall_svd_jvp``).
     """
     m, n = x.shape[-2:]
     if m < n:
-        v, s, ut = jnp.linalg.svd(jnp.swapaxes(x, -1, -2), full_matrices=False)
+        v, s, ut = _tall_svd(jnp.swapaxes(x, -1, -2))
         return jnp.swapaxes(ut, -1, -2), s, jnp.swapaxes(v, -1, -2)
-    return jnp.linalg.svd(x, full_matrices=False)
+    return _tall_svd(x)
 
 
 def svt_with_spectrum(x, tau):
