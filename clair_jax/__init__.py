@@ -9,7 +9,7 @@ Pipeline: estimators → stack → decompose → detect → refine → report.
 (20,)
 """
 
-from clair_jax import baselines, data, detect, metrics, pool, prox, refine, solvers, stack, tuning
+from clair_jax import baselines, centre, data, detect, metrics, pool, prox, refine, solvers, stack, tuning
 from clair_jax.decompose import Decomposition, decompose
 from clair_jax.lora import LoRAFactors
 from clair_jax.options import ClairOptions
@@ -27,6 +27,7 @@ __all__ = [
     "LoRAFactors",
     "Screening",
     "baselines",
+    "centre",
     "clair",
     "clair_groups",
     "conclude",

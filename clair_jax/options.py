@@ -68,5 +68,5 @@ class ClairOptions:
             refit=refit,
             z_crit=_checks.check_real(z_crit, "z_crit", low=0.0, open_low=True),
             svt=_checks.check_choice(svt, "svt", SVT_MODES),
-            pooling=_checks.check_choice(pooling, "pooling", ("auto", "none", "full")),
+            pooling=_checks.check_choice(pooling, "pooling", ("auto", "none", "full", "centre")),
         )

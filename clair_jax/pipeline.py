@@ -16,13 +16,14 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from clair_jax import _checks, detect, pool, refine, report, stack
+from clair_jax import _checks, centre, detect, pool, refine, report, stack
 from clair_jax.options import ClairOptions
 
 __all__ = ["Screening", "clair", "clair_groups", "conclude", "screen"]
 
 
-def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, **options) -> tuple:
+def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, update_noise=None, client_sizes=None,
+                 centre_rank=None, **options) -> tuple:
     """CLAIR on several groups of updates that share their clients; one verdict per client.
 
     A model's adapted modules need not share one shape (grouped-query attention:
@@ -38,6 +39,9 @@ def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, **opt
         devices: as for :func:`clair`.
         coordinate_noise: None, or one entry per group, each None or a callable as
             for :func:`clair`.
+        update_noise: for ``pooling="centre"``, None or one entry per group, each
+            as for :func:`clair`.
+        client_sizes, centre_rank: as for :func:`clair`.
         **options: as for :func:`clair`.
 
     Returns:
@@ -51,7 +55,8 @@ def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, **opt
         >>> bool((wide.client_benign == fed.benign).all()), narrow.refined.shape
         (True, (12, 10, 2))
     """
-    return conclude(screen(groups, devices=devices, **options), coordinate_noise=coordinate_noise)
+    return conclude(screen(groups, devices=devices, **options), coordinate_noise=coordinate_noise,
+                    update_noise=update_noise, client_sizes=client_sizes, centre_rank=centre_rank)
 
 
 class Screening(NamedTuple):
@@ -141,7 +146,8 @@ def _check_some_client_finite(problems, names):
                          "to aggregate")
 
 
-def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *, coordinate_noise=None) -> tuple:
+def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *, coordinate_noise=None,
+             update_noise=None, client_sizes=None, centre_rank=None) -> tuple:
     """Stages 3–5 of :func:`clair_groups`: pool the verdict, refine every group, report.
 
     Args:
@@ -155,6 +161,8 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
             :func:`clair_jax.pool_verdicts` for one status over every problem.
         coordinate_noise: None, or one entry per group, each None or a callable as
             for :func:`clair` (needs ``pooling="auto"`` and dense updates).
+        update_noise, client_sizes, centre_rank: for ``pooling="centre"``, as for
+            :func:`clair_groups`.
 
     Returns:
         A tuple of :class:`~clair_jax.ClairResult`, one per group.
@@ -167,7 +175,9 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
         raise ValueError(f"verdict must be a cj.ClientVerdict over the {problems[0].num_clients} clients "
                          "(from Screening.verdict or cj.pool.client_verdict)")
     reporters = _check_coordinate_noise(coordinate_noise, problems, opts)
-    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=opts.pooling,
+    noises = _check_centre(update_noise, client_sizes, problems, opts)
+    inside = "none" if opts.pooling == "centre" else opts.pooling   # centre pooling follows the projection
+    refinements = [refine.refine(p, d, verdict.benign, rank=opts.rank, pooling=inside,
                                  noise_given=opts.noise is not None, coordinate_noise=c)
                    for p, d, c in zip(problems, detections, reporters)]
 
@@ -190,7 +200,39 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
                                     _concat([r.rank for r in refinements]),
                                     _concat([d.copies for d in detections]))
         verdict = verdict._replace(status=status)
-    return tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
+    results = tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
+    if opts.pooling == "centre":
+        served = verdict.status != pool.CONTAMINATED
+        results = tuple(_pool_centre(res, verdict.benign, served, nu, client_sizes, centre_rank)
+                        for res, nu in zip(results, noises))
+    return results
+
+
+def _pool_centre(result, members, served, update_noise, client_sizes, rank):
+    """Stage 6b (:mod:`clair_jax.centre`) on one group's refined updates."""
+    if not bool(jnp.any(members)):
+        return result
+    out = centre.pool_toward_centre(result.refined, members, served, update_noise=update_noise,
+                                    client_sizes=client_sizes, rank=rank)
+    return result._replace(refined=out.refined, centre_weight=out.weight)
+
+
+def _check_centre(update_noise, client_sizes, problems, opts):
+    """One update_noise entry (or None) per group; only with pooling="centre"."""
+    if opts.pooling != "centre":
+        if update_noise is not None or client_sizes is not None:
+            raise ValueError("update_noise= and client_sizes= set the noise of centre pooling: pass "
+                             f"pooling='centre' (got pooling={opts.pooling!r})")
+        return [None] * len(problems)
+    if update_noise is None:
+        if client_sizes is None:
+            raise ValueError("pooling='centre' needs each client's noise: update_noise= (ν_k per problem, e.g. "
+                             "cj.centre.noise_from_halves) or client_sizes= (each client's training examples)")
+        return [None] * len(problems)
+    if not isinstance(update_noise, (list, tuple)) or len(update_noise) != len(problems):
+        raise TypeError(f"update_noise must be a list with one entry per group ({len(problems)}), "
+                        f"got {type(update_noise).__name__}")
+    return list(update_noise)
 
 
 
@@ -275,6 +317,9 @@ def clair(
     devices=None,
     pooling: str = "none",
     coordinate_noise=None,
+    update_noise=None,
+    client_sizes=None,
+    centre_rank: int | None = None,
 ) -> report.ClairResult:
     r"""Find the contaminated clients and refine every benign client's update.
 
@@ -340,6 +385,11 @@ def clair(
             (homogeneous clients get about the benign FedAvg, heterogeneous ones keep
             theirs); ``"full"``: Λ = 0. Λ is reported as ``shrinkage``. Dense input only
             (LoRA factors keep the projection). See :func:`clair_jax.refine.partial_pool`.
+            ``"centre"``: every client not contaminated gets C + λ_k(Θ̃_k − C), C the
+            geometric median of the collaborative set's refined updates and
+            λ_k = (1 − ν_k/‖Θ̃_k − C‖²)₊ from its noise ν_k, in the whole space (dense or
+            LoRA: the refined factors then have rank r + ``centre_rank``); λ_k is
+            reported as ``centre_weight``. See :mod:`clair_jax.centre`.
         coordinate_noise: for ``pooling="auto"``, an optional callable the refinement
             asks once Û is known: Û, shaped as ``ClairResult.subspace`` (..., p, r_max),
             → (..., K, r_max), the variance each client's coordinates carry along each
@@ -352,6 +402,12 @@ def clair(
             explain: a benign-judged client whose coordinates inside Û lie far beyond
             its noise (another task inside Û) is set aside (``outlying``), Û is fitted
             again without it (f is asked once more) and it keeps its update.
+        update_noise: for ``pooling="centre"``, (..., K) or (K,) ν_k, each client's
+            measured noise energy E‖E_k‖²_F per problem (:func:`clair_jax.centre.noise_from_halves`).
+        client_sizes: for ``pooling="centre"`` without ``update_noise``: (K,) training
+            examples per client; the noise is read as ĉ/n_k from the spread
+            (:func:`clair_jax.centre.size_noise`).
+        centre_rank: the rank of the centre for LoRA input (default 2 r).
 
     Returns:
         :class:`~clair_jax.ClairResult`.
@@ -365,4 +421,6 @@ def clair(
     """
     return clair_groups([updates], rank=rank, lam=lam, noise=noise, side=side, threshold=threshold, tol=tol,
                         max_iter=max_iter, min_gap=min_gap, refit=refit, z_crit=z_crit, svt=svt, devices=devices,
-                        pooling=pooling, coordinate_noise=None if coordinate_noise is None else [coordinate_noise])[0]
+                        pooling=pooling, coordinate_noise=None if coordinate_noise is None else [coordinate_noise],
+                        update_noise=None if update_noise is None else [update_noise], client_sizes=client_sizes,
+                        centre_rank=centre_rank)[0]

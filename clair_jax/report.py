@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import numpy as np
@@ -84,6 +84,9 @@ class ClairResult(NamedTuple):
         spectrum: (..., s) singular values of each problem's stacked benign updates (the
             detection's final set, capped), descending, in the input's units: what r̂ and
             σ̂ are read from (:meth:`plot` draws them).
+        centre_weight: with ``pooling="centre"``, (..., K) λ_k, the weight each client's
+            own refined update keeps beside the benign centre (1: its own; 0: the centre;
+            :mod:`clair_jax.centre`); None otherwise.
     """
 
     benign: jax.Array
@@ -108,6 +111,7 @@ class ClairResult(NamedTuple):
     outlying: jax.Array
     client_status: jax.Array
     spectrum: jax.Array
+    centre_weight: Optional[jax.Array] = None
 
     def plot(self, path=None, *, z_crit: float = 5.0, client_names=None, max_spectra: int = 6):
         """A picture of the verdict (needs matplotlib; imported only here).

@@ -43,7 +43,7 @@ from safetensors.numpy import save_file
 
 from clair_jax.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_federation
 
-__all__ = ["aggregate", "plan_chunks", "global_factors", "GLOBAL_NAME", "CHUNK_BYTES"]
+__all__ = ["aggregate", "plan_chunks", "global_factors", "GLOBAL_NAME", "CHUNK_BYTES", "CLIENT_REPORT"]
 
 #: Default budget of one module group: float32 factors of all K clients, in bytes.
 CHUNK_BYTES = 256 * 2**20
@@ -133,8 +133,10 @@ def _refine_with(factors, verdict, **options):
     import clair_jax as cj
 
     factors = [cj.LoRAFactors(jnp.asarray(f.B), jnp.asarray(f.A)) for f in factors]
-    screen_options = {key: value for key, value in options.items() if key != "coordinate_noise"}
-    return cj.conclude(cj.screen(factors, **screen_options), verdict._replace(status=None))
+    later = ("coordinate_noise", "update_noise", "client_sizes", "centre_rank")
+    screen_options = {key: value for key, value in options.items() if key not in later}
+    return cj.conclude(cj.screen(factors, **screen_options), verdict._replace(status=None),
+                       **{key: options[key] for key in later[1:] if key in options})
 
 
 def _pool(results, options):
@@ -149,6 +151,18 @@ def _refined_outputs(federation, chunk, result, clients, store):
     """Cut the refined B of ``clients`` back to each one's rank, divide its scaling
     out, cast to its dtype and keep it in ``store[(client, key)]``."""
     refined = np.asarray(result.refined.B)
+    padded = federation.groups[chunk.group].rank
+    if refined.shape[-1] > padded:
+        # Centre pooling: B̃ = [λB, (1−λ)B_C], Ã = [A; A_C], a new rank (scaling 1, folded into B̃).
+        refined_a = np.asarray(result.refined.A)
+        for col, j in enumerate(clients):
+            client = federation.clients[j]
+            for i, name in enumerate(chunk.modules):
+                entry = client.modules[name]
+                dtype = _np_dtype(entry.dtype)
+                store[(j, entry.key_b)] = refined[i, col].astype(dtype)
+                store[(j, entry.key_a)] = refined_a[i, col].astype(dtype)
+        return
     for col, j in enumerate(clients):
         client = federation.clients[j]
         for i, name in enumerate(chunk.modules):
@@ -274,8 +288,12 @@ def _write_global(federation, benign, store, out_dir, rank):
             bs, as_ = [], []
             for j, fh in zip(members, handles):
                 e = federation.clients[j].modules[name]
-                bs.append(store[(j, e.key_b)].astype(np.float64) * e.scaling)
-                as_.append(fh.get_tensor(e.key_a).astype(np.float64))
+                if (j, e.key_a) in store:   # centre pooling: a new rank, scaling folded into B
+                    bs.append(store[(j, e.key_b)].astype(np.float64))
+                    as_.append(store[(j, e.key_a)].astype(np.float64))
+                else:
+                    bs.append(store[(j, e.key_b)].astype(np.float64) * e.scaling)
+                    as_.append(fh.get_tensor(e.key_a).astype(np.float64))
             b_g, a_g = global_factors(bs, as_, rank)
             tensors[entry.key_b] = b_g.astype(dtype)
             tensors[entry.key_a] = a_g.astype(dtype)
@@ -306,7 +324,11 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         chunk_bytes: budget of one module group (float32 factors of all clients);
             peak memory is about one module group plus the refined lora_B's.
         progress: a progress bar over module groups on stderr.
-        **clair_options: passed to ``cj.clair_groups`` (rank, lam, noise, z_crit, …).
+        **clair_options: passed to ``cj.clair_groups`` (rank, lam, noise, z_crit, pooling, …).
+            With ``pooling="centre"`` every client directory holds :data:`CLIENT_REPORT`
+            (``{"num_examples": n}`` or ``{"update_noise": {module: ν}}``, ν the noise
+            energy of its ΔW = s·BA), and each refined adapter has rank r + r_c
+            (r = lora_alpha = that rank, the scaling folded into lora_B).
 
     Returns:
         The report: ``clients`` (input order: name, path, status — ``"benign"``,
@@ -328,6 +350,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     if global_rank is not None and (isinstance(global_rank, bool) or int(global_rank) != global_rank or global_rank < 1):
         raise ValueError(f"global_rank must be a positive integer, got {global_rank!r}")
     k = len(federation.clients)
+    reports = _client_reports(federation) if clair_options.get("pooling") == "centre" else None
     calls = plan_chunks(federation, chunk_bytes)
     bar = _Progress(sum(len(c) for c in calls), progress)
 
@@ -340,7 +363,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         factors = [federation.factors(c.group, c.modules) for c in call]
         t_read += time.perf_counter() - t
         t = time.perf_counter()
-        results = _clair_call(factors, **clair_options)
+        results = _clair_call(factors, **_call_options(clair_options, reports, call))
         t_solve += time.perf_counter() - t
         for chunk, res in zip(call, results):
             _refined_outputs(federation, chunk, res, everyone, store)
@@ -359,7 +382,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             continue
         resolved.append(ci)
         factors = [federation.factors(c.group, c.modules) for c in call]
-        again = _refine_with(factors, verdict, **clair_options)
+        again = _refine_with(factors, verdict, **_call_options(clair_options, reports, call))
         for chunk, res in zip(call, again):
             _refined_outputs(federation, chunk, res, everyone, store)
         results_by_call[ci] = tuple(_light(r) for r in again)
@@ -387,16 +410,21 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     # Step 4: write.
     t = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    clients = []
+    clients, centre_ranks = [], {}
     for j, client in enumerate(federation.clients):
         output = flagged_copy = None
         if served[j]:
+            pooled = any((j, e.key_a) in store for e in client.modules.values())
             tensors = {}
             with safe_open(client.weights_path, framework="numpy") as fh:
                 for key in client.keys:
                     tensors[key] = store.pop((j, key)) if (j, key) in store else fh.get_tensor(key)
             output = os.path.join(out_dir, client.name)
-            _write_adapter(output, client.config_path, tensors, client.metadata)
+            config = None
+            if pooled:
+                tensors, config = _centre_adapter(client, tensors)
+                centre_ranks[j] = config["r"]
+            _write_adapter(output, client.config_path, tensors, client.metadata, config=config)
             del tensors
         elif keep_flagged:
             flagged_copy = os.path.join(keep_flagged, client.name)
@@ -407,7 +435,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             z=float(verdict.z[j]), nonfinite=bool(verdict.nonfinite[j]), output=output, flagged_copy=flagged_copy,
             lora_rank=max(e.rank for e in client.modules.values()), dtypes=list(client.dtypes),
             passthrough=list(client.passthrough), local_modules=int(local[j]) if served[j] else None,
-            module_z=module_z[j],
+            module_z=module_z[j], output_rank=centre_ranks.get(j),
         ))
     global_path = None
     if global_rank is not None and benign.any():
@@ -417,6 +445,8 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             with safe_open(os.path.join(out_dir, c.name, WEIGHTS_NAME), framework="numpy") as fh:
                 for e in c.modules.values():
                     store_g[(j, e.key_b)] = fh.get_tensor(e.key_b)
+                    if centre_ranks:
+                        store_g[(j, e.key_a)] = fh.get_tensor(e.key_a)
         global_path = _write_global(federation, benign, store_g, out_dir, int(global_rank))
     t_write = time.perf_counter() - t
 
@@ -439,6 +469,74 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             json.dump(report, fh, indent=2, default=str)
         os.chmod(json_path, FILE_MODE)
     return report
+
+
+#: A client directory's optional report for ``pooling="centre"``: its training examples and measured noise.
+CLIENT_REPORT = "clair_client.json"
+
+
+def _client_reports(federation):
+    """Each client's ``clair_client.json``: ``num_examples`` (n_k) and/or ``update_noise``
+    ({module: ν}, the noise energy of its ΔW = s·BA, e.g. from two half-data trainings).
+    Every client must report one kind the same way (noise for every module, or a size)."""
+    reports = []
+    for c in federation.clients:
+        path = os.path.join(c.path, CLIENT_REPORT)
+        if not os.path.exists(path):
+            raise AdapterError(c.path, f"pooling='centre' needs {CLIENT_REPORT} with num_examples (training "
+                                       "examples) or update_noise ({module: noise energy}) in every client")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                rep = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise AdapterError(c.path, f"{CLIENT_REPORT} is not readable JSON: {exc}") from exc
+        if not isinstance(rep, dict):
+            raise AdapterError(c.path, f"{CLIENT_REPORT} must hold a JSON object")
+        noise = rep.get("update_noise")
+        if noise is not None:
+            missing = [m for m in c.modules if m not in noise]
+            bad = [m for m in c.modules if m in noise and not (isinstance(noise[m], (int, float))
+                                                                and math.isfinite(noise[m]) and noise[m] >= 0)]
+            if missing or bad:
+                raise AdapterError(c.path, f"{CLIENT_REPORT}: update_noise must give a finite value >= 0 for "
+                                           f"every module; {'missing ' + missing[0] if missing else 'bad ' + bad[0]}")
+        size = rep.get("num_examples")
+        if size is not None and not (isinstance(size, (int, float)) and math.isfinite(size) and size > 0):
+            raise AdapterError(c.path, f"{CLIENT_REPORT}: num_examples must be > 0, got {size!r}")
+        if noise is None and size is None:
+            raise AdapterError(c.path, f"{CLIENT_REPORT} gives neither num_examples nor update_noise")
+        reports.append(dict(noise=noise, size=size))
+    if all(r["noise"] is not None for r in reports):
+        return dict(noise=[r["noise"] for r in reports])
+    if all(r["size"] is not None for r in reports):
+        return dict(sizes=np.array([r["size"] for r in reports], float))
+    raise AdapterError(federation.clients[0].path, f"{CLIENT_REPORT}: every client must report update_noise, or "
+                                                   "every client num_examples (the federation mixes the two)")
+
+
+def _call_options(options, reports, call):
+    """The options of one CLAIR call: with centre pooling, the clients' noise for its modules."""
+    if reports is None:
+        return options
+    if "sizes" in reports:
+        return dict(options, client_sizes=reports["sizes"])
+    return dict(options, update_noise=[np.array([[n[m] for n in reports["noise"]] for m in chunk.modules])
+                                      for chunk in call])
+
+
+def _centre_adapter(client, tensors):
+    """A centre-pooled client's tensors padded to one rank R, and its config (r = lora_alpha = R)."""
+    rank = max(tensors[e.key_a].shape[0] for e in client.modules.values())
+    out = dict(tensors)
+    for e in client.modules.values():
+        b, a = tensors[e.key_b], tensors[e.key_a]
+        pad = rank - a.shape[0]
+        if pad:
+            out[e.key_b] = np.concatenate([b, np.zeros((b.shape[0], pad), b.dtype)], axis=1)
+            out[e.key_a] = np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)], axis=0)
+    config = dict(client.config)
+    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    return out, config
 
 
 def _light(result):

@@ -37,6 +37,13 @@ def add_arguments(parser):
                         help="spread each module group's modules over N local accelerators (default 1)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the verdict (needs matplotlib): pooled z per client "
                         "with its status, per-module z heatmap, spectra with r̂ and σ̂")
+    parser.add_argument("--pooling", choices=("none", "centre"), default="none",
+                        help="none (default): each client's adapter projected onto the shared subspace; centre: also "
+                             "pooled toward the benign centre by how much of its distance is noise (needs "
+                             "clair_client.json in every client dir: num_examples or update_noise); the refined "
+                             "adapters then have rank r + the centre's rank")
+    parser.add_argument("--centre-rank", type=_positive_int, metavar="R",
+                        help="rank of the centre with --pooling centre (default 2 × the clients' LoRA rank)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
@@ -79,6 +86,13 @@ def run(args) -> int:
 
     if args.rank is not None:
         options["rank"] = args.rank
+    if args.pooling != "none":
+        options["pooling"] = args.pooling
+        if args.centre_rank is not None:
+            options["centre_rank"] = args.centre_rank
+    elif args.centre_rank is not None:
+        print("clair aggregate: --centre-rank needs --pooling centre", file=sys.stderr)
+        return 2
     try:
         report = aggregate(args.clients, args.out, json_path=args.json, global_rank=args.global_rank,
                            keep_flagged=args.keep_flagged, chunk_bytes=int(args.chunk_mib * 2**20),

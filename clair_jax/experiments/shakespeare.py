@@ -609,8 +609,8 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
     refined = {}
     for j, row in enumerate(report["clients"]):
         if row["output"]:
-            lora, _ = llm.load_peft_adapter(row["output"], model.config)
-            refined[j] = dense_deltas(lora, spec)
+            lora, written = llm.load_peft_adapter(row["output"], model.config)   # its own rank and scaling
+            refined[j] = dense_deltas(lora, written)
     benign = np.array([c.benign for c in clients])
     deltas = method_deltas(local, adapters, spec, benign, refined)
     timings["baselines"] = time.perf_counter() - t
