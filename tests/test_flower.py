@@ -357,9 +357,9 @@ def test_scaling_is_folded_and_unfolded():
     key = f"{MODULES[0]}.lora_B.weight"
     for node in NODES:  # refined B comes back in the adapter's own units
         np.testing.assert_allclose(payloads[0][node][key].numpy(), payloads[1][node][key].numpy(), atol=1e-4)
-    config_scaled = ClairStrategy()
-    config_scaled._train_config = {"lora-alpha": 16, "lora-r": 4}
-    assert config_scaled._scaling("m") == 4.0
+    from clair_jax.flower.options import module_scaling
+
+    assert module_scaling(None, {"lora-alpha": 16, "lora-r": 4}, "m") == 4.0
 
 
 @pytest.mark.slow
