@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,7 +21,7 @@ import clair_jax as cj
 from clair_jax.adapters.keys import pair_lora_keys
 from clair_jax.flower.verdicts import NodeVerdict
 
-__all__ = ["Banked", "Module", "Judgement", "lora_modules", "pool_size", "judge", "project"]
+__all__ = ["Banked", "Module", "Judgement", "lora_modules", "pool_size", "judge", "judge_with_trust", "project"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,35 @@ def judge(server_round: int, pool: Mapping[int, Mapping[str, np.ndarray]], modul
                     refined[node][m.b_key] = (refined_b[i, j] / scales[m.name]).astype(own[m.b_key].dtype)
                     refined[node][m.a_key] = own[m.a_key]
     return Judgement(verdicts, refined, subspaces, seconds)
+
+
+def judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted) -> Judgement:
+    """:func:`judge`, where a pool may not clear an untrusted node that the trusted nodes alone would flag.
+
+    A small pool can hold more contaminated adapters than honest ones (three
+    attackers replying in one round of five adapters), and then their shared
+    direction looks shared. ``trusted`` nodes are those whose latest verdict, in
+    an earlier round, was benign. Each node the whole pool clears that is not
+    trusted (a newcomer, or one flagged at its latest verdict) is judged again in
+    a pool of the trusted adapters and itself alone, when there are at least two
+    trusted adapters; flagged there, it is flagged, and the pool is judged
+    again without it, so Û and the refined adapters do not hold its direction.
+    """
+    start = time.perf_counter()
+    first = judge(server_round, pool, modules, scaling, options, size, reasons)
+    trusted = [n for n in pool if n in trusted]
+    cleared = [n for n, v in first.verdicts.items() if not v.flagged and n not in trusted]
+    overruled = {}
+    for node in cleared if len(trusted) >= 2 else ():
+        alone = judge(server_round, {n: pool[n] for n in (*trusted, node)}, modules, scaling, options, size,
+                      reasons).verdicts[node]
+        if alone.flagged:
+            overruled[node] = replace(alone, reason=f"{alone.reason}: flagged against the trusted nodes alone")
+    if not overruled:
+        return first._replace(seconds=time.perf_counter() - start)
+    rest = judge(server_round, {n: a for n, a in pool.items() if n not in overruled}, modules, scaling,
+                 options, size, reasons)
+    return Judgement({**rest.verdicts, **overruled}, rest.refined, rest.subspaces, time.perf_counter() - start)
 
 
 def project(arrays: Mapping[str, np.ndarray], modules: list[Module],

@@ -67,7 +67,7 @@ class ClairStrategy(NodeHistory, FedAvg):
                  evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None, *,
                  lora_scaling: float | Callable[[str], float] | None = None, personalise: bool = True,
                  flagged_nodes: str = "global", max_staleness: int = 10, exclude_after: int = 3,
-                 min_judged: int = 4, pad_clients: int | None = 8, lora_a_tag: str = "lora_A",
+                 min_judged: int = 3, pad_clients: int | None = 8, lora_a_tag: str = "lora_A",
                  lora_b_tag: str = "lora_B", clair_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
                          min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
@@ -188,7 +188,10 @@ class ClairStrategy(NodeHistory, FedAvg):
         reasons = {n: "clair" if n in valid else f"clair: banked adapter of round {self.bank[n].server_round}"
                    for n in pool}
         size = banking.pool_size(len(pool), self._capacity, self.pad_clients)
-        judgement = banking.judge(server_round, pool, modules, self._scaling, self.clair_options, size, reasons)
+        trusted = {n for n in pool if (v := self.latest_verdict(n)) is not None and v.judged and not v.flagged
+                   and v.server_round < server_round}
+        judgement = banking.judge_with_trust(server_round, pool, modules, self._scaling, self.clair_options, size,
+                                             reasons, trusted)
         self.clair_seconds[server_round] = judgement.seconds
         for node_id, verdict in judgement.verdicts.items():
             self._record(node_id, verdict, history=node_id in valid)
