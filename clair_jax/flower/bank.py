@@ -1,7 +1,7 @@
 """The bank of adapters the server holds, and one CLAIR judgement of the pool.
 
 Every round the *pool* is judged together: this round's replies and each other
-node's latest adapter of at most ``max_staleness`` rounds ago. CLAIR sees the
+node's latest adapter at most ``max_staleness`` rounds old. CLAIR sees the
 pool padded with non-finite placeholder clients to a fixed size (the number of
 nodes on the grid, rounded up to a multiple of ``pad_clients``), which it
 excludes from everything, so one compiled program serves every round of a run.
