@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -364,24 +365,43 @@ def test_scaling_is_folded_and_unfolded():
 
 
 @pytest.mark.slow
-def test_example_app_under_the_simulation_runtime():
-    """examples/flower_lora under Flower's simulation runtime (Ray), as ``flwr run .`` runs it: 10 nodes,
-    3 a round, 6 rounds. Every honest node that trained is sent its own refined adapter at every later
-    message; no poisoned node is sent its own upload back, unless round 1 drew a poisoned majority (no
-    verdict can tell the two apart then; docs/flower.md)."""
+def test_flwr_run_of_the_example_app(tmp_path):
+    """``flwr run .`` of examples/flower_lora against a SuperLink in simulation mode (Ray): 10 nodes, 3 a
+    round, 6 rounds. Every honest node that trained is sent its own refined adapter at every later message;
+    no poisoned node is sent its own upload back, unless round 1 drew a poisoned majority (no verdict can
+    tell the two apart then; docs/flower.md)."""
     pytest.importorskip("ray")
+    import shutil
+    import signal
+    import socket
+
+    if shutil.which("flower-superlink") is None or shutil.which("flwr") is None:
+        pytest.skip("flwr's command-line tools are not on PATH")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    app = os.path.join(root, "examples", "flower_lora")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, app, os.environ.get("PYTHONPATH", "")]),
-           "OPENBLAS_NUM_THREADS": "1"}
-    code = ("from flwr.simulation import run_simulation\n"
-            "from flower_lora import client_app, server_app\n"
-            "run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=10,\n"
-            "               backend_config={'client_resources': {'num_cpus': 1, 'num_gpus': 0.0},\n"
-            "                               'init_args': {'num_cpus': 2, 'include_dashboard': False}})\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    with socket.socket() as sock:  # a free port for this SuperLink's HTTP API
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(tmp_path), "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    superlink = subprocess.Popen(["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+                                  "--host", "127.0.0.1", "--port", str(port), "--database", ":memory:",
+                                  "--disable-runtime-dependency-installation"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out = None
+        for _ in range(30):  # until the SuperLink accepts the run
+            out = subprocess.run(["flwr", "run", ".", "test", "--stream", "--federation-config",
+                                  "num-supernodes=10"], cwd=os.path.join(root, "examples", "flower_lora"),
+                                 env=env, capture_output=True, text=True, timeout=900)
+            if "Successfully started run" in out.stdout:
+                break
+            time.sleep(1)
+    finally:
+        os.killpg(superlink.pid, signal.SIGTERM)
+        superlink.wait(timeout=60)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = out.stdout.splitlines()
     check = json.loads(next(line for line in lines if line.startswith("check: "))[len("check: "):])
     assert check["honest-trained-not-personalised"] == [], out.stdout[-3000:]
