@@ -174,7 +174,7 @@ class ClairStrategy(NodeHistory, FedAvg):
                 server_round, why)
             for node_id in valid:
                 self._record(node_id, NodeVerdict(server_round, True, False, f"unjudged: {why}"), history=True)
-            benign = list(valid)
+            benign = [n for n in valid if not self.is_excluded(n)]
         elif valid:
             benign = self._judge(server_round, valid, pool, modules, reference)
         else:
