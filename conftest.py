@@ -4,7 +4,7 @@ where their library is missing (their tests skip the same way)."""
 import importlib.util
 
 collect_ignore = []
-for module, needs in [("clair_jax/flower.py", "flwr"), ("clair_jax/experiments/digits.py", "sklearn"),
+for module, needs in [("clair_jax/flower", "flwr"), ("clair_jax/experiments/digits.py", "sklearn"),
                       ("clair_jax/llm", "gguf"), ("clair_jax/llm", "tokenizers"),
                       ("clair_jax/experiments/shakespeare.py", "gguf")]:
     if importlib.util.find_spec(needs) is None and module not in collect_ignore:

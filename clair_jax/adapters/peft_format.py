@@ -35,6 +35,8 @@ import ml_dtypes  # noqa: F401  (registers numpy's bfloat16: safetensors cannot 
 import numpy as np
 from safetensors import safe_open
 
+from clair_jax.adapters.keys import peft_factor
+
 __all__ = [
     "AdapterError", "ModuleEntry", "ClientAdapter", "ModuleGroup", "Federation",
     "CONFIG_NAME", "WEIGHTS_NAME", "MIN_CLIENTS",
@@ -47,13 +49,6 @@ PREFIX = "base_model.model."
 #: CLAIR needs a majority to tell shared from contaminated.
 MIN_CLIENTS = 3
 
-# key suffix → (factor, embedding LoRA)
-_FACTOR_SUFFIXES = {
-    ".lora_A.weight": "A",
-    ".lora_B.weight": "B",
-    ".lora_embedding_A": "A",
-    ".lora_embedding_B": "B",
-}
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 # LoRA variants whose update is not s·B·A of the saved factors (or whose factors are not 2-D).
@@ -162,8 +157,7 @@ class ModuleGroup:
     rank: int
 
 
-def _module_name(key, suffix):
-    name = key[: -len(suffix)]
+def _module_name(name):
     return name[len(PREFIX):] if name.startswith(PREFIX) else name
 
 
@@ -224,11 +218,11 @@ def read_client(path) -> ClientAdapter:
     for key in keys:
         if "lora_magnitude_vector" in key:
             raise AdapterError(path, f"DoRA weights ({key}) are not supported: ΔW depends on the base model's weights")
-        suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
+        found = peft_factor(key)  # (module, "A" | "B"), shared with clair_jax.flower
+        if found is None:
             passthrough.append(key)
             continue
-        factors.setdefault(_module_name(key, suffix), {})[_FACTOR_SUFFIXES[suffix]] = key
+        factors.setdefault(_module_name(found[0]), {})[found[1]] = key
     if not factors:
         raise AdapterError(path, f"{WEIGHTS_NAME} holds no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)")
 

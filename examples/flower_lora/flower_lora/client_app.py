@@ -1,9 +1,9 @@
-"""ClientApp: a NumPy LoRA client of the synthetic task (see task.py).
+"""ClientApp: a NumPy LoRA node of the synthetic task (see task.py).
 
-train: fit the received adapter to this node's target and reply with it,
+train: fit the received adapter to this node's noisy target and reply with it,
 ``num-examples`` in the MetricRecord (and the partition id in a ConfigRecord, so
-the example can name nodes by partition). evaluate: the received adapter's error
-against this node's true update.
+the ServerApp can name nodes by partition). evaluate: the received adapter's
+error against this node's true update.
 """
 
 from __future__ import annotations
@@ -12,21 +12,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-try:  # run as a package (python -m examples.flower_lora.run) or from this folder (Ray workers)
-    from . import task
-except ImportError:  # pragma: no cover
-    import task
+from flower_lora import task
 
 app = ClientApp()
-
-
-def _config(context: Context) -> task.TaskConfig:
-    fields = {f: context.run_config[f] for f in task.TaskConfig.__dataclass_fields__ if f in context.run_config}
-    return task.TaskConfig(**fields)
-
-
-def _partition(context: Context) -> int:
-    return int(context.node_config["partition-id"])
 
 
 def _received(msg: Message) -> dict[str, np.ndarray]:
@@ -36,7 +24,7 @@ def _received(msg: Message) -> dict[str, np.ndarray]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fit the received adapter locally and send it back."""
-    cfg, pid = _config(context), _partition(context)
+    cfg, pid = task.TaskConfig.from_run_config(context.run_config), int(context.node_config["partition-id"])
     server_round = int(msg.content["config"]["server-round"])
     fitted = task.local_fit(_received(msg), task.target(cfg, pid, server_round), cfg.local_steps)
     content = RecordDict({
@@ -50,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The received adapter's error against this node's true update."""
-    cfg, pid = _config(context), _partition(context)
+    cfg, pid = task.TaskConfig.from_run_config(context.run_config), int(context.node_config["partition-id"])
     content = RecordDict({
         "metrics": MetricRecord({"num-examples": 100, "error": task.adapter_error(_received(msg), cfg, pid),
                                  "poisoned": int(cfg.poisoned(pid)), "partition-id": pid}),

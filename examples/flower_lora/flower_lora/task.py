@@ -32,7 +32,7 @@ SHARED_RANK = 2
 class TaskConfig:
     """The federation: how many nodes, how many poisoned, noise and heterogeneity."""
 
-    num_nodes: int = 15
+    num_nodes: int = 10
     num_poisoned: int = 3
     noise: float = 0.1          # σ per entry of a node's target, relative to ΔW*'s entry scale
     heterogeneity: float = 0.5  # h: node-specific share of the coefficients
@@ -43,6 +43,13 @@ class TaskConfig:
     def poisoned(self, partition_id: int) -> bool:
         """The last ``num_poisoned`` partitions are poisoned."""
         return partition_id >= self.num_nodes - self.num_poisoned
+
+    @classmethod
+    def from_run_config(cls, run_config) -> "TaskConfig":
+        """The fields found in a Flower run config (``num-nodes``, ``num-poisoned``, ``noise``, ...)."""
+        fields = {f: run_config[f.replace("_", "-")] for f in cls.__dataclass_fields__
+                  if f.replace("_", "-") in run_config}
+        return cls(**fields)
 
 
 def lora_keys(module: str) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """An in-process ``Grid``: runs a ClientApp's functions in this process, no Ray, no SuperLink.
 
-For tests and benchmarks of a strategy's logic; ``run_simulation`` or ``flwr run``
+For tests and benchmarks of a strategy's logic; ``flwr run``
 is the real runtime. It plays the ServerApp's runtime too: it sets flwr's
 ``TaskIdentity`` (run, node and task ids), which ``Message(...)`` reads since flwr 1.38.
 """

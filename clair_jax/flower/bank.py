@@ -1,0 +1,179 @@
+"""The bank of adapters the server holds, and one CLAIR judgement of the pool.
+
+Every round the *pool* is judged together: this round's replies and each other
+node's latest adapter at most ``max_staleness`` rounds old. CLAIR sees the
+pool padded with non-finite placeholder clients to a fixed size (the number of
+nodes on the grid, rounded up to a multiple of ``pad_clients``), which it
+excludes from everything, so one compiled program serves every round of a run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+
+import clair_jax as cj
+from clair_jax.adapters.keys import pair_lora_keys
+from clair_jax.flower.verdicts import NodeVerdict
+
+__all__ = ["Banked", "Module", "Judgement", "lora_modules", "pool_size", "judge", "judge_with_trust", "project"]
+
+
+@dataclass(frozen=True)
+class Banked:
+    """A node's latest valid adapter, as received, with its weight and its latest verdict.
+
+    Attributes:
+        server_round: the round it was received.
+        arrays: every array of the reply.
+        weight: its ``num-examples``.
+        benign: whether its latest verdict kept it in the collaborative set.
+    """
+
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    weight: float
+    benign: bool
+
+
+@dataclass(frozen=True)
+class Module:
+    """One LoRA module: ΔW = s · arrays[b_key] @ arrays[a_key]."""
+
+    name: str
+    a_key: str
+    b_key: str
+
+
+class Judgement(NamedTuple):
+    """CLAIR's verdicts on a pool and what they give each node.
+
+    Attributes:
+        verdicts: ``{node: NodeVerdict}`` for every pool member.
+        refined: ``{node: {key: array}}``, the refined LoRA arrays of every member
+            that is not contaminated (B̃ from CLAIR, its own A), in its own dtype.
+        subspaces: ``{module: Û}`` (p × r̂, r̂ ≥ 0) for adapters outside the pool.
+        seconds: wall time of the CLAIR call.
+    """
+
+    verdicts: dict[int, NodeVerdict]
+    refined: dict[int, dict[str, np.ndarray]]
+    subspaces: dict[str, np.ndarray]
+    seconds: float
+
+
+def lora_modules(arrays: Mapping[str, np.ndarray], a_tag: str, b_tag: str) -> list[Module]:
+    """Each A key with its B partner, both 2-D with B's columns = A's rows; other arrays are not modules."""
+    modules = []
+    for name, (a_key, b_key) in pair_lora_keys(arrays, a_tag, b_tag).items():
+        a, b = arrays[a_key], arrays[b_key]
+        if a.ndim == 2 and b.ndim == 2 and b.shape[1] == a.shape[0]:
+            modules.append(Module(name, a_key, b_key))
+    return modules
+
+
+def pool_size(k: int, capacity: int, pad: int | None) -> int:
+    """The padded pool: ``k`` with no padding, else a multiple of ``pad`` ≥ max(k, capacity)."""
+    if not pad:
+        return k
+    return pad * math.ceil(max(k, capacity) / pad)
+
+
+def judge(server_round: int, pool: Mapping[int, Mapping[str, np.ndarray]], modules: list[Module],
+          scaling: Callable[[str], float], options: Mapping[str, Any], size: int,
+          reasons: Mapping[int, str]) -> Judgement:
+    """CLAIR over the pool's adapters (padded to ``size`` clients), one verdict per node.
+
+    ``reasons`` gives each member's verdict reason (a reply, or a banked adapter).
+    """
+    nodes = list(pool)
+    adapters = [pool[n] for n in nodes]
+    dtype = np.float64 if _x64() else np.float32
+    scales = {m.name: float(scaling(m.name)) for m in modules}
+    groups: dict[tuple[int, int, int], list[Module]] = {}
+    for m in modules:
+        (p, r), q = adapters[0][m.b_key].shape, adapters[0][m.a_key].shape[1]
+        groups.setdefault((p, r, q), []).append(m)
+    problems = []
+    for (p, r, q), members in groups.items():
+        b = np.full((len(members), size, p, r), np.nan, dtype)
+        a = np.full((len(members), size, r, q), np.nan, dtype)
+        for i, m in enumerate(members):
+            for j, arrays in enumerate(adapters):
+                b[i, j] = scales[m.name] * arrays[m.b_key]
+                a[i, j] = arrays[m.a_key]
+        problems.append(cj.LoRAFactors(b, a))
+    start = time.perf_counter()
+    results = cj.clair_groups(problems, **options)
+    first = results[0]  # every result carries the same pooled verdict
+    status = np.asarray(first.client_status)
+    seconds = time.perf_counter() - start
+    benign, scores, zs = (np.asarray(x) for x in (first.client_benign, first.client_scores, first.client_z))
+    verdicts = {n: NodeVerdict(server_round, bool(benign[j]), True, reasons[n], float(scores[j]), float(zs[j]),
+                               cj.pool.STATUSES[int(status[j])]) for j, n in enumerate(nodes)}
+    refined, subspaces = {n: {} for j, n in enumerate(nodes) if status[j] != cj.pool.CONTAMINATED}, {}
+    for members, result in zip(groups.values(), results):
+        refined_b, basis, rank = (np.asarray(x) for x in (result.refined.B, result.subspace, result.rank))
+        for i, m in enumerate(members):
+            subspaces[m.name] = basis[i][:, : int(rank[i])]
+            for j, node in enumerate(nodes):
+                if node in refined:
+                    own = pool[node]
+                    refined[node][m.b_key] = (refined_b[i, j] / scales[m.name]).astype(own[m.b_key].dtype)
+                    refined[node][m.a_key] = own[m.a_key]
+    return Judgement(verdicts, refined, subspaces, seconds)
+
+
+def judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted) -> Judgement:
+    """:func:`judge`, where a pool may not clear an untrusted node that the trusted nodes alone would flag.
+
+    A small pool can hold more contaminated adapters than honest ones (three
+    attackers replying in one round of five adapters), and then their shared
+    direction looks shared. ``trusted`` nodes are those whose latest verdict, in
+    an earlier round, was benign. Each node the whole pool clears that is not
+    trusted (a newcomer, or one flagged at its latest verdict) is judged again in
+    a pool of the trusted adapters and itself alone, when there are at least two
+    trusted adapters; flagged there, it is flagged, and the pool is judged
+    again without it, so Û and the refined adapters do not hold its direction.
+    """
+    start = time.perf_counter()
+    first = judge(server_round, pool, modules, scaling, options, size, reasons)
+    trusted = [n for n in pool if n in trusted]
+    cleared = [n for n, v in first.verdicts.items() if not v.flagged and n not in trusted]
+    overruled = {}
+    for node in cleared if len(trusted) >= 2 else ():
+        alone = judge(server_round, {n: pool[n] for n in (*trusted, node)}, modules, scaling, options, size,
+                      reasons).verdicts[node]
+        if alone.flagged:
+            overruled[node] = replace(alone, reason=f"{alone.reason}: flagged against the trusted nodes alone")
+    if not overruled:
+        return first._replace(seconds=time.perf_counter() - start)
+    rest = judge(server_round, {n: a for n, a in pool.items() if n not in overruled}, modules, scaling,
+                 options, size, reasons)
+    return Judgement({**rest.verdicts, **overruled}, rest.refined, rest.subspaces, time.perf_counter() - start)
+
+
+def project(arrays: Mapping[str, np.ndarray], modules: list[Module],
+            subspaces: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An adapter outside the pool refined with the pool's Û: B̃ = ÛÛᵀB, its own A.
+
+    A module where the pool found no shared direction (r̂ = 0) keeps its own B.
+    """
+    out = {}
+    for m in modules:
+        basis, b = subspaces.get(m.name), arrays[m.b_key]
+        if basis is not None and basis.shape[1] > 0 and basis.shape[0] == b.shape[0]:
+            b = (basis @ (basis.T @ b.astype(basis.dtype))).astype(b.dtype)
+        out[m.b_key], out[m.a_key] = b, arrays[m.a_key]
+    return out
+
+
+def _x64() -> bool:
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
