@@ -8,7 +8,7 @@ Pooling toward the centre keeps both:
 
     Θ̃_k = C + λ_k (Θ̂_k − C),    λ_k = (1 − ν_k / ‖Θ̂_k − C‖²_F)₊,
 
-per problem (module), where
+per problem (module), with λ_k kept at or above ``floor`` (:data:`OWN_FLOOR`, ½), where
 
 * C = Σ_j w_j Θ̂_j is the geometric median of the collaborative set's refined
   updates (Weiszfeld weights w_j ∝ 1/‖Θ̂_j − C‖ over Ŝ): a contaminated client
@@ -18,7 +18,18 @@ per problem (module), where
   all noise gets the centre, one far from it beyond its noise keeps most of its
   own update.
 
-ν_k comes from one of two reports a LoRA client can afford:
+Why the floor. For squared error the risk of λ is (1 − λ)²‖S_k‖² + λ²ν_k (S_k
+the client's true distance from the centre); at λ = ½ it is (‖S_k‖² + ν_k)/4,
+below local's ν_k whenever ‖S_k‖² < 3ν_k, and the James–Stein λ takes over
+above ½ (‖S_k‖² > ν_k). Below ½ the gain is small and rests entirely on ν_k
+being right and on the centre being the client's: on the LoRA updates of a real
+LLM (docs/llm.md) the measured noise is about the whole distance to the centre,
+James–Stein then pools nearly fully, and the clients with the most distinctive
+data lose perplexity against their own adapter, while λ = ½ gains on every
+honest client. So a client is never pulled more than halfway.
+
+ν_k comes from one of two reports a LoRA client can afford (without either,
+every served client gets λ = ``floor``):
 
 * ``update_noise``: measured — :func:`noise_from_halves` reads it from two
   trainings on the halves of the client's data (each half-data update carries
@@ -49,10 +60,12 @@ import numpy as np
 from clair_jax.lora import LoRAFactors
 
 __all__ = ["CentrePooling", "noise_from_halves", "gram", "geometric_median_weights", "centre_factors",
-           "james_stein", "size_noise", "pool_toward_centre", "CENTRE_RANK", "WEISZFELD_STEPS"]
+           "james_stein", "size_noise", "pool_toward_centre", "CENTRE_RANK", "OWN_FLOOR", "WEISZFELD_STEPS"]
 
 #: Default rank of the truncated centre for LoRA input, in units of the clients' largest LoRA rank.
 CENTRE_RANK = 2
+#: The least weight a served client's own update keeps (see the module docstring: never more than halfway).
+OWN_FLOOR = 0.5
 #: Weiszfeld iterations for the geometric median (each is a K × K product).
 WEISZFELD_STEPS = 64
 
@@ -223,7 +236,8 @@ def _check_per_client(value, name, lead, k, *, positive=False):
     return x
 
 
-def pool_toward_centre(updates, members, served, *, update_noise=None, client_sizes=None, rank=None) -> CentrePooling:
+def pool_toward_centre(updates, members, served, *, update_noise=None, client_sizes=None, rank=None,
+                       floor=OWN_FLOOR) -> CentrePooling:
     """Θ̃_k = C + λ_k(Θ̂_k − C) for the ``served`` clients (see the module docstring).
 
     Args:
@@ -235,6 +249,8 @@ def pool_toward_centre(updates, members, served, *, update_noise=None, client_si
             (:func:`noise_from_halves`), in the updates' units squared.
         client_sizes: (K,) training examples n_k > 0 (used when ``update_noise`` is None).
         rank: r_c, the centre's rank for LoRA input (default :data:`CENTRE_RANK` × r).
+        floor: the least λ_k (:data:`OWN_FLOOR`); with neither report every served
+            client gets λ_k = floor.
 
     Returns:
         :class:`CentrePooling`.
@@ -244,8 +260,8 @@ def pool_toward_centre(updates, members, served, *, update_noise=None, client_si
         >>> x = jnp.stack([jnp.full((2, 2), v) for v in (1.0, 3.0, 2.0)])
         >>> out = cj.centre.pool_toward_centre(x, jnp.ones(3, bool), jnp.ones(3, bool),
         ...                                    update_noise=jnp.array([4.0, 4.0, 0.0]))
-        >>> out.refined[:, 0, 0].tolist(), out.weight.tolist()   # all noise: the first two get the centre
-        ([2.0, 2.0, 2.0], [0.0, 0.0, 1.0])
+        >>> out.refined[:, 0, 0].tolist(), out.weight.tolist()   # all noise: halfway to the centre
+        ([1.5, 2.5, 2.0], [0.5, 0.5, 1.0])
     """
     factored = isinstance(updates, LoRAFactors)
     lead_shape = (updates.B if factored else jnp.asarray(updates)).shape
@@ -256,9 +272,9 @@ def pool_toward_centre(updates, members, served, *, update_noise=None, client_si
         raise ValueError(f"members and served must be ({k},) bool, got {members.shape} and {served.shape}")
     if not bool(jnp.any(members)):
         raise ValueError("pooling toward the centre needs at least one client in the collaborative set")
-    if update_noise is None and client_sizes is None:
-        raise ValueError("pooling='centre' needs each client's noise: update_noise= (ν_k, e.g. "
-                         "cj.centre.noise_from_halves) or client_sizes= (training examples n_k)")
+    floor = float(floor)
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1] (the least weight a client's own update keeps), got {floor!r}")
     nu = None if update_noise is None else _check_per_client(update_noise, "update_noise", lead, k)
     sizes = None if client_sizes is None else _check_per_client(client_sizes, "client_sizes", (), k, positive=True)
 
@@ -277,13 +293,15 @@ def pool_toward_centre(updates, members, served, *, update_noise=None, client_si
     dev = jax.vmap(_distances)(g64, w)
     if nu is not None:
         noise = jnp.asarray(nu.reshape(n, k), dev.dtype)
+    elif sizes is None:
+        noise = dev   # no report: the whole distance may be noise, λ = floor
     else:
         noise, identified = size_noise(dev, members, jnp.asarray(sizes, dev.dtype))
         if not bool(jnp.all(identified)):
             warnings.warn("pooling='centre': the collaborative set's client_sizes do not differ, so the noise "
                           "cannot be told from the spread between clients; those clients keep their update "
                           "(pass update_noise= to pool them)", RuntimeWarning, stacklevel=3)
-    lam = jnp.where(served, james_stein(dev, noise), 1.0)
+    lam = jnp.where(served, jnp.maximum(james_stein(dev, noise), floor), 1.0)
     w_c, lam_c = w.astype(dtype), lam.astype(dtype)
     if factored:
         r_c = int(rank) if rank is not None else CENTRE_RANK * b.shape[-1]

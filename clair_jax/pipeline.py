@@ -225,9 +225,6 @@ def _check_centre(update_noise, client_sizes, problems, opts):
                              f"pooling='centre' (got pooling={opts.pooling!r})")
         return [None] * len(problems)
     if update_noise is None:
-        if client_sizes is None:
-            raise ValueError("pooling='centre' needs each client's noise: update_noise= (ν_k per problem, e.g. "
-                             "cj.centre.noise_from_halves) or client_sizes= (each client's training examples)")
         return [None] * len(problems)
     if not isinstance(update_noise, (list, tuple)) or len(update_noise) != len(problems):
         raise TypeError(f"update_noise must be a list with one entry per group ({len(problems)}), "
@@ -387,7 +384,8 @@ def clair(
             (LoRA factors keep the projection). See :func:`clair_jax.refine.partial_pool`.
             ``"centre"``: every client not contaminated gets C + λ_k(Θ̃_k − C), C the
             geometric median of the collaborative set's refined updates and
-            λ_k = (1 − ν_k/‖Θ̃_k − C‖²)₊ from its noise ν_k, in the whole space (dense or
+            λ_k = max(½, (1 − ν_k/‖Θ̃_k − C‖²)₊) from its noise ν_k (½ without
+            ``update_noise`` or ``client_sizes``), in the whole space (dense or
             LoRA: the refined factors then have rank r + ``centre_rank``); λ_k is
             reported as ``centre_weight``. See :mod:`clair_jax.centre`.
         coordinate_noise: for ``pooling="auto"``, an optional callable the refinement

@@ -34,8 +34,8 @@ def test_factored_equals_dense_at_full_centre_rank():
     f = _factors(0)
     members = jnp.array([1, 1, 1, 0, 1, 1], bool)
     noise = np.random.default_rng(1).uniform(0, 30, (3, 6))
-    dense = centre.pool_toward_centre(f.B @ f.A, members, members, update_noise=noise)
-    fact = centre.pool_toward_centre(f, members, members, update_noise=noise, rank=12)
+    dense = centre.pool_toward_centre(f.B @ f.A, members, members, update_noise=noise, floor=0.0)
+    fact = centre.pool_toward_centre(f, members, members, update_noise=noise, rank=12, floor=0.0)
     assert fact.refined.B.shape == (3, 6, 7, 2 + 12) and fact.refined.A.shape == (3, 6, 2 + 12, 6)
     np.testing.assert_allclose(fact.refined.B @ fact.refined.A, dense.refined, atol=2e-4)
     np.testing.assert_allclose(fact.weight, dense.weight, atol=1e-4)
@@ -55,13 +55,21 @@ def test_weight_follows_noise_and_centre_is_a_geometric_median():
     c = np.einsum("k,kpq->pq", np.asarray(w), x)
     assert np.linalg.norm(c - shared) < 0.5 < 5.0 < np.linalg.norm(x.mean(0) - shared)
     dev = np.asarray(centre._distances(g, w))
-    # reported noise = the whole distance → the centre; no noise → own update
-    out = centre.pool_toward_centre(jnp.asarray(x), members, members,
-                                    update_noise=np.r_[dev[:5] * 2, np.zeros(5)])
+    # reported noise = the whole distance → the centre (James–Stein alone); no noise → own update
+    nu = np.r_[dev[:5] * 2, np.zeros(5)]
+    out = centre.pool_toward_centre(jnp.asarray(x), members, members, update_noise=nu, floor=0.0)
     np.testing.assert_allclose(out.weight[:5], 0.0)
     np.testing.assert_allclose(out.weight[5:], 1.0)
     np.testing.assert_allclose(out.refined[0], c, atol=1e-4)
     np.testing.assert_allclose(out.refined[7], x[7], atol=1e-5)
+    # the default floor: never more than halfway; a quarter of the distance as noise → λ = ¾
+    half = centre.pool_toward_centre(jnp.asarray(x), members, members, update_noise=np.r_[nu[:9], dev[9] / 4])
+    np.testing.assert_allclose(half.weight[:5], centre.OWN_FLOOR)
+    np.testing.assert_allclose(half.weight[9], 0.75, rtol=1e-4)
+    np.testing.assert_allclose(half.refined[0], (x[0] + c) / 2, atol=1e-4)
+    # no report at all: every served client halfway
+    none = centre.pool_toward_centre(jnp.asarray(x), members, members.at[0].set(False))
+    np.testing.assert_allclose(none.weight, np.r_[1.0, np.full(9, 0.5)])
 
 
 def test_size_model_recovers_its_noise_and_refuses_equal_sizes():
@@ -74,7 +82,8 @@ def test_size_model_recovers_its_noise_and_refuses_equal_sizes():
     assert not bool(ok.any())
     x = jnp.asarray(np.random.default_rng(3).standard_normal((6, 4, 3)))
     with pytest.warns(RuntimeWarning, match="client_sizes do not differ"):
-        out = centre.pool_toward_centre(x, jnp.ones(6, bool), jnp.ones(6, bool), client_sizes=np.full(6, 10.0))
+        out = centre.pool_toward_centre(x, jnp.ones(6, bool), jnp.ones(6, bool), client_sizes=np.full(6, 10.0),
+                                        floor=0.0)
     np.testing.assert_allclose(out.weight, 1.0)
 
 
@@ -106,7 +115,6 @@ def test_clair_centre_on_lora_factors():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(pooling="centre"), "needs each client's noise"),
     (dict(client_sizes=np.ones(12)), "pass pooling='centre'"),
     (dict(pooling="centre", client_sizes=-np.ones(12)), "client_sizes must be finite and > 0"),
     (dict(pooling="centre", update_noise=np.ones(5)), "update_noise must have shape"),
@@ -121,8 +129,10 @@ def test_centre_errors_name_the_argument(kwargs, message):
 def test_aggregate_pooling_centre_writes_loadable_adapters(tmp_path, capsys):
     dirs, _ = write_federation(tmp_path / "in", names=QS)
     out = tmp_path / "out"
+    with open(os.path.join(dirs[0], "clair_client.json"), "w") as fh:
+        json.dump({"num_examples": 10}, fh)
     assert main(["aggregate", *dirs, "--out", str(out), "--pooling", "centre", "--quiet"]) == 2
-    assert "clair_client.json" in capsys.readouterr().err                   # refused: no report
+    assert "clair_client.json is missing" in capsys.readouterr().err        # refused: all clients or none
     for k, d in enumerate(dirs):
         with open(os.path.join(d, "clair_client.json"), "w") as fh:
             json.dump({"num_examples": 10 + 5 * k}, fh)

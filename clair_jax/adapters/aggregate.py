@@ -325,9 +325,9 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             peak memory is about one module group plus the refined lora_B's.
         progress: a progress bar over module groups on stderr.
         **clair_options: passed to ``cj.clair_groups`` (rank, lam, noise, z_crit, pooling, …).
-            With ``pooling="centre"`` every client directory holds :data:`CLIENT_REPORT`
+            With ``pooling="centre"`` every client directory may hold :data:`CLIENT_REPORT`
             (``{"num_examples": n}`` or ``{"update_noise": {module: ν}}``, ν the noise
-            energy of its ΔW = s·BA), and each refined adapter has rank r + r_c
+            energy of its ΔW = s·BA; all clients or none), and each refined adapter has rank r + r_c
             (r = lora_alpha = that rank, the scaling folded into lora_B).
 
     Returns:
@@ -476,15 +476,17 @@ CLIENT_REPORT = "clair_client.json"
 
 
 def _client_reports(federation):
-    """Each client's ``clair_client.json``: ``num_examples`` (n_k) and/or ``update_noise``
+    """Each client's ``clair_client.json`` (None when no client has one): ``num_examples`` (n_k) and/or ``update_noise``
     ({module: ν}, the noise energy of its ΔW = s·BA, e.g. from two half-data trainings).
     Every client must report one kind the same way (noise for every module, or a size)."""
+    if not any(os.path.exists(os.path.join(c.path, CLIENT_REPORT)) for c in federation.clients):
+        return None   # no client reports: every served client is pooled halfway (centre.OWN_FLOOR)
     reports = []
     for c in federation.clients:
         path = os.path.join(c.path, CLIENT_REPORT)
         if not os.path.exists(path):
-            raise AdapterError(c.path, f"pooling='centre' needs {CLIENT_REPORT} with num_examples (training "
-                                       "examples) or update_noise ({module: noise energy}) in every client")
+            raise AdapterError(c.path, f"{CLIENT_REPORT} is missing: with pooling='centre' either every client "
+                                       "reports num_examples or update_noise, or none does")
         try:
             with open(path, encoding="utf-8") as fh:
                 rep = json.load(fh)

@@ -39,9 +39,9 @@ def add_arguments(parser):
                         "with its status, per-module z heatmap, spectra with r̂ and σ̂")
     parser.add_argument("--pooling", choices=("none", "centre"), default="none",
                         help="none (default): each client's adapter projected onto the shared subspace; centre: also "
-                             "pooled toward the benign centre by how much of its distance is noise (needs "
-                             "clair_client.json in every client dir: num_examples or update_noise); the refined "
-                             "adapters then have rank r + the centre's rank")
+                             "pooled toward the benign centre, halfway or less by how much of its distance is "
+                             "beyond noise (clair_client.json in every client dir, optional: num_examples or "
+                             "update_noise); the refined adapters then have rank r + the centre's rank")
     parser.add_argument("--centre-rank", type=_positive_int, metavar="R",
                         help="rank of the centre with --pooling centre (default 2 × the clients' LoRA rank)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
