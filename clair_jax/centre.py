@@ -39,7 +39,7 @@ every served client gets λ = ``floor``):
   by). The server fits ‖Θ̂_k − C‖² = τ² + c / n_k over Ŝ by least squares (the
   spread between honest clients plus noise that falls as 1/n) and uses
   ν_k = ĉ / n_k. Needs clients of different sizes; with all sizes equal ĉ is not
-  identified and every client keeps its update (λ = 1, a warning says so).
+  identified and the clients are pooled as without a report (a warning says so).
 
 Contaminated clients never enter C and keep their update. Nothing is formed
 densely for LoRA input: the clients' Gram matrix ⟨Θ̂_i, Θ̂_j⟩ = tr(B_iᵀB_j A_jA_iᵀ)
@@ -208,7 +208,7 @@ def size_noise(deviation, members, sizes):
 
     Returns:
         (ν (n, K), identified (n,) bool): where the members' sizes do not differ ĉ
-        is not identified and ν is 0 there (nobody is pooled: λ = 1 is the safe side).
+        is not identified (ν is 0 there; :func:`pool_toward_centre` then pools as without a report).
     """
     inv = 1.0 / sizes
     m = members.astype(deviation.dtype)
@@ -297,10 +297,12 @@ def pool_toward_centre(updates, members, served, *, update_noise=None, client_si
         noise = dev   # no report: the whole distance may be noise, λ = floor
     else:
         noise, identified = size_noise(dev, members, jnp.asarray(sizes, dev.dtype))
+        noise = jnp.where(identified[:, None], noise, dev)   # not identified: as without a report
         if not bool(jnp.all(identified)):
             warnings.warn("pooling='centre': the collaborative set's client_sizes do not differ, so the noise "
-                          "cannot be told from the spread between clients; those clients keep their update "
-                          "(pass update_noise= to pool them)", RuntimeWarning, stacklevel=3)
+                          "cannot be told from the spread between clients; every served client is pooled as "
+                          "without a report (λ = floor; pass update_noise= to say more)", RuntimeWarning,
+                          stacklevel=3)
     lam = jnp.where(served, jnp.maximum(james_stein(dev, noise), floor), 1.0)
     w_c, lam_c = w.astype(dtype), lam.astype(dtype)
     if factored:

@@ -82,9 +82,8 @@ def test_size_model_recovers_its_noise_and_refuses_equal_sizes():
     assert not bool(ok.any())
     x = jnp.asarray(np.random.default_rng(3).standard_normal((6, 4, 3)))
     with pytest.warns(RuntimeWarning, match="client_sizes do not differ"):
-        out = centre.pool_toward_centre(x, jnp.ones(6, bool), jnp.ones(6, bool), client_sizes=np.full(6, 10.0),
-                                        floor=0.0)
-    np.testing.assert_allclose(out.weight, 1.0)
+        out = centre.pool_toward_centre(x, jnp.ones(6, bool), jnp.ones(6, bool), client_sizes=np.full(6, 10.0))
+    np.testing.assert_allclose(out.weight, centre.OWN_FLOOR)                # as without a report
 
 
 def test_noise_from_halves_dense_and_factored_agree():

@@ -74,6 +74,39 @@ def test_adapters_and_heldout_written_and_scored_from_disk(tiny_run, tiny_model)
     assert honest_text.strip()
 
 
+def test_centre_pooled_clair_and_the_projection_row(tiny_run, tiny_model):
+    """The scored CLAIR row is ``clair aggregate --pooling centre``: every served client's
+    adapter has rank r + 2r and kept at least half of its own update; the projection row
+    is the plain call (rank r); each client reported its training sequences."""
+    out, adapters = tiny_run
+    assert out["aggregate_args"] == ["--pooling", "centre"]
+    report = json.loads((adapters / "report.json").read_text())
+    plain = json.loads((adapters / "report_projection.json").read_text())
+    assert [r["status"] for r in report["clients"]] == [r["status"] for r in plain["clients"]]
+    for c, row, row_p in zip(out["clients"], report["clients"], plain["clients"]):
+        assert json.loads((adapters / "clients" / c["name"] / "clair_client.json").read_text())["num_examples"] \
+            == c["train_seqs"]
+        if row["output"]:
+            _, spec = llm.load_peft_adapter(row["output"], tiny_model.config)
+            _, spec_p = llm.load_peft_adapter(row_p["output"], tiny_model.config)
+            assert spec.rank == 3 * TINY.rank and spec_p.rank == TINY.rank
+            assert all(0.5 <= w <= 1.0 for w in row["centre_weight"].values())
+
+
+def test_judged_again_from_saved_adapters(tiny_run, tiny_model, tmp_path):
+    """``--from DIR``: the kept adapters judged and scored again without training give the same table."""
+    out, adapters = tiny_run
+    again = sh.run_shakespeare(seed=0, model=tiny_model, texts=str(FIXTURE), config=TINY, progress=False,
+                               adapters_from=str(adapters), adapters_dir=str(tmp_path / "again"))
+    for name in ("local", "fedavg_ab", "clair", "clair_projection"):
+        for role, ppl in out["methods"][name]["ppl_per_client"].items():
+            assert again["methods"][name]["ppl_per_client"][role] == pytest.approx(ppl, rel=1e-4), (name, role)
+    assert "train_clients" in again["timings"] and not np.isfinite(again["clients"][0]["final_loss"])
+    with pytest.raises(FileNotFoundError, match="adapters_from"):
+        sh.run_shakespeare(seed=1, model=tiny_model, texts=str(FIXTURE), config=TINY, progress=False,
+                           adapters_from=str(adapters))
+
+
 def test_local_training_lowers_the_loss(tiny_run):
     out, _ = tiny_run
     base, local = out["methods"]["base"], out["methods"]["local"]

@@ -335,7 +335,8 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         ``"noisy"`` or ``"contaminated"``, the verdict to act on (an output is written
         unless contaminated) —, benign (in the collaborative set Û is fitted on),
         score, z, nonfinite, output, flagged_copy, lora_rank, dtypes, passthrough,
-        local_modules, module_z: the refit statistic per module), ``groups`` (per
+        local_modules, module_z: the refit statistic per module; with centre pooling
+        output_rank and centre_weight: λ per module, the weight its own update kept), ``groups`` (per
         module group: shape, modules, lora_rank and per module r̂, λ, noise level,
         convergence), ``global_adapter``, timings.
 
@@ -396,6 +397,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
     # that module, or no subspace; and each client's refit statistic per module.
     local = np.zeros(k, int)
     module_z = [{} for _ in range(k)]
+    centre_weight = [{} for _ in range(k)]
     for call, results in zip(calls, results_by_call):
         for chunk, res in zip(call, results):
             own = np.asarray(res.client_benign, bool)
@@ -406,6 +408,9 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
                 refined_here = (own[j] | projected[:, j]) & ~no_sub
                 local[j] += len(chunk.modules) - int(refined_here.sum())
                 module_z[j].update({name: float(z[i, j]) for i, name in enumerate(chunk.modules)})
+                if res.centre_weight is not None:
+                    lam = np.asarray(res.centre_weight, float).reshape(len(chunk.modules), -1)
+                    centre_weight[j].update({name: float(lam[i, j]) for i, name in enumerate(chunk.modules)})
 
     # Step 4: write.
     t = time.perf_counter()
@@ -436,6 +441,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             lora_rank=max(e.rank for e in client.modules.values()), dtypes=list(client.dtypes),
             passthrough=list(client.passthrough), local_modules=int(local[j]) if served[j] else None,
             module_z=module_z[j], output_rank=centre_ranks.get(j),
+            centre_weight=centre_weight[j] or None,
         ))
     global_path = None
     if global_rank is not None and benign.any():

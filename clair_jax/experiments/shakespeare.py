@@ -20,8 +20,11 @@ The instrument for CLAIR on real LLM updates, end to end as a user runs it:
 4. **Aggregation the way users do it.** Every adapter is written as a PEFT
    adapter directory (q/k ``lora_B`` rows in the Hugging Face checkpoint's
    order) beside the client's held-out lines, and judged by ``clair aggregate``:
-   its report and refined adapters are what is scored. A client it flags keeps
-   its local adapter.
+   its report and refined adapters are what is scored (``--pooling centre``:
+   each client's refined update pooled halfway or less toward the benign
+   centre; the projection alone is scored beside it). A client it flags keeps
+   its local adapter. Each client reports its number of training sequences in
+   ``clair_client.json``.
 5. **Scored** on every honest client's own held-out lines: perplexity per
    method (local, FedAvg of A and B, FedAvg of ΔW, coordinate median, trimmed
    mean, Multi-Krum, FedAvg over the true honest clients, FedSA-LoRA, CLAIR),
@@ -74,8 +77,14 @@ METHODS = {
     "multi_krum": "Multi-Krum",
     "fedsa_lora": "FedSA-LoRA (Ā, own B)",
     "fedavg_benign": "FedAvg over true honest",
+    "clair_projection": "CLAIR, projection only",
     "clair": "CLAIR (clair aggregate)",
 }
+
+#: ``clair aggregate`` options of the scored CLAIR row: centre pooling, each client
+#: reporting its training sequences in ``clair_client.json`` (the projection-only row
+#: is the same call without them).
+CLAIR_ARGS = ("--pooling", "centre")
 
 
 class ShakespeareConfig(NamedTuple):
@@ -430,7 +439,7 @@ def _evaluator(model, spec):
     return evaluate
 
 
-def method_deltas(local: list, adapters: list, spec, benign: np.ndarray, refined: dict) -> dict:
+def method_deltas(local: list, adapters: list, spec, benign: np.ndarray, refined: dict, projected=None) -> dict:
     """Every method's ΔW for every client: name → list over clients of {module: (n_adapted, out, in)}.
 
     Args:
@@ -440,11 +449,13 @@ def method_deltas(local: list, adapters: list, spec, benign: np.ndarray, refined
         benign: (K,) the true honest clients (FedAvg over them only).
         refined: client index → dense ΔW of its refined adapter from ``clair aggregate``;
             a client absent from it (flagged) keeps its local ΔW.
+        projected: the same from ``clair aggregate`` without centre pooling (or None).
     """
     from clair_jax import baselines
 
     k = len(local)
-    out = {"local": local, "clair": [refined.get(j, local[j]) for j in range(k)]}
+    out = {"local": local, "clair": [refined.get(j, local[j]) for j in range(k)],
+           "clair_projection": [(projected or {}).get(j, local[j]) for j in range(k)]}
     agg = {name: {} for name in ("fedavg_dw", "median", "trimmed_mean", "fedavg_benign", "fedavg_ab")}
     fedsa = [{} for _ in range(k)]
     for m in spec.modules:
@@ -478,6 +489,21 @@ def method_deltas(local: list, adapters: list, spec, benign: np.ndarray, refined
 # the run
 
 
+def _saved_adapter(root, client, model, spec):
+    """A client's adapter from an earlier run's ``clients/<name>/`` (checked against this run's spec)."""
+    from clair_jax import llm
+
+    path = os.path.join(os.fspath(root), "clients", client.name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapters_from: {path} is missing (was the run made with the same seed, mode "
+                                "and kind?)")
+    lora, saved = llm.load_peft_adapter(path, model.config)
+    if (saved.layers, saved.modules, saved.rank) != (spec.layers, spec.modules, spec.rank):
+        raise ValueError(f"adapters_from: {path} adapts layers {saved.layers}, modules {saved.modules}, rank "
+                         f"{saved.rank}; this run's configuration wants {spec.layers}, {spec.modules}, {spec.rank}")
+    return jax.tree.map(np.asarray, lora)
+
+
 def _default_adapters_dir(path):
     if path is None:
         return tempfile.mkdtemp(prefix="clair_shakespeare_"), True
@@ -499,9 +525,39 @@ def _spectra(local, benign, spec, top=12):
     return out
 
 
+def _judge(dirs, root, name, report_name, args, say):
+    """``clair aggregate`` over ``dirs`` into ``root/name``: (report, terminal table, seconds)."""
+    from clair_jax import cli
+
+    report_path = os.path.join(root, report_name)
+    table = io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(table):
+        status = cli.main(["aggregate", *dirs, "--out", os.path.join(root, name), "--json", report_path, "--quiet",
+                           *map(str, args)])
+    if status != 0:
+        raise RuntimeError(f"clair aggregate exited with status {status}:\n{table.getvalue()}")
+    with open(report_path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    say(f"clair aggregate {' '.join(map(str, args))}: "
+        + next((ln for ln in table.getvalue().splitlines() if "refined adapter" in ln), ""))
+    return report, table.getvalue(), time.perf_counter() - t
+
+
+def _refined_deltas(report, model):
+    from clair_jax import llm
+
+    refined = {}
+    for j, row in enumerate(report["clients"]):
+        if row["output"]:
+            lora, written = llm.load_peft_adapter(row["output"], model.config)   # its own rank and scaling
+            refined[j] = dense_deltas(lora, written)
+    return refined
+
+
 def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", model=None, texts=None,
                     config: ShakespeareConfig | None = None, adapters_dir=None, progress: bool = True,
-                    aggregate_args=()) -> dict:
+                    aggregate_args=CLAIR_ARGS, adapters_from=None) -> dict:
     """Run the federation, ``clair aggregate`` on its PEFT adapters, and every method's score.
 
     Args:
@@ -518,7 +574,11 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
             ``refined/`` and ``report.json`` are written (None: a temporary
             directory, removed afterwards).
         progress: progress lines on stderr.
-        aggregate_args: extra ``clair aggregate`` arguments (e.g. ``("--rank", "4")``).
+        aggregate_args: the scored CLAIR row's ``clair aggregate`` arguments
+            (default :data:`CLAIR_ARGS`); the projection-only row runs without them.
+        adapters_from: the ``adapters_dir`` of an earlier run with the same seed,
+            mode and kind: its clients' adapters are judged and scored again
+            without training (the held-out lines are rebuilt from the seed).
 
     Returns:
         JSON-ready results: ``methods`` (name → ``ppl`` mean over honest clients,
@@ -560,23 +620,28 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
     t = time.perf_counter()
     spec = _spec(model, cfg)
     start = spec.layers[0]
-    hidden_train = [cache_hidden(model, c.train, start) for c in clients]
+    hidden_train = [] if adapters_from else [cache_hidden(model, c.train, start) for c in clients]
     hidden_held = [cache_hidden(model, c.heldout, start) for c in clients]
     probe_hidden = cache_hidden(model, probe_tokens, start)
     timings["cache_hidden_states"] = time.perf_counter() - t
     say(f"hidden states entering layer {start} cached for {sum(len(h) for h in hidden_train + hidden_held)} sequences")
 
     t = time.perf_counter()
-    every = max(1, len(clients) // 6)
-    adapters, losses = train_clients(
-        model, clients, hidden_train, cfg, seed,
-        progress=(lambda d, n, w: say(f"{d}/{n} {w}") if d % every == 0 or d == n else None) if progress else None)
-    honest = [a for a, c in zip(adapters, clients) if c.kind in ("honest",)]
-    for j, c in enumerate(clients):
-        if c.kind == "free_rider":
-            adapters[j] = free_rider_adapter(honest, spec, seed + j)
-        elif c.kind == "boosted":
-            adapters[j] = {m: {"A": v["A"], "B": v["B"] * np.float32(cfg.boost)} for m, v in adapters[j].items()}
+    if adapters_from:
+        adapters = [_saved_adapter(adapters_from, c, model, spec) for c in clients]
+        losses = np.full((len(clients), cfg.steps), np.nan)
+        say(f"adapters read from {adapters_from}")
+    else:
+        every = max(1, len(clients) // 6)
+        adapters, losses = train_clients(
+            model, clients, hidden_train, cfg, seed,
+            progress=(lambda d, n, w: say(f"{d}/{n} {w}") if d % every == 0 or d == n else None) if progress else None)
+        honest = [a for a, c in zip(adapters, clients) if c.kind in ("honest",)]
+        for j, c in enumerate(clients):
+            if c.kind == "free_rider":
+                adapters[j] = free_rider_adapter(honest, spec, seed + j)
+            elif c.kind == "boosted":
+                adapters[j] = {m: {"A": v["A"], "B": v["B"] * np.float32(cfg.boost)} for m, v in adapters[j].items()}
     timings["train_clients"] = time.perf_counter() - t
 
     # Write every client as a PEFT adapter directory, then judge them with `clair aggregate`.
@@ -587,32 +652,20 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
         llm.save_peft_adapter(d, a, model.config, spec)
         with open(os.path.join(d, "heldout.txt"), "w", encoding="utf-8") as fh:
             fh.write(c.heldout_text)
+        with open(os.path.join(d, "clair_client.json"), "w", encoding="utf-8") as fh:
+            json.dump({"num_examples": int(len(c.train)) if c.kind != "free_rider" else 1}, fh)
         dirs.append(d)
     timings["write_adapters"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    report_path = os.path.join(root, "report.json")
-    out_dir = os.path.join(root, "refined")
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
-        status = cli.main(["aggregate", *dirs, "--out", out_dir, "--json", report_path, "--quiet",
-                           *map(str, aggregate_args)])
-    if status != 0:
-        raise RuntimeError(f"clair aggregate exited with status {status}:\n{table.getvalue()}")
-    with open(report_path, encoding="utf-8") as fh:
-        report = json.load(fh)
-    timings["clair_aggregate"] = time.perf_counter() - t
-    say("clair aggregate: " + next((ln for ln in table.getvalue().splitlines() if "refined adapter" in ln), ""))
+    report, table, timings["clair_aggregate"] = _judge(dirs, root, "refined", "report.json", aggregate_args, say)
+    projection, _, timings["clair_aggregate_projection"] = _judge(dirs, root, "refined_projection", "report_projection.json",
+                                                                  (), say)
 
     t = time.perf_counter()
     local = [dense_deltas(a, spec) for a in adapters]
-    refined = {}
-    for j, row in enumerate(report["clients"]):
-        if row["output"]:
-            lora, written = llm.load_peft_adapter(row["output"], model.config)   # its own rank and scaling
-            refined[j] = dense_deltas(lora, written)
     benign = np.array([c.benign for c in clients])
-    deltas = method_deltas(local, adapters, spec, benign, refined)
+    deltas = method_deltas(local, adapters, spec, benign, _refined_deltas(report, model),
+                           _refined_deltas(projection, model))
     timings["baselines"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -680,8 +733,10 @@ def run_shakespeare(*, seed: int = 0, quick: bool = True, kind: str = "mixed", m
                        fpr=float(np.mean(flagged[benign])), flagged_by_kind=by_kind),
         rank=ranks,
         spectrum=_spectra(local, benign, spec),
+        centre_weight=[row.get("centre_weight") for row in report["clients"]],
+        aggregate_args=list(map(str, aggregate_args)),
         aggregate_seconds=report["seconds"],
-        aggregate_table=table.getvalue(),
+        aggregate_table=table,
         adapters_dir=None if temporary else os.path.abspath(root),
         timings=timings,
     )
@@ -741,6 +796,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results to PATH as JSON")
     parser.add_argument("--adapters", metavar="DIR", default=None,
                         help="keep every client's adapter, held-out lines and the refined adapters in DIR")
+    parser.add_argument("--from", dest="adapters_from", metavar="DIR", default=None,
+                        help="judge and score again the adapters an earlier run kept with --adapters DIR "
+                             "(same seed, mode and kind), without training")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
@@ -748,7 +806,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``clair shakespeare``."""
     try:
         out = run_shakespeare(seed=args.seed, quick=args.quick, kind=args.kind, model=args.model, texts=args.texts,
-                              adapters_dir=args.adapters, progress=not args.no_progress)
+                              adapters_dir=args.adapters, progress=not args.no_progress,
+                              adapters_from=args.adapters_from)
     except (ValueError, FileNotFoundError) as err:
         print(f"clair shakespeare: error: {err}", file=sys.stderr)
         return 2
