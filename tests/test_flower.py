@@ -492,3 +492,30 @@ def test_rounds_after_the_second_compile_nothing():
         counts[server_round] = len(compiles)
     assert counts[1] > 0 and counts[6] == counts[3], counts
     assert all(strategy.clair_seconds[r] < strategy.clair_seconds[1] / 5 for r in (3, 4, 5, 6))
+
+
+def test_centre_pooling_sends_rank_r_adapters_in_the_nodes_row_space():
+    """clair_options={"pooling": "centre"}: the pooled update has rank r + r_c, a node's model
+    holds rank r: each served node gets B̃ = Θ̃ A_k⁺ (its own A), exact in A_k's row space."""
+    import clair_jax as cj
+    from clair_jax.flower import bank
+
+    rng = np.random.default_rng(3)
+    u = np.linalg.qr(rng.standard_normal((P, SHARED)))[0]
+    pool = {}
+    for n in range(6):
+        b = (u @ rng.standard_normal((SHARED, R)) if n else rng.standard_normal((P, R))).astype(np.float32)
+        pool[n] = {"m.lora_A": rng.standard_normal((R, Q)).astype(np.float32), "m.lora_B": b}
+    modules = [bank.Module("m", "m.lora_A", "m.lora_B")]
+    options = {"pooling": "centre"}
+    out = bank.judge(1, pool, modules, lambda name: 2.0, options, 6, {n: "reply" for n in pool})
+    (res,) = cj.clair_groups([cj.LoRAFactors(np.stack([2.0 * pool[n]["m.lora_B"] for n in pool])[None],
+                                             np.stack([pool[n]["m.lora_A"] for n in pool])[None])], **options)
+    pooled = np.asarray(res.refined.B @ res.refined.A)[0]
+    assert out.refined and 0 not in out.refined                       # the poisoned node is not served
+    for n, arrays in out.refined.items():
+        a = pool[n]["m.lora_A"]
+        assert arrays["m.lora_B"].shape == (P, R) and arrays["m.lora_A"] is a
+        np.testing.assert_allclose(2.0 * arrays["m.lora_B"] @ a, pooled[n] @ np.linalg.pinv(a) @ a, atol=1e-4)
+    with pytest.raises(ValueError, match="pooling must be 'none' or 'centre'"):
+        ClairStrategy(clair_options={"pooling": "auto"})

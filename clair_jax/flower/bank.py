@@ -119,12 +119,18 @@ def judge(server_round: int, pool: Mapping[int, Mapping[str, np.ndarray]], modul
     refined, subspaces = {n: {} for j, n in enumerate(nodes) if status[j] != cj.pool.CONTAMINATED}, {}
     for members, result in zip(groups.values(), results):
         refined_b, basis, rank = (np.asarray(x) for x in (result.refined.B, result.subspace, result.rank))
+        pooled_a = np.asarray(result.refined.A) if result.centre_weight is not None else None
         for i, m in enumerate(members):
             subspaces[m.name] = basis[i][:, : int(rank[i])]
             for j, node in enumerate(nodes):
                 if node in refined:
                     own = pool[node]
-                    refined[node][m.b_key] = (refined_b[i, j] / scales[m.name]).astype(own[m.b_key].dtype)
+                    b = refined_b[i, j]
+                    if pooled_a is not None:
+                        # Centre pooling gives rank r + r_c; the node's model holds rank r: send the
+                        # pooled ΔW in the row space of its own A, B̃ = B_p A_p A⁺ (exact there).
+                        b = b @ (pooled_a[i, j] @ np.linalg.pinv(own[m.a_key].astype(b.dtype)))
+                    refined[node][m.b_key] = (b / scales[m.name]).astype(own[m.b_key].dtype)
                     refined[node][m.a_key] = own[m.a_key]
     return Judgement(verdicts, refined, subspaces, seconds)
 

@@ -10,7 +10,7 @@ __all__ = ["CLAIR_OPTIONS", "check_options", "config_scaling", "module_scaling"]
 
 #: ``cj.clair`` options a user may set through ``clair_options``.
 CLAIR_OPTIONS = frozenset({"rank", "lam", "noise", "threshold", "tol", "max_iter", "min_gap", "refit",
-                           "z_crit", "svt"})
+                           "z_crit", "svt", "pooling", "centre_rank"})
 
 
 def check_options(*, lora_scaling, flagged_nodes, max_staleness, exclude_after, min_judged, pad_clients,
@@ -37,6 +37,9 @@ def check_options(*, lora_scaling, flagged_nodes, max_staleness, exclude_after, 
     unknown = set(options) - CLAIR_OPTIONS
     if unknown:
         raise ValueError(f"clair_options: unknown option(s) {sorted(unknown)}; known: {sorted(CLAIR_OPTIONS)}")
+    if options.get("pooling", "none") not in ("none", "centre"):
+        raise ValueError(f"clair_options: pooling must be 'none' or 'centre' (a node's model has fixed-rank LoRA "
+                         f"layers), got {options['pooling']!r}")
     return options
 
 
