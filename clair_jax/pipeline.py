@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from clair_jax import _checks, centre, detect, pool, refine, report, stack
 from clair_jax.options import ClairOptions
+from clair_jax.lora import LoRAFactors
 
 __all__ = ["Screening", "clair", "clair_groups", "conclude", "screen"]
 
@@ -55,8 +56,35 @@ def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, updat
         >>> bool((wide.client_benign == fed.benign).all()), narrow.refined.shape
         (True, (12, 10, 2))
     """
+    _check_centre_early(groups, options.get("pooling", "none"), update_noise, client_sizes, centre_rank)
     return conclude(screen(groups, devices=devices, **options), coordinate_noise=coordinate_noise,
                     update_noise=update_noise, client_sizes=client_sizes, centre_rank=centre_rank)
+
+
+def _check_centre_early(groups, pooling, update_noise, client_sizes, centre_rank):
+    """The centre-pooling arguments, checked before any solving (errors name the argument)."""
+    if pooling != "centre":
+        if update_noise is not None or client_sizes is not None or centre_rank is not None:
+            raise ValueError("update_noise=, client_sizes= and centre_rank= belong to centre pooling: pass "
+                             f"pooling='centre' (got pooling={pooling!r})")
+        return
+    if centre_rank is not None:
+        _checks.check_int(centre_rank, "centre_rank", low=1)
+    try:
+        first = groups[0].B if isinstance(groups[0], LoRAFactors) else groups[0]
+        k = first.shape[-3]
+    except (IndexError, AttributeError, TypeError):
+        return   # the stack stage names what is wrong with the updates
+    if client_sizes is not None:
+        centre._check_per_client(client_sizes, "client_sizes", (), k, positive=True)
+    if update_noise is not None:
+        if not isinstance(update_noise, (list, tuple)) or len(update_noise) != len(groups):
+            raise TypeError(f"update_noise must be a list with one entry per group ({len(groups)}), "
+                            f"got {type(update_noise).__name__}")
+        for g, nu in zip(groups, update_noise):
+            if nu is not None:
+                lead = (g.B if isinstance(g, LoRAFactors) else g).shape[:-3]
+                centre._check_per_client(nu, "update_noise", tuple(lead), k)
 
 
 class Screening(NamedTuple):

@@ -94,21 +94,22 @@ def test_noise_from_halves_dense_and_factored_agree():
         centre.noise_from_halves(a, b.B @ b.A)
 
 
-def test_clair_centre_on_lora_factors():
+def test_clair_centre_on_lora_factors(tmp_path):
     """The contaminated client keeps its update; every other client's refined update is
-    C + λ(Θ̃ − C) of rank r + r_c, with λ reported as centre_weight."""
-    fed = cj.data.make_federation(0, num_clients=12, p=16, q=8, rank=2, contamination=0.25)
-    u, s, vt = np.linalg.svd(np.asarray(fed.updates), full_matrices=False)
-    f = cj.LoRAFactors(jnp.asarray(u[..., :4] * s[..., None, :4]), jnp.asarray(vt[..., :4, :]))
-    sizes = np.arange(12) + 5.0
-    plain = cj.clair(f)
-    res = cj.clair(f, pooling="centre", client_sizes=sizes, centre_rank=3)
-    assert res.refined.B.shape == (12, 16, 4 + 3)
+    C + λ(Θ̃ − C) of rank r + r_c, with λ reported as centre_weight (the adapter tests'
+    federation and shapes, so the programs are compiled once)."""
+    dirs, _ = write_federation(tmp_path, names=QS)
+    f = cj.adapters.load_federation(dirs).factors(0)
+    f = cj.LoRAFactors(jnp.asarray(f.B), jnp.asarray(f.A))
+    sizes = np.arange(6) + 5.0
+    (plain,) = cj.clair_groups([f])
+    (res,) = cj.clair_groups([f], pooling="centre", client_sizes=sizes, centre_rank=3)
+    assert res.refined.B.shape == (2, 6, 16, 4 + 3)
     lam = np.asarray(res.centre_weight)
     bad = np.asarray(res.client_status) == cj.pool.CONTAMINATED
-    assert bad.any() and (lam[bad] == 1.0).all() and ((lam >= 0) & (lam <= 1)).all()
-    np.testing.assert_allclose(np.asarray(res.refined.B @ res.refined.A)[bad],
-                               np.asarray(plain.refined.B @ plain.refined.A)[bad], atol=1e-4)
+    assert bad.any() and (lam[:, bad] == 1.0).all() and ((lam >= centre.OWN_FLOOR) & (lam <= 1)).all()
+    np.testing.assert_allclose(np.asarray(res.refined.B @ res.refined.A)[:, bad],
+                               np.asarray(plain.refined.B @ plain.refined.A)[:, bad], atol=1e-4)
     assert plain.centre_weight is None
     assert (np.asarray(res.client_status) == np.asarray(plain.client_status)).all()
 
