@@ -115,11 +115,12 @@ def test_noiseless_low_rank_blocks_stay_noiseless():
 
 
 def test_layers_pooled_verdict_and_vmapped_equals_loop():
-    fed = _fed(2, num_layers=3)
+    # Four layers, as in the next test: the stacked program compiles once for both.
+    fed = _fed(2, num_layers=4)
     res = cj.clair(fed.updates)
-    assert res.benign.shape == (3, 16) and res.client_benign.shape == (16,)
+    assert res.benign.shape == (4, 16) and res.client_benign.shape == (16,)
     np.testing.assert_array_equal(np.asarray(res.client_benign), np.asarray(fed.benign))
-    for i in range(3):
+    for i in range(4):
         single = cj.clair(fed.updates[i])
         np.testing.assert_allclose(np.asarray(res.scores[i]), np.asarray(single.scores), atol=1e-9)
         np.testing.assert_array_equal(np.asarray(res.benign[i]), np.asarray(single.benign))
