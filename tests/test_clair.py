@@ -107,8 +107,8 @@ def test_lora_noise_in_each_clients_own_directions(seed):
 
 
 def test_noiseless_low_rank_blocks_stay_noiseless():
-    # Benign blocks of rank 2 < min(p, q)/2: no second pass, σ̂ stays at rounding level.
-    fed = _fed(0, noise=0.0, kind="full_rank", p=16, q=8)
+    # Benign blocks of rank 1 < min(p, q)/2 (the file's shape): no second pass, σ̂ stays at rounding level.
+    fed = _fed(0, noise=0.0, kind="full_rank", rank=1)
     res = cj.clair(fed.updates)
     assert float(res.noise_level) < 1e-12 * float(jnp.max(jnp.abs(fed.updates)))
     np.testing.assert_array_equal(np.asarray(res.benign), np.asarray(fed.benign))
