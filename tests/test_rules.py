@@ -31,3 +31,14 @@ def test_majority_check_takes_a_rank_above_its_limit_as_is():
     kept, rank = jax.jit(basis.majority_basis)(jnp.asarray(u), r, blocks, everyone, p, rel_floor=1e-10)
     assert int(rank) == r
     np.testing.assert_array_equal(np.asarray(kept), u)
+
+
+def test_a_second_pass_runs_while_the_benign_stack_moves_mu():
+    # 45 % mixed contamination at high noise: the benign stack's σ̂ gives a μ more than
+    # STACK_NOISE_RATIO away from the clients' median one, so detection runs again at it.
+    from clair_jax import stack
+    from clair_jax.options import ClairOptions
+
+    opts = ClairOptions.checked()
+    fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2, noise=0.33, contamination=0.45, kind="mixed")
+    assert 1 < detect.until_settled(stack.problems(fed.updates, "left"), opts).passes <= detect.MAX_PASSES
