@@ -15,8 +15,12 @@ PACKAGE = ROOT / "clair_jax"
 OUTSIDE_CORE = ("experiments", "llm")
 #: Lines a module of the core may hold.
 MAX_LINES = 500
-#: Split under its own issue into a package of small files.
-NOT_YET_SPLIT = {"flower.py"}
+#: Modules over the limit whose split is another piece of work: the file and where it is tracked.
+#: Remove an entry once its module is split.
+NOT_YET_SPLIT = {
+    "flower.py": "issue 31: flower.py becomes a package",
+    "adapters/aggregate.py": "issue 33: the adapters' room, split with their own work",
+}
 
 
 def _modules():
