@@ -3,10 +3,10 @@
 Pipeline: estimators → stack → decompose → detect → refine → report.
 
 >>> import clair_jax as cj
->>> fed = cj.data.make_federation(0, num_clients=20, p=16, q=8, rank=2)
+>>> fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2)
 >>> result = cj.clair(fed.updates)
 >>> result.client_benign.shape
-(20,)
+(16,)
 """
 
 from clair_jax import baselines, centre, data, detect, metrics, pool, prox, refine, solvers, stack, tuning

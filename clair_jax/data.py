@@ -147,9 +147,9 @@ def make_federation(
 
     Example:
         >>> import clair_jax as cj
-        >>> fed = cj.data.make_federation(0, num_clients=10, p=8, q=4, rank=2)
+        >>> fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2)
         >>> fed.updates.shape, int(fed.benign.sum())
-        ((10, 8, 4), 7)
+        ((16, 12, 4), 11)
     """
     if kind not in CONTAMINATION_KINDS:
         raise ValueError(f"kind must be one of {CONTAMINATION_KINDS}, got {kind!r}")

@@ -37,7 +37,7 @@ def run_demo(*, clients=40, contamination=0.3, noise=0.15, kind="mixed", p=64, q
     """Run the demo federation and return a dict of results per method.
 
     Example:
-        >>> out = run_demo(clients=12, p=16, q=4, rank=2, progress=False)
+        >>> out = run_demo(clients=16, p=12, q=4, rank=2, progress=False)
         >>> sorted(out["methods"])[:3]
         ['clair', 'fedavg', 'geometric_median']
     """

@@ -9,6 +9,11 @@ The collaborative set Ŝ = {k : s_k ≤ τ}. With no τ given, τ is put in the 
 gap of the sorted scores that leaves a benign majority; a gap narrower than
 ``min_gap`` means "no contamination" (every score is in one cluster). Across a λ
 grid the λ whose scores split most clearly wins.
+
+The pieces this stage shares with the refinement live below it: robust
+statistics in :mod:`clair_jax.robust`, the stack's SVD, rank and shared
+directions in :mod:`clair_jax.basis`, and the refit test in
+:mod:`clair_jax.refit`; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,49 +25,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax import linalg, refine, sharding, tuning
+from clair_jax import linalg, sharding, tuning
 from clair_jax._compile import program
+from clair_jax.basis import SUBSPACE_CLIP, select_rank, stack_svd
 from clair_jax.decompose import Decomposition
 from clair_jax.prox import safe_frobenius_norm
+from clair_jax.refit import ENTRY_CLIP, HEAVY_TAIL_RATIO, ResidualTest, residual_test
+from clair_jax.robust import (ENERGY_CAP, SIZE_SPREAD, masked_median, robust_units, scaled_norms,
+                              size_exponent)
+from clair_jax.robust import rounding_floor as _rel_floor
 from clair_jax.solvers import solve_alm_path
 from clair_jax.stack import to_stacked
 
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
            "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
            "scaled_norms", "robust_units", "SUBSPACE_CLIP", "ENERGY_CAP", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "COPY_TOL", "repeated",
-           "SCREEN_TOL", "RANK_TOL", "size_exponent", "SIZE_SPREAD"]
+           "SCREEN_TOL", "RANK_TOL", "size_exponent", "SIZE_SPREAD", "ResidualTest", "REFIT_ROUNDS"]
 
 #: Smallest score gap read as a real split. Benign scores spread in small steps
 #: (a K-sized sample of one distribution); a contaminated cluster sits a clear
 #: step above them.
 MIN_GAP = 0.1
-
-#: The refit estimates Û from blocks whose norms are capped at SUBSPACE_CLIP ×
-#: the median norm of the current set: a block's column space is kept, but a few
-#: aligned huge blocks can no longer choose Û or r̂ on their own.
-SUBSPACE_CLIP = 2.0
-
-#: Blocks above ENERGY_CAP × the median client norm are scaled down to it before
-#: energies are squared (float32 squares overflow near 1e19). Such a block's
-#: off-subspace energy is still ~ENERGY_CAP² times a benign one: it is flagged.
-ENERGY_CAP = 1e6
-
-#: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
-#: deviations (of the current set's pooled residual entries) before energies are
-#: summed: heavy-tailed noise (Student-t) then gives energies with a finite spread,
-#: while dense contamination keeps nearly all its energy.
-ENTRY_CLIP = 4.0
-
-#: The set's noise is heavy-tailed when its median off-subspace energy loses more
-#: than this factor to winsorising (Gaussian noise loses ~0.1 % at ENTRY_CLIP;
-#: Student-t with df = 2 about 45 %). Then each client's median squared residual
-#: entry is the evidence (see :func:`residual_test`).
-HEAVY_TAIL_RATIO = 1.2
-
-#: The refit test reads how honest noise grows with an update's size
-#: (:func:`size_exponent`) only where the set's squared norms spread: the median
-#: absolute deviation of their logarithms at least this (norms a factor √2 apart).
-SIZE_SPREAD = float(np.log(2.0) / 2)
 
 #: A client's update repeats another's when their squared distance is below
 #: COPY_TOL × the smaller of the two squared norms (both taken from the clients'
@@ -120,89 +103,6 @@ def collaborative_set(scores, usable=None, threshold=None, min_gap=MIN_GAP):
     return split_scores(scores, usable, min_gap).benign
 
 
-def masked_median(values, mask):
-    """Median of ``values[mask]`` (lower median; +inf padding keeps shapes static)."""
-    ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
-    return ordered[(jnp.maximum(jnp.sum(mask), 1) - 1) // 2]
-
-
-def scaled_norms(blocks):
-    """(K,) Frobenius norms that neither overflow nor underflow for any finite input.
-
-    Each block is divided by its largest |entry| before squaring, then multiplied back.
-    """
-    peak = jnp.max(jnp.abs(blocks), axis=(-2, -1))
-    unit = blocks / jnp.where(peak > 0, peak, 1.0)[..., None, None]
-    return peak * jnp.sqrt(jnp.sum(jnp.square(unit), axis=(-2, -1)))
-
-
-def robust_units(blocks, usable, cap=ENERGY_CAP):
-    """Blocks in units of the median usable client norm, norms capped at ``cap``.
-
-    Returns (scaled blocks, the unit): every statistic of the refit test is then
-    computed on numbers near 1, whatever the input's scale (1e-20 or 1e30).
-    """
-    norms = scaled_norms(blocks)
-    positive = usable & (norms > 0)
-    unit = masked_median(norms, positive)
-    unit = jnp.where(jnp.any(positive) & jnp.isfinite(unit) & (unit > 0), unit, 1.0)
-    rel = norms / unit
-    shrink = jnp.where(rel > cap, cap / jnp.where(rel > 0, rel, 1.0), 1.0)
-    return blocks * (shrink / unit)[:, None, None], unit
-
-
-def size_exponent(energy, norms2, current, spread=SIZE_SPREAD):
-    """β ∈ [0, 1] in e_k ∝ ‖Θ̂_k‖^(2β): how the set's off-subspace energy grows with size.
-
-    Honest updates differ in size (more data, more local steps, another learning
-    rate), and their estimation noise may grow with them (β ≈ 1: each is a scaled
-    copy of the same kind of estimate) or not (β ≈ 0: additive noise of one level).
-    Read from the current set as Siegel's repeated median of the pairwise slopes of
-    log e_k against log ‖Θ̂_k‖² (for each client the median slope to the others,
-    then the median of those: a minority of contaminated clients in the set
-    cannot move it), and only where the set's sizes spread: where the median
-    absolute deviation of log ‖Θ̂_k‖² is below ``spread`` the sizes carry no
-    information and β = 0, so a federation of similar-sized clients (or one
-    with a minority of larger, contaminated ones) is tested on plain energies.
-
-    Example:
-        >>> import jax.numpy as jnp, clair_jax as cj
-        >>> size2 = jnp.array([1.0, 4.0, 16.0, 64.0, 256.0])
-        >>> float(cj.detect.size_exponent(0.1 * size2, size2, jnp.ones(5, bool)))
-        1.0
-        >>> float(cj.detect.size_exponent(0.1 * jnp.ones(5), size2, jnp.ones(5, bool)))
-        0.0
-    """
-    tiny = jnp.finfo(energy.dtype).tiny
-    log_e = jnp.log(jnp.maximum(energy, tiny))
-    log_n = jnp.log(jnp.maximum(norms2, tiny))
-    live = current & (norms2 > 0) & (energy > 0)
-    mad = masked_median(jnp.abs(log_n - masked_median(log_n, live)), live)
-    dn = log_n[:, None] - log_n[None, :]
-    # Pairs of clearly different size only: a slope over a tiny size difference is noise.
-    pairs = live[:, None] & live[None, :] & (jnp.abs(dn) > spread)
-    slopes = (log_e[:, None] - log_e[None, :]) / jnp.where(pairs, dn, 1.0)
-    per_client = jax.vmap(masked_median)(slopes, pairs)
-    has = jnp.any(pairs, axis=1)
-    beta = masked_median(jnp.where(has, per_client, 0.0), has)
-    beta = jnp.where((mad >= spread) & jnp.any(has) & jnp.isfinite(beta), beta, 0.0)
-    return jnp.clip(beta, 0.0, 1.0).astype(energy.dtype)
-
-
-class ResidualTest(NamedTuple):
-    benign: jax.Array      # (K,) bool
-    z: jax.Array           # (K,) standardised excess off-subspace energy
-    rank: jax.Array        # r̂ used for the subspace
-    stable: jax.Array      # the last round kept its set (then ``svd`` is the final set's)
-    rounds: jax.Array      # rounds run
-    svd: object            # refine.StackSVD the last round fitted on (its leading vectors)
-
-    @property
-    def spectrum(self):
-        """Singular values of the stack the last round fitted on, in the input's units."""
-        return self.svd.s * self.svd.peak
-
-
 def repeated(blocks, usable, tol=COPY_TOL):
     """(K,) bool: clients whose update repeats a lower-numbered client's.
 
@@ -241,150 +141,6 @@ def repeated(blocks, usable, tol=COPY_TOL):
     return jnp.any(pairs & (d2 <= tol * size + rounding), axis=1)
 
 
-def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=2, dims=None, columns=None,
-                  carry_width=None):
-    """Refit check of a collaborative set (stage 4b).
-
-    Û from the current set, then every client's off-subspace energy
-    e_k = ‖(I − ÛÛᵀ)Θ̂_k‖_F². Benign energies are one population (noise plus small
-    heterogeneity); a client is kept when e_k ≤ m + z_crit·s, with m and s the
-    median and MAD-scale of the current set (s at least the χ² spread
-    m·√(2/((p − r̂)q)) of isotropic noise) plus ``rel_floor``·‖Θ̂_k‖_F² for
-    rounding in noiseless data. Squared energies with the noise level removed
-    carry far more power than the norm shares of the convex scores when
-    contamination hides in noise; the convex decomposition supplies the
-    robust starting set the refit needs.
-
-    Robustness: the blocks are first brought to the median client norm
-    (:func:`robust_units`, so no energy overflows or underflows in float32 for
-    any finite input); Û is fitted on blocks capped at :data:`SUBSPACE_CLIP` ×
-    the set's median norm (:func:`clair_jax.refine.capped`: a few aligned huge
-    blocks cannot choose Û or r̂); Û keeps only the directions a majority of
-    the set carries (:func:`clair_jax.refine.majority_basis`: a coordinated
-    minority's own direction becomes off-subspace energy); and for dense full-rank blocks a client is
-    flagged only when its energy is also out of range after its residual
-    entries are winsorised at :data:`ENTRY_CLIP` robust standard deviations, so
-    heavy-tailed noise (a few huge entries) is not read as contamination while
-    dense contamination is; where the set's own noise is heavy-tailed (its
-    median energy loses more than :data:`HEAVY_TAIL_RATIO` to winsorising) a
-    client's median squared residual entry decides (log scale, spread from the
-    set's lower half), so a dense attacker cannot hide inside the honest
-    clients' wide spread of plain energies.
-
-    Size is not evidence: where the set's updates differ widely in size and their
-    off-subspace energy grows with it (e_k ∝ ‖Θ̂_k‖^(2β), :func:`size_exponent`),
-    every residual is brought to the set's median size by (m/‖Θ̂_k‖²)^(β/2) before
-    the energies above are read. Honest clients 1–100× apart in size with noise
-    in proportion are then one population, and a small attacker (all of its
-    update off Û) stands out of it; with similar sizes β = 0 and nothing changes.
-
-    Args:
-        blocks: (K, p, q) with unusable clients zeroed.
-        benign: (K,) starting set. usable: (K,) finite clients.
-        rank_fn: (singular values, benign) → r̂.
-        z_crit: standard deviations above the median read as contamination.
-        rel_floor: relative energy below which a residual is rounding.
-        rounds: at most this many refits, each on the previous round's set (a round
-            that keeps its set ends the test).
-        dims: dense (p, q) when ``blocks`` is an exact LoRA reduction.
-        columns: (K,) noise columns per block (:func:`clair_jax.tuning.effective_columns`);
-            default q each.
-        carry_width: how many singular vectors of the last round's SVD the result's
-            ``svd`` keeps (static; default all): the refinement reuses it.
-    """
-    k, p, q = blocks.shape
-    given = blocks
-    short = min(p, k * q)
-    carry = short if carry_width is None else min(int(carry_width), short)
-    entrywise = dims is None or tuple(dims) == (p, q)   # not an exact (LoRA) reduction
-    p, q = (p, q) if dims is None else dims
-    # Scale first: every energy below is a number near 1 (overflow/underflow safe).
-    blocks, unit = robust_units(blocks, usable)
-    norms = scaled_norms(blocks)
-    norms2 = jnp.square(norms)
-    cols = jnp.full((k,), q) if columns is None else columns
-
-    def one_round(state):
-        current = state.benign
-        # Û from blocks capped at SUBSPACE_CLIP × the set's median norm (refine.capped).
-        # The SVD is of the given blocks (the stack divided by its largest entry
-        # either way), so the refinement can reuse it as it is.
-        svd = refine.stack_svd(given, current)
-        basis, r = refine.shared_basis(svd.u, rank_fn(svd.s * (svd.peak / unit), current), blocks, current,
-                                       spectrum=svd.s)
-        # Directions only a coherent minority carries leave Û: their owners' energy
-        # along them then counts as off-subspace, where the test sees it.
-        basis, r = refine.majority_basis(basis, r, blocks, current, p, cols, rel_floor=rel_floor)
-        resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
-        # Honest noise may grow with an update's size (more local steps, a larger
-        # learning rate): then a client's energy is judged at the set's typical size.
-        beta = size_exponent(jnp.sum(jnp.square(resid), axis=(-2, -1)), norms2, current)
-        resize = jnp.where(norms2 > 0, jnp.power(masked_median(norms2, current) / jnp.where(norms2 > 0, norms2, 1.0),
-                                                   beta / 2), 1.0)
-        resid = resid * resize[:, None, None]
-        sized = blocks * resize[:, None, None]
-        # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
-        # robust sd. Heavy-tailed noise inflates only the plain one, so a client is
-        # flagged when both are out of the set's range.
-        abs_mean = jnp.mean(jnp.abs(resid), axis=(-2, -1))
-        spread = masked_median(abs_mean, current) * jnp.sqrt(jnp.pi / 2).astype(blocks.dtype)
-        limit = jnp.where(spread > 0, ENTRY_CLIP * spread, jnp.inf)
-        energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
-        clipped = jnp.sum(jnp.square(jnp.clip(resid, -limit, limit)), axis=(-2, -1))
-        dof = jnp.maximum((p - r) * masked_median(cols, current), 1).astype(blocks.dtype)
-
-        def standardise(e, size2):
-            m = masked_median(e, current)
-            mad = masked_median(jnp.abs(e - m), current)
-            s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
-            z = (e - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
-            # An excess within rounding is no evidence (noiseless data: s is rounding too).
-            z = jnp.where(e - m <= rel_floor * size2, jnp.minimum(z, 0.0), z)
-            return z, e <= m + z_crit * s + rel_floor * size2
-
-        z_plain, ok_plain = standardise(energy, norms2 * jnp.square(resize))
-        z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(sized, -limit, limit)), axis=(-2, -1)))
-        # Only where the residual entries are one population: dense full-rank blocks
-        # (a LoRA block's residual lives in a few directions and its entries are not iid).
-        veto = entrywise & (masked_median(cols, current) >= q)
-        # Where the set's own noise is heavy-tailed the plain energies of honest
-        # clients spread so widely that a dense attacker of benign norm sits inside
-        # their range: the median squared entry below decides. Elsewhere a client is
-        # flagged when both are out of range (a few huge entries alone are not enough).
-        heavy = veto & (masked_median(energy, current) > HEAVY_TAIL_RATIO * masked_median(clipped, current))
-        # There even winsorised energies keep a long right tail; a client's median
-        # squared residual entry does not, and on a log scale its spread over honest
-        # clients is near-symmetric (Student-t, df = 2: honest z at most 3.8 and
-        # Gaussian attackers of benign norm at least 7.3, 10 seeds of the zoo's case).
-        log_typical = jnp.log(jnp.maximum(jnp.median(jnp.square(resid).reshape(k, -1), axis=-1),
-                                          jnp.finfo(blocks.dtype).tiny))
-        centre = masked_median(log_typical, current)
-        # Spread from the set's lower half: contamination only raises this statistic,
-        # and a third of the set raising it would otherwise widen a plain MAD.
-        below = current & (log_typical <= centre)
-        width = jnp.maximum(1.4826 * masked_median(centre - log_typical, below), jnp.sqrt(2.0 / dof))
-        z_med = (log_typical - centre) / width
-        ok_med = z_med <= z_crit
-        z = jnp.where(heavy, z_med, jnp.where(veto, jnp.minimum(z_plain, z_clip), z_plain))
-        keep = usable & jnp.where(heavy, ok_med, ok_plain | (veto & ok_clip))
-        # A refit never hands the majority to the other side.
-        keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
-        kept = svd._replace(u=svd.u[:, :carry], vt=svd.vt[:carry])
-        return ResidualTest(keep, z, r, jnp.all(keep == current), state.rounds + 1, kept)
-
-    # A round that keeps its set would repeat itself: stop there (one SVD instead
-    # of ``rounds`` in the common case).
-    def more(state):
-        return (state.rounds < rounds) & ~state.stable
-
-    empty = refine.StackSVD(benign, jnp.zeros((blocks.shape[1], carry), blocks.dtype), jnp.zeros((short,), blocks.dtype),
-                            jnp.zeros((carry, k * blocks.shape[2]), blocks.dtype), jnp.zeros((k,), blocks.dtype),
-                            jnp.ones((), blocks.dtype))
-    init = ResidualTest(benign, jnp.zeros((k,), blocks.dtype), jnp.asarray(0, jnp.int32), jnp.asarray(False),
-                        jnp.asarray(0, jnp.int32), empty)
-    return jax.lax.while_loop(more, one_round, init)
-
-
 # --------------------------------------------- the stage: every problem, all passes
 
 #: The λ path is a screen: its solutions enter the verdict only through the
@@ -411,10 +167,9 @@ NORM_CLIP = 2.0
 STACK_NOISE_RATIO = 1.5
 MAX_PASSES = 3
 
-
-def _rel_floor(dtype):
-    # Off-subspace energy below this share of a block's energy is rounding error.
-    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+#: The refit test runs at most this many rounds per pass, each on the previous
+#: round's set; a round that keeps its set ends it (:func:`residual_test`).
+REFIT_ROUNDS = 3
 
 
 def _screen_tolerance(dtype):
@@ -465,7 +220,7 @@ def _prepare_one(blocks, usable, *, dims):
     # noise shows only in the stack, whose median singular value contamination
     # barely moves (it adds a minority of columns at the top of the spectrum).
     rank_deficient = 2 * masked_median(cols, usable) < min(dims)
-    sigma = jnp.where(rank_deficient, refine.select_rank(stack_sv, usable, *dims, columns=cols)[1],
+    sigma = jnp.where(rank_deficient, select_rank(stack_sv, usable, *dims, columns=cols)[1],
                       tuning.noise_level(x, usable, dims=dims, singular_values=client_sv))
     return _Prepared(x, scale, weights, cols, sigma, float(np.sqrt(p)) + jnp.sqrt(width))
 
@@ -500,7 +255,7 @@ class _Pass(NamedTuple):
     rank_cap: jax.Array       # rank(L̂) near the chosen λ: r̂ never exceeds it
     sigma_stack: jax.Array    # noise level of the benign stack, units of the prepared problem
     copies: jax.Array         # (K,) updates that repeat a lower-numbered client's
-    svd: object               # refine.StackSVD of the final set (the refinement reuses it)
+    svd: object               # basis.StackSVD of the final set (the refinement reuses it)
 
 
 def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
@@ -550,18 +305,18 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
         def rank_fn(sv, current):
             if static.rank is not None:
                 return jnp.asarray(static.rank)
-            return jnp.minimum(refine.select_rank(sv, current, p, q, columns=cols)[0], rank_cap)
+            return jnp.minimum(select_rank(sv, current, p, q, columns=cols)[0], rank_cap)
 
         test = residual_test(blocks, benign, usable & ~copies, rank_fn, z_crit=static.z_crit,
-                             rel_floor=_rel_floor(x.dtype), rounds=3, dims=static.dims, columns=cols,
+                             rel_floor=_rel_floor(x.dtype), rounds=REFIT_ROUNDS, dims=static.dims, columns=cols,
                              carry_width=static.carry_width)
         benign, z = test.benign, test.z
         # A refit that settled has already computed its set's SVD.
         svd = jax.lax.cond(test.stable, lambda: test.svd,
-                           lambda: refine.stack_svd(blocks, benign, test.svd.u.shape[-1]))
+                           lambda: stack_svd(blocks, benign, test.svd.u.shape[-1]))
     else:
         z = jnp.zeros_like(score)
-        svd = refine.stack_svd(blocks, benign, static.carry_width)
+        svd = stack_svd(blocks, benign, static.carry_width)
     spectrum = svd.s * svd.peak
     unweight = (scale / weights)[:, None, None]
     # The exact program's objective is homogeneous of degree 1, the penalised one's of degree 2.
@@ -586,7 +341,7 @@ def _pass_one(prep, blocks, usable, lams, mu, threshold, static):
         lam=lams[best],
         mu=mu * scale,
     )
-    sigma_stack = refine.select_rank(spectrum, benign, p, q, columns=cols)[1]
+    sigma_stack = select_rank(spectrum, benign, p, q, columns=cols)[1]
     return _Pass(benign, score, z, dec, rank_cap, sigma_stack / scale, copies, svd)
 
 

@@ -440,7 +440,7 @@ def clair(
 
     Example:
         >>> import clair_jax as cj
-        >>> fed = cj.data.make_federation(0, num_clients=20, p=16, q=8, rank=2, contamination=0.25)
+        >>> fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2, contamination=0.25)
         >>> res = cj.clair(fed.updates)
         >>> bool((res.benign == fed.benign).all())
         True

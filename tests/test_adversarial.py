@@ -7,6 +7,7 @@ import warnings
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import adversarial as adv  # noqa: E402
+
+# The stages' functions jitted once per shape: an eager call dispatches each of
+# their operations on its own.
+benign_spectrum = jax.jit(cj.refine.benign_spectrum)
+shared_basis = jax.jit(cj.refine.shared_basis)
+majority_basis = jax.jit(cj.refine.majority_basis)
+local_share = jax.jit(cj.refine.local_share)
+noise_like = jax.jit(cj.refine.noise_like)
+size_exponent = jax.jit(cj.detect.size_exponent)
+repeated = jax.jit(cj.detect.repeated)
 
 
 def _run(name, seed=0):
@@ -47,15 +58,15 @@ def test_shared_basis_keeps_a_direction_one_client_dominates_when_others_carry_i
     coef[0, 0] *= 10.0
     blocks = jnp.asarray(np.einsum("pr,krq->kpq", u, coef))
     benign = jnp.ones(5, bool)
-    uu, _ = cj.refine.benign_spectrum(blocks, benign)
-    _, kept = cj.refine.shared_basis(uu, 2, blocks, benign)
+    uu, _ = benign_spectrum(blocks, benign)
+    _, kept = shared_basis(uu, 2, blocks, benign)
     assert int(kept) == 2
     # A rank-one block of its own, with the others carrying nothing along it, is dropped.
     own = np.zeros((12, 3))
     own[:, 0] = np.linalg.qr(np.c_[u, rng.standard_normal(12)])[0][:, 2]
     attacked = blocks.at[0].set(jnp.asarray(50.0 * own))
-    uu, _ = cj.refine.benign_spectrum(attacked, benign)
-    _, kept = cj.refine.shared_basis(uu, 3, attacked, benign, max_share=0.5)
+    uu, _ = benign_spectrum(attacked, benign)
+    _, kept = shared_basis(uu, 3, attacked, benign, max_share=0.5)
     assert int(kept) == 2
 
 
@@ -79,14 +90,14 @@ def test_local_share_is_zero_for_noise_and_one_for_missed_signal():
     basis = jnp.asarray(np.linalg.qr(rng.standard_normal((p, 2)))[0])
     noise = rng.standard_normal((k, p, q))
     cols = jnp.full((k,), q)
-    share = cj.refine.local_share(basis, jnp.asarray(noise), 2, 1.0, cols, p)
+    share = local_share(basis, jnp.asarray(noise), 2, 1.0, cols, p)
     assert float(jnp.max(share)) < 0.2
     signal = noise.copy()
     signal[0] += 20.0 * np.outer(rng.standard_normal(p), rng.standard_normal(q)) / np.sqrt(p * q) * np.sqrt(p * q)
-    share = cj.refine.local_share(basis, jnp.asarray(signal), 2, 1.0, cols, p)
+    share = local_share(basis, jnp.asarray(signal), 2, 1.0, cols, p)
     assert float(share[0]) > 0.9
     # Noiseless (σ̂ = 0): every client keeps its exact update.
-    share = cj.refine.local_share(basis, jnp.asarray(signal), 2, 0.0, cols, p)
+    share = local_share(basis, jnp.asarray(signal), 2, 0.0, cols, p)
     assert bool(jnp.all(share == 1.0))
 
 
@@ -147,16 +158,16 @@ def test_majority_basis_drops_only_a_minority_direction():
     rng = np.random.default_rng(3)
     blocks, u = _minority_federation(rng)
     x, benign, cols = jnp.asarray(blocks, jnp.float32), jnp.ones(20, bool), jnp.full((20,), 8)
-    uu, _ = cj.refine.benign_spectrum(x, benign)
-    basis, r = cj.refine.majority_basis(uu, 4, x, benign, 30, cols, rel_floor=1e-5)
+    uu, _ = benign_spectrum(x, benign)
+    basis, r = majority_basis(uu, 4, x, benign, 30, cols, rel_floor=1e-5)
     assert int(r) == 3
     # What is left is the majority's subspace, not a mixture with the minority's direction.
     cosines = np.linalg.svd(np.asarray(basis[:, :3]).T @ u[:, :3], compute_uv=False)
     assert cosines.min() > 0.999
     # Without the minority every direction is carried by a majority: nothing is dropped.
     honest = x[8:]
-    uu, _ = cj.refine.benign_spectrum(honest, benign[8:])
-    assert int(cj.refine.majority_basis(uu, 3, honest, benign[8:], 30, cols[8:], rel_floor=1e-5)[1]) == 3
+    uu, _ = benign_spectrum(honest, benign[8:])
+    assert int(majority_basis(uu, 3, honest, benign[8:], 30, cols[8:], rel_floor=1e-5)[1]) == 3
 
 
 def test_majority_basis_leaves_thin_blocks_alone():
@@ -167,8 +178,8 @@ def test_majority_basis_leaves_thin_blocks_alone():
     x = jnp.asarray(np.einsum("pr,krq->kpq", u, rng.standard_normal((12, 6, 2)) * (rng.random((12, 6, 1)) < 0.4)),
                     jnp.float32)
     benign = jnp.ones(12, bool)
-    uu, _ = cj.refine.benign_spectrum(x, benign)
-    assert int(cj.refine.majority_basis(uu, 6, x, benign, 30, jnp.full((12,), 2), rel_floor=1e-5)[1]) == 6
+    uu, _ = benign_spectrum(x, benign)
+    assert int(majority_basis(uu, 6, x, benign, 30, jnp.full((12,), 2), rel_floor=1e-5)[1]) == 6
 
 
 def test_coordinated_minority_in_one_call():
@@ -202,7 +213,7 @@ def test_homogeneous_honest_clients_with_little_noise_are_not_copies():
     v = rng.standard_normal((12, 3))
     x = (u @ v.T)[None] + 0.01 / np.sqrt(48 * 12) * rng.standard_normal((20, 48, 12))
     for dtype in (jnp.float32, jnp.float64):
-        assert not np.asarray(cj.detect.repeated(jnp.asarray(x, dtype), jnp.ones(20, bool))).any()
+        assert not np.asarray(repeated(jnp.asarray(x, dtype), jnp.ones(20, bool))).any()
 
 
 # ---------------------------------------------------------------- class 5
@@ -263,7 +274,7 @@ def test_noise_like_tells_a_noisier_honest_update_from_a_gaussian_or_structured_
     off = np.linalg.qr(np.c_[u, rng.standard_normal(p)])[0][:, r]
     structured = honest + 3.0 * np.outer(off, rng.standard_normal(q))   # a direction of its own
     blocks = jnp.asarray(np.stack([noisy, gaussian, structured]), jnp.float32)
-    like = cj.refine.noise_like(jnp.asarray(u, jnp.float32), blocks, r, jnp.full((3,), q), p)
+    like = noise_like(jnp.asarray(u, jnp.float32), blocks, r, jnp.full((3,), q), p)
     assert np.asarray(like).tolist() == [True, False, False]
 
 
@@ -293,14 +304,14 @@ def test_size_exponent_reads_proportional_noise_and_ignores_a_minority():
     size2 = np.exp(rng.uniform(0.0, np.log(1e4), 40))
     wobble = np.exp(0.1 * rng.standard_normal(40))
     everyone = jnp.ones(40, bool)
-    grows = cj.detect.size_exponent(jnp.asarray(0.15 * size2 * wobble), jnp.asarray(size2), everyone)
-    flat = cj.detect.size_exponent(jnp.asarray(0.15 * wobble), jnp.asarray(size2), everyone)
+    grows = size_exponent(jnp.asarray(0.15 * size2 * wobble), jnp.asarray(size2), everyone)
+    flat = size_exponent(jnp.asarray(0.15 * wobble), jnp.asarray(size2), everyone)
     assert abs(float(grows) - 1.0) < 0.05 and float(flat) < 0.05
     # Similar sizes, plus 30 % larger clients with far more energy (copies plus an
     # attack direction): no size information, β = 0, the plain energy test.
     size2 = np.where(np.arange(40) < 12, 2.4, 1.0) * wobble
     energy = np.where(np.arange(40) < 12, 1.6, 0.15) * wobble
-    assert float(cj.detect.size_exponent(jnp.asarray(energy), jnp.asarray(size2), everyone)) == 0.0
+    assert float(size_exponent(jnp.asarray(energy), jnp.asarray(size2), everyone)) == 0.0
 
 
 @pytest.mark.parametrize("case", ["benign norm spread 1-100x", "benign norm spread 1-100x, noise of one level"])

@@ -107,19 +107,20 @@ def test_lora_noise_in_each_clients_own_directions(seed):
 
 
 def test_noiseless_low_rank_blocks_stay_noiseless():
-    # Benign blocks of rank 2 < min(p, q)/2: no second pass, σ̂ stays at rounding level.
-    fed = _fed(0, noise=0.0, kind="full_rank", p=16, q=8)
+    # Benign blocks of rank 1 < min(p, q)/2 (the file's shape): no second pass, σ̂ stays at rounding level.
+    fed = _fed(0, noise=0.0, kind="full_rank", rank=1)
     res = cj.clair(fed.updates)
     assert float(res.noise_level) < 1e-12 * float(jnp.max(jnp.abs(fed.updates)))
     np.testing.assert_array_equal(np.asarray(res.benign), np.asarray(fed.benign))
 
 
 def test_layers_pooled_verdict_and_vmapped_equals_loop():
-    fed = _fed(2, num_layers=3)
+    # Four layers, as in the next test: the stacked program compiles once for both.
+    fed = _fed(2, num_layers=4)
     res = cj.clair(fed.updates)
-    assert res.benign.shape == (3, 16) and res.client_benign.shape == (16,)
+    assert res.benign.shape == (4, 16) and res.client_benign.shape == (16,)
     np.testing.assert_array_equal(np.asarray(res.client_benign), np.asarray(fed.benign))
-    for i in range(3):
+    for i in range(4):
         single = cj.clair(fed.updates[i])
         np.testing.assert_allclose(np.asarray(res.scores[i]), np.asarray(single.scores), atol=1e-9)
         np.testing.assert_array_equal(np.asarray(res.benign[i]), np.asarray(single.benign))

@@ -1,3 +1,5 @@
+import functools
+
 import cvxpy as cp
 import jax
 import jax.numpy as jnp
@@ -184,20 +186,37 @@ def test_alm_penalised_reaches_cvxpy_optimum(lam):
     np.testing.assert_allclose(np.asarray(a.low_rank), np.asarray(b.low_rank), atol=1e-12)
 
 
+# The ALM path and independent solves of the next two tests, one program each for both
+# μ (a traced argument) and both tests (16 clients of 72 × 8, five λ, float32).
+_ALM = dict(tol=3e-6, max_iter=3000, svt_budget=16)
+
+
+@functools.partial(jax.jit, static_argnames=("skip_empty",))
+def _alm_path(m, lams, mu, skip_empty=True):
+    from clair_jax.solvers import solve_alm_path
+
+    return solve_alm_path(m, lams, mu, skip_empty=skip_empty, **_ALM)
+
+
+@jax.jit
+def _alm_alone(m, lams, mu):
+    from clair_jax.solvers import solve_alm
+
+    return jax.vmap(lambda lam: solve_alm(m, lam, mu, **_ALM))(lams)
+
+
 @pytest.mark.parametrize("mu", [0.0, 0.05])
 def test_alm_path_matches_independent_solves_with_the_partial_svt(mu):
     # The path carries the partial SVT's subspace from one λ to the next: same
     # optima as cold independent solves, with fewer full-SVD fallbacks.
-    from clair_jax.solvers import solve_alm, solve_alm_path
     from clair_jax.stack import to_stacked
     from clair_jax.tuning import lambda_grid
 
     fed = _problem(seed=2, k=16, p=72, q=8, r=3, n_bad=4, noise=0.05)
     m = (fed.updates / jnp.linalg.norm(to_stacked(fed.updates), ord=2)).astype(jnp.float32)
     lams = jnp.asarray(lambda_grid(16, 72, 8), jnp.float32)[:5]
-    kw = dict(tol=3e-6, max_iter=3000, svt_budget=16)
-    path = jax.jit(lambda x: solve_alm_path(x, lams, mu, **kw))(m)
-    alone = jax.jit(jax.vmap(lambda lam: solve_alm(m, lam, mu, **kw)))(lams)
+    path = _alm_path(m, lams, jnp.float32(mu))
+    alone = _alm_alone(m, lams, jnp.float32(mu))
     assert bool(jnp.all(path.converged)) and bool(jnp.all(alone.converged))
     np.testing.assert_allclose(path.objective, alone.objective, rtol=2e-5)
     assert int(jnp.sum(path.svt_fallbacks)) <= int(jnp.sum(alone.svt_fallbacks))
@@ -207,7 +226,6 @@ def test_alm_path_matches_independent_solves_with_the_partial_svt(mu):
 def test_alm_path_writes_the_empty_low_rank_solution_below_the_limit_in_closed_form(mu):
     # Below λ₀ = 1/‖N‖_2 (N: the blocks at unit norm) L̂ = 0 solves both programs:
     # the path writes that solution without iterating, and it is what ALM finds there.
-    from clair_jax.solvers import solve_alm, solve_alm_path
     from clair_jax.solvers.path import empty_low_rank_limit
     from clair_jax.stack import to_stacked
 
@@ -215,9 +233,8 @@ def test_alm_path_writes_the_empty_low_rank_solution_below_the_limit_in_closed_f
     m = (fed.updates / jnp.linalg.norm(to_stacked(fed.updates), ord=2)).astype(jnp.float32)
     limit = float(empty_low_rank_limit(m))
     lams = jnp.asarray([0.4 * limit, 0.8 * limit, 0.99 * limit, 1.5 * limit, 3 * limit], jnp.float32)
-    kw = dict(tol=3e-6, max_iter=3000, svt_budget=16)
-    path = jax.jit(lambda x: solve_alm_path(x, lams, mu, **kw))(m)
-    full = jax.jit(lambda x: solve_alm_path(x, lams, mu, skip_empty=False, **kw))(m)
+    path = _alm_path(m, lams, jnp.float32(mu))
+    full = _alm_path(m, lams, jnp.float32(mu), skip_empty=False)
     np.testing.assert_array_equal(np.asarray(path.iterations[:3]), 0)
     assert bool(jnp.all(path.iterations[3:] > 0)) and bool(jnp.all(path.converged))
     np.testing.assert_allclose(path.objective, full.objective, rtol=2e-5)
@@ -225,5 +242,5 @@ def test_alm_path_writes_the_empty_low_rank_solution_below_the_limit_in_closed_f
     np.testing.assert_allclose(path.sparse[:3], full.sparse[:3], atol=1e-4 * float(jnp.max(jnp.abs(m))))
     # Just above the limit L̂ has rank: the limit is where the closed form ends.
     assert float(full.singular_values[3, 0]) > 0
-    alone = solve_alm(m, 1.5 * limit, mu, **kw)
-    np.testing.assert_allclose(path.objective[3], alone.objective, rtol=2e-5)
+    alone = _alm_alone(m, lams, jnp.float32(mu))    # lams[3] = 1.5 × the limit
+    np.testing.assert_allclose(path.objective[3], alone.objective[3], rtol=2e-5)

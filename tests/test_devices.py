@@ -54,10 +54,11 @@ def test_devices_give_single_device_results(n):
 
 
 def test_devices_argument_is_checked():
-    fed = cj.data.make_federation(0, num_clients=8, p=6, q=2, rank=1)
+    # The shape of the other float32 tests (tests/test_clair.py): its programs compile once.
+    fed = cj.data.make_federation(0, num_clients=16, p=12, q=4, rank=2)
     with pytest.raises(TypeError, match="devices"):
         cj.clair(fed.updates, devices=["cpu:0"])
     with pytest.raises(ValueError, match="distinct"):
         cj.clair(fed.updates, devices=[jax.devices()[0]] * 2)
     res = cj.clair(fed.updates, devices=jax.devices()[:1])
-    assert res.client_benign.shape == (8,)
+    assert res.client_benign.shape == (16,)

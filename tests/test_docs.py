@@ -117,6 +117,49 @@ def test_docs_state_facts_not_history(path):
         assert not re.search(rf"\b{phrase}\b", text), f"{path.name} narrates history: {phrase!r}"
 
 
+#: The modules of the detection and refinement stages: their rules are tabled in docs/method.md.
+STAGE_MODULES = ("detect", "refine", "robust", "basis", "refit", "shrinkage", "fallbacks")
+
+
+def _rule_table():
+    """{first cell: row} of the table under "Every rule, its reason and its test" in docs/method.md."""
+    text = (ROOT / "docs" / "method.md").read_text()
+    section = text.split("### Every rule, its reason and its test", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| rule ")]
+    return {row.split(" | ")[0]: row for row in rows}
+
+
+def test_rule_table_names_every_constant_of_detection_and_refinement():
+    import ast
+
+    names = set()
+    for module in STAGE_MODULES:
+        tree = ast.parse((ROOT / "clair_jax" / f"{module}.py").read_text())
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) else []
+            names |= {t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()}
+    # Re-exported ones too: what ``cj.detect.X`` / ``cj.refine.X`` gives is a rule of that stage.
+    names |= {n for module in (cj.detect, cj.refine) for n in vars(module) if n.isupper() and not n.startswith("_")}
+    assert {"MIN_GAP", "SUBSPACE_CLIP", "DECISIVE_Z", "CROWDED_SHARE"} <= names
+    cells = " ".join(_rule_table())
+    missing = sorted(n for n in names if f"`{n}`" not in cells)
+    assert not missing, f"docs/method.md's rule table lacks {missing}"
+
+
+def test_rule_table_cites_tests_that_exist():
+    cited = set()
+    for row in _rule_table().values():
+        cells = row.split(" | ")
+        assert len(cells) == 5, f"a rule's row has five cells: {row[:80]}"
+        found = re.findall(r"(test_\w+\.py)::(test_\w+)", cells[3])
+        assert found, f"no test cited for {cells[0]}"
+        cited |= set(re.findall(r"(test_\w+\.py)::(test_\w+)", row))
+    for path, name in sorted(cited):
+        source = (ROOT / "tests" / path).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"docs/method.md cites {path}::{name}, which does not exist"
+
+
 def test_cli_version_and_plain_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])

@@ -13,6 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clair_jax import linalg  # noqa: E402
 from clair_jax.prox import svt_with_spectrum  # noqa: E402
 
+# Jitted once per shape: an eager call dispatches each of their operations on its own.
+partial_svt = jax.jit(linalg.partial_svt_with_spectrum,
+                      static_argnames=("power_iters", "rtol", "guard", "atol", "refine"))
+svt_reference = jax.jit(svt_with_spectrum)
+
 
 def _low_rank_plus_noise(m, n, r, noise, seed=0, dtype=jnp.float32):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -27,7 +32,7 @@ def test_partial_svt_matches_full_after_warm_start():
     step = jax.jit(linalg.partial_svt_with_spectrum)
     for _ in range(4):
         (low, spec), state = step(x, tau, state)
-    low_ref, spec_ref = svt_with_spectrum(x, tau)
+    low_ref, spec_ref = svt_reference(x, tau)
     assert spec.shape == spec_ref.shape
     np.testing.assert_allclose(spec, spec_ref, atol=1e-4 * float(spec_ref[0]))
     assert float(jnp.linalg.norm(low - low_ref) / jnp.linalg.norm(low_ref)) < 1e-5
@@ -38,8 +43,8 @@ def test_budget_too_small_falls_back_to_exact():
     # rank 20 above the threshold but a budget of 8: must not return a truncated answer.
     x = _low_rank_plus_noise(64, 80, 20, 0.0, seed=1)
     state = linalg.init_subspace(x.shape, 8)
-    (low, spec), state = linalg.partial_svt_with_spectrum(x, 1e-3, state)
-    low_ref, spec_ref = svt_with_spectrum(x, 1e-3)
+    (low, spec), state = partial_svt(x, 1e-3, state)
+    low_ref, spec_ref = svt_reference(x, 1e-3)
     assert int(state.fallbacks) == 1
     np.testing.assert_allclose(low, low_ref, atol=1e-4 * float(jnp.max(jnp.abs(low_ref))))
 
@@ -47,7 +52,7 @@ def test_budget_too_small_falls_back_to_exact():
 def test_zero_matrix_gives_exact_zero():
     x = jnp.zeros((32, 48))
     state = linalg.init_subspace(x.shape, 8)
-    (low, spec), state = linalg.partial_svt_with_spectrum(x, 0.1, state)
+    (low, spec), state = partial_svt(x, 0.1, state)
     assert float(jnp.max(jnp.abs(low))) == 0.0 and float(jnp.max(spec)) == 0.0
     assert bool(jnp.all(jnp.isfinite(state.basis)))
 
@@ -61,7 +66,7 @@ def test_vmapped_fallback_matches_loop():
     for _ in range(3):
         (low, _), states = f(xs, states)
     for i in range(3):
-        np.testing.assert_allclose(low[i], svt_with_spectrum(xs[i], 0.5)[0], atol=1e-4)
+        np.testing.assert_allclose(low[i], svt_reference(xs[i], 0.5)[0], atol=1e-4)
     fallbacks = np.asarray(states.fallbacks)
     assert fallbacks[1] == 3 and fallbacks[0] < 3 and fallbacks[2] < 3
 
@@ -72,10 +77,10 @@ def test_refinement_certifies_where_one_step_cannot():
     x = _low_rank_plus_noise(64, 512, 4, 1e-3, seed=3)
     tau = 0.1 * float(jnp.linalg.norm(x, ord=2))
     start = linalg.init_subspace(x.shape, 16)
-    (_, _), once = linalg.partial_svt_with_spectrum(x, tau, start, refine=0)
-    (low, spec), refined = linalg.partial_svt_with_spectrum(x, tau, start, refine=4)
+    (_, _), once = partial_svt(x, tau, start, refine=0)
+    (low, spec), refined = partial_svt(x, tau, start, refine=4)
     assert int(once.fallbacks) == 1 and int(refined.fallbacks) == 0
-    low_ref, spec_ref = svt_with_spectrum(x, tau)
+    low_ref, spec_ref = svt_reference(x, tau)
     np.testing.assert_allclose(spec, spec_ref, atol=1e-4 * float(spec_ref[0]))
     assert float(jnp.linalg.norm(low - low_ref) / jnp.linalg.norm(low_ref)) < 1e-4
 
@@ -103,9 +108,9 @@ def test_whole_spectrum_from_gram_is_certified(shape):
 def test_whole_spectrum_zero_and_vmapped():
     xs = jnp.stack([jnp.zeros((16, 40)), _low_rank_plus_noise(16, 40, 2, 0.0, seed=5)])
     states = jax.vmap(lambda _: linalg.init_subspace((16, 40), 16))(jnp.arange(2))
-    (low, spec), states = jax.vmap(lambda x, s: linalg.partial_svt_with_spectrum(x, 0.5, s))(xs, states)
+    (low, spec), states = jax.jit(jax.vmap(lambda x, s: linalg.partial_svt_with_spectrum(x, 0.5, s)))(xs, states)
     assert float(jnp.max(jnp.abs(low[0]))) == 0.0 and float(jnp.max(spec[0])) == 0.0
-    np.testing.assert_allclose(low[1], svt_with_spectrum(xs[1], 0.5)[0], atol=1e-4)
+    np.testing.assert_allclose(low[1], svt_reference(xs[1], 0.5)[0], atol=1e-4)
     # A zero Gram matrix cannot tell a zero X from an underflowed one: that one takes the full SVD.
     assert np.asarray(states.fallbacks).tolist() == [1, 0]
 
@@ -116,9 +121,9 @@ def test_whole_spectrum_out_of_gram_range_falls_back(scale):
     wrong answer: the certificate fails and the full SVD answers."""
     x = _low_rank_plus_noise(16, 40, 2, 0.01, seed=6)
     state = linalg.init_subspace(x.shape, 16)
-    (low, spec), state = linalg.partial_svt_with_spectrum(x * scale, 0.5 * scale, state)
+    (low, spec), state = partial_svt(x * scale, 0.5 * scale, state)
     assert int(state.fallbacks) == 1
-    want, want_spec = svt_with_spectrum(x, 0.5)
+    want, want_spec = svt_reference(x, 0.5)
     np.testing.assert_allclose(np.asarray(low) / scale, want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(spec) / scale, want_spec, atol=1e-5)
 

@@ -7,6 +7,11 @@ import pytest
 
 from clair_jax import refine
 
+# Jitted once per shape: an eager call dispatches each of their operations on its own.
+partial_pool = jax.jit(refine.partial_pool, static_argnames=("pooling",))
+project = jax.jit(refine.project)
+pool_members = jax.jit(refine.pool_members)
+
 
 def _federation(seed, k=30, p=12, q=6, r=2, spread=1.0, noise=0.1, dtype=np.float64):
     rng = np.random.default_rng(seed)
@@ -22,9 +27,9 @@ def test_identical_coordinates_pool_to_the_centre():
     # (τ² = 0) changes nothing: the refinement is the projection.
     u, blocks, _ = _federation(0, spread=0.0, noise=0.0)
     benign = jnp.ones(blocks.shape[0], bool)
-    refined, lam = refine.partial_pool(u, blocks, benign, 0.1)
+    refined, lam = partial_pool(u, blocks, benign, 0.1)
     np.testing.assert_allclose(lam, 0.0)
-    np.testing.assert_allclose(refined, refine.project(u, blocks, benign), atol=1e-12)
+    np.testing.assert_allclose(refined, project(u, blocks, benign), atol=1e-12)
 
 
 def test_noise_only_spread_gives_the_benign_mean_in_the_subspace():
@@ -33,7 +38,7 @@ def test_noise_only_spread_gives_the_benign_mean_in_the_subspace():
     u, blocks, _ = _federation(1, spread=0.0, noise=0.3)
     benign = jnp.arange(blocks.shape[0]) >= 2
     blocks = blocks.at[:2].set(50.0)   # far away: must not enter V̄
-    refined, lam = refine.partial_pool(u, blocks, benign, 0.3)
+    refined, lam = partial_pool(u, blocks, benign, 0.3)
     assert np.all(np.asarray(lam)[2:] == 0.0) and np.all(np.asarray(lam)[:2] == 1.0)
     mean = jnp.mean(blocks[2:], axis=0)
     np.testing.assert_allclose(refined[2:], jnp.broadcast_to(u @ (u.T @ mean), refined[2:].shape), atol=1e-10)
@@ -43,9 +48,9 @@ def test_noise_only_spread_gives_the_benign_mean_in_the_subspace():
 def test_huge_spread_keeps_each_clients_coordinates():
     u, blocks, _ = _federation(2, spread=100.0, noise=0.01)
     benign = jnp.ones(blocks.shape[0], bool)
-    refined, lam = refine.partial_pool(u, blocks, benign, 0.01)
+    refined, lam = partial_pool(u, blocks, benign, 0.01)
     assert float(jnp.min(lam)) > 0.999
-    np.testing.assert_allclose(refined, refine.project(u, blocks, benign), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(refined, project(u, blocks, benign), rtol=1e-3, atol=1e-3)
 
 
 def test_shrinkage_matches_the_empirical_bayes_formula():
@@ -55,10 +60,10 @@ def test_shrinkage_matches_the_empirical_bayes_formula():
     benign = jnp.ones(k, bool)
     sigma = jnp.linspace(0.1, 0.3, k)
     cols = jnp.full(k, q)
-    refined, lam = refine.partial_pool(u, blocks, benign, sigma, cols)
+    refined, lam = partial_pool(u, blocks, benign, sigma, cols)
     v = np.einsum("pr,kpq->krq", np.asarray(u), np.asarray(blocks))
     # The centre is a Huber mean; recover it from the "full" mode (Λ = 0 gives Û V̄).
-    full, _ = refine.partial_pool(u, blocks, benign, sigma, cols, pooling="full")
+    full, _ = partial_pool(u, blocks, benign, sigma, cols, pooling="full")
     centre = np.asarray(u).T @ np.asarray(full[0])
     nu = np.asarray(sigma) ** 2 * q
     excess = np.sum((v - centre) ** 2, axis=-1) - nu[:, None]
@@ -72,14 +77,14 @@ def test_modes_none_and_full_and_zero_columns():
     u, blocks, _ = _federation(4)
     basis = jnp.concatenate([u, jnp.zeros((u.shape[0], 1))], axis=1)   # a padded basis column
     benign = jnp.ones(blocks.shape[0], bool)
-    none, lam_none = refine.partial_pool(basis, blocks, benign, 0.1, pooling="none")
-    np.testing.assert_allclose(none, refine.project(u, blocks, benign), atol=1e-12)
+    none, lam_none = partial_pool(basis, blocks, benign, 0.1, pooling="none")
+    np.testing.assert_allclose(none, project(u, blocks, benign), atol=1e-12)
     assert np.all(np.asarray(lam_none) == 1.0)
-    full, lam_full = refine.partial_pool(basis, blocks, benign, 0.1, pooling="full")
+    full, lam_full = partial_pool(basis, blocks, benign, 0.1, pooling="full")
     assert np.all(np.asarray(lam_full)[:, :2] == 0.0) and np.all(np.asarray(lam_full)[:, 2] == 1.0)
     np.testing.assert_allclose(full, jnp.broadcast_to(full[0], full.shape), atol=1e-12)
     with pytest.raises(ValueError, match="pooling"):
-        refine.partial_pool(u, blocks, benign, 0.1, pooling="half")
+        partial_pool(u, blocks, benign, 0.1, pooling="half")
 
 
 def test_a_contaminated_minority_inside_the_set_barely_moves_the_centre():
@@ -87,7 +92,7 @@ def test_a_contaminated_minority_inside_the_set_barely_moves_the_centre():
     u, blocks, centre = _federation(5, spread=0.1, noise=0.05)
     blocks = blocks.at[:6].add(30.0 * u[:, :1] @ jnp.ones((1, blocks.shape[-1])))
     benign = jnp.ones(blocks.shape[0], bool)
-    full, _ = refine.partial_pool(u, blocks, benign, 0.05, pooling="full")
+    full, _ = partial_pool(u, blocks, benign, 0.05, pooling="full")
     got = np.asarray(u).T @ np.asarray(full[10])
     mean_shift = np.linalg.norm(np.mean(np.einsum("pr,kpq->krq", u, blocks), 0) - centre)
     assert np.linalg.norm(got - centre) < 0.25 * mean_shift
@@ -100,11 +105,11 @@ def test_dtype_kept_and_vmap_equals_loop(dtype):
     bs = jnp.stack([f[1] for f in feds])
     benign = jnp.stack([jnp.arange(30) % 7 != 0] * 3)
     sig = jnp.asarray([0.1, 0.2, 0.3], dtype)
-    out, lam = jax.vmap(refine.partial_pool)(us, bs, benign, sig)
+    out, lam = jax.jit(jax.vmap(refine.partial_pool))(us, bs, benign, sig)
     assert out.dtype == dtype and lam.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 1e-12
     for i in range(3):
-        o, lm = refine.partial_pool(us[i], bs[i], benign[i], sig[i])
+        o, lm = partial_pool(us[i], bs[i], benign[i], sig[i])
         np.testing.assert_allclose(out[i], o, rtol=tol, atol=tol)
         np.testing.assert_allclose(lam[i], lm, rtol=tol, atol=tol)
 
@@ -121,8 +126,8 @@ def test_clair_pooling_option_reports_shrinkage():
     assert auto.shrinkage.shape == (16, auto.subspace.shape[-1])
     assert np.all(np.asarray(auto.shrinkage)[~used] == 1.0)
     # The same as pooling from outside with the reported σ̂ (full-rank blocks: q noise columns).
-    expect, lam = refine.partial_pool(auto.subspace, fed.updates, auto.client_benign, auto.noise_level)
-    # float32 federation: the jitted stage and the eager call round differently.
+    expect, lam = partial_pool(auto.subspace, fed.updates, auto.client_benign, auto.noise_level)
+    # float32 federation: the stage and this call are two programs, which round differently.
     tol = 1e-6 if fed.updates.dtype == np.float32 else 1e-10
     np.testing.assert_allclose(auto.refined, expect, atol=tol)
     np.testing.assert_allclose(auto.shrinkage, lam, atol=tol)
@@ -139,8 +144,8 @@ def test_reported_noise_per_direction_matches_the_formula():
     k = blocks.shape[0]
     benign = jnp.ones(k, bool)
     nu = np.stack([np.linspace(0.05, 0.5, k), np.linspace(2.0, 3.0, k)], axis=1)   # direction 1 much noisier
-    refined, lam = refine.partial_pool(u, blocks, benign, 0.2, coordinate_noise=nu)
-    full, _ = refine.partial_pool(u, blocks, benign, 0.2, pooling="full")
+    refined, lam = partial_pool(u, blocks, benign, 0.2, coordinate_noise=nu)
+    full, _ = partial_pool(u, blocks, benign, 0.2, pooling="full")
     centre = np.asarray(u).T @ np.asarray(full[0])
     v = np.einsum("pr,kpq->krq", np.asarray(u), np.asarray(blocks))
     tau2 = np.maximum(np.sort(np.sum((v - centre) ** 2, axis=-1) - nu, axis=0)[(k - 1) // 2], 0.0)
@@ -148,8 +153,8 @@ def test_reported_noise_per_direction_matches_the_formula():
     # More noise along a direction pools it more.
     assert float(jnp.mean(lam[:, 1])) < float(jnp.mean(lam[:, 0]))
     # Reported noise equal to σ² q is the default rule.
-    same, lam_same = refine.partial_pool(u, blocks, benign, 0.2, coordinate_noise=np.full((k, 2), 0.2 ** 2 * 6))
-    default, lam_default = refine.partial_pool(u, blocks, benign, 0.2)
+    same, lam_same = partial_pool(u, blocks, benign, 0.2, coordinate_noise=np.full((k, 2), 0.2 ** 2 * 6))
+    default, lam_default = partial_pool(u, blocks, benign, 0.2)
     np.testing.assert_allclose(same, default, atol=1e-12)
     np.testing.assert_allclose(lam_same, lam_default, atol=1e-12)
 
@@ -260,4 +265,4 @@ def test_in_subspace_attackers_are_set_aside_with_the_reported_noise():
 def test_pool_members_keeps_everyone_when_the_model_fits():
     u, blocks, _ = _federation(10, spread=0.3, noise=0.2)
     benign = jnp.ones(blocks.shape[0], bool)
-    assert bool(jnp.all(refine.pool_members(u, blocks, benign, 0.2)))
+    assert bool(jnp.all(pool_members(u, blocks, benign, 0.2)))

@@ -116,7 +116,7 @@ def run_regression(
         "clair" (detection rates, rank, λ, convergence) and "seconds".
 
     Example:
-        >>> out = run_regression(0, num_clients=12, p=8, q=4, num_samples=40, num_test=50)
+        >>> out = run_regression(0, num_clients=16, p=16, q=4, rank=2, num_samples=(40, 80), num_test=200)
         >>> sorted(out["methods"])[:3]
         ['clair', 'coordinate median', 'fedavg']
     """

@@ -1,0 +1,103 @@
+"""Robust statistics every stage shares: medians over a set, overflow-safe norms, scale.
+
+Detection (:mod:`clair_jax.detect`, :mod:`clair_jax.refit`) and refinement
+(:mod:`clair_jax.refine`) read the same few statistics of a client set: a
+median over the set (:func:`masked_median`), block norms that neither overflow
+nor underflow (:func:`scaled_norms`), the blocks brought to the median client
+norm (:func:`robust_units`), and how the set's off-subspace energy grows with an
+update's size (:func:`size_exponent`). They live here, below both stages.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["masked_median", "scaled_norms", "robust_units", "size_exponent", "rounding_floor", "ENERGY_CAP",
+           "SIZE_SPREAD"]
+
+#: Blocks above ENERGY_CAP × the median client norm are scaled down to it before
+#: energies are squared (float32 squares overflow near 1e19). Such a block's
+#: off-subspace energy is still ~ENERGY_CAP² times a benign one: it is flagged.
+ENERGY_CAP = 1e6
+
+#: The refit test reads how honest noise grows with an update's size
+#: (:func:`size_exponent`) only where the set's squared norms spread: the median
+#: absolute deviation of their logarithms at least this (norms a factor √2 apart).
+SIZE_SPREAD = float(np.log(2.0) / 2)
+
+
+def masked_median(values, mask):
+    """Median of ``values[mask]`` (lower median; +inf padding keeps shapes static)."""
+    ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
+    return ordered[(jnp.maximum(jnp.sum(mask), 1) - 1) // 2]
+
+
+def scaled_norms(blocks):
+    """(K,) Frobenius norms that neither overflow nor underflow for any finite input.
+
+    Each block is divided by its largest |entry| before squaring, then multiplied back.
+    """
+    peak = jnp.max(jnp.abs(blocks), axis=(-2, -1))
+    unit = blocks / jnp.where(peak > 0, peak, 1.0)[..., None, None]
+    return peak * jnp.sqrt(jnp.sum(jnp.square(unit), axis=(-2, -1)))
+
+
+def robust_units(blocks, usable, cap=ENERGY_CAP):
+    """Blocks in units of the median usable client norm, norms capped at ``cap``.
+
+    Returns (scaled blocks, the unit): every statistic of the refit test is then
+    computed on numbers near 1, whatever the input's scale (1e-20 or 1e30).
+    """
+    norms = scaled_norms(blocks)
+    positive = usable & (norms > 0)
+    unit = masked_median(norms, positive)
+    unit = jnp.where(jnp.any(positive) & jnp.isfinite(unit) & (unit > 0), unit, 1.0)
+    rel = norms / unit
+    shrink = jnp.where(rel > cap, cap / jnp.where(rel > 0, rel, 1.0), 1.0)
+    return blocks * (shrink / unit)[:, None, None], unit
+
+
+def size_exponent(energy, norms2, current, spread=SIZE_SPREAD):
+    """β ∈ [0, 1] in e_k ∝ ‖Θ̂_k‖^(2β): how the set's off-subspace energy grows with size.
+
+    Honest updates differ in size (more data, more local steps, another learning
+    rate), and their estimation noise may grow with them (β ≈ 1: each is a scaled
+    copy of the same kind of estimate) or not (β ≈ 0: additive noise of one level).
+    Read from the current set as Siegel's repeated median of the pairwise slopes of
+    log e_k against log ‖Θ̂_k‖² (for each client the median slope to the others,
+    then the median of those: a minority of contaminated clients in the set
+    cannot move it), and only where the set's sizes spread: where the median
+    absolute deviation of log ‖Θ̂_k‖² is below ``spread`` the sizes carry no
+    information and β = 0, so a federation of similar-sized clients (or one
+    with a minority of larger, contaminated ones) is tested on plain energies.
+
+    Example:
+        >>> import jax.numpy as jnp, clair_jax as cj
+        >>> size2 = jnp.array([1.0, 4.0, 16.0, 64.0, 256.0])
+        >>> float(cj.detect.size_exponent(0.1 * size2, size2, jnp.ones(5, bool)))
+        1.0
+        >>> float(cj.detect.size_exponent(0.1 * jnp.ones(5), size2, jnp.ones(5, bool)))
+        0.0
+    """
+    tiny = jnp.finfo(energy.dtype).tiny
+    log_e = jnp.log(jnp.maximum(energy, tiny))
+    log_n = jnp.log(jnp.maximum(norms2, tiny))
+    live = current & (norms2 > 0) & (energy > 0)
+    mad = masked_median(jnp.abs(log_n - masked_median(log_n, live)), live)
+    dn = log_n[:, None] - log_n[None, :]
+    # Pairs of clearly different size only: a slope over a tiny size difference is noise.
+    pairs = live[:, None] & live[None, :] & (jnp.abs(dn) > spread)
+    slopes = (log_e[:, None] - log_e[None, :]) / jnp.where(pairs, dn, 1.0)
+    per_client = jax.vmap(masked_median)(slopes, pairs)
+    has = jnp.any(pairs, axis=1)
+    beta = masked_median(jnp.where(has, per_client, 0.0), has)
+    beta = jnp.where((mad >= spread) & jnp.any(has) & jnp.isfinite(beta), beta, 0.0)
+    return jnp.clip(beta, 0.0, 1.0).astype(energy.dtype)
+
+
+
+def rounding_floor(dtype):
+    """Share of a block's energy below which an off-subspace residual is rounding error."""
+    return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
