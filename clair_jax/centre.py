@@ -104,8 +104,9 @@ def noise_from_halves(half_a, half_b):
     """ν_k = ‖(Θ̂_k^a − Θ̂_k^b) / 2‖²_F from two trainings on disjoint halves of each client's data.
 
     Args:
-        half_a, half_b: (..., K, p, q) arrays or :class:`~clair_jax.LoRAFactors`
-            (the same rank on both sides), the updates trained on each half.
+        half_a: (..., K, p, q) array or :class:`~clair_jax.LoRAFactors`, the updates
+            trained on the first half of each client's data.
+        half_b: the same on the second half (the same kind and rank).
 
     Returns:
         (..., K) the noise energy of a full-data update, in the updates' units squared.

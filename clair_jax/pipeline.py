@@ -42,7 +42,8 @@ def clair_groups(groups: Sequence, *, devices=None, coordinate_noise=None, updat
             for :func:`clair`.
         update_noise: for ``pooling="centre"``, None or one entry per group, each
             as for :func:`clair`.
-        client_sizes, centre_rank: as for :func:`clair`.
+        client_sizes: as for :func:`clair`.
+        centre_rank: as for :func:`clair`.
         **options: as for :func:`clair`.
 
     Returns:
@@ -189,8 +190,9 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
             :func:`clair_jax.pool_verdicts` for one status over every problem.
         coordinate_noise: None, or one entry per group, each None or a callable as
             for :func:`clair` (needs ``pooling="auto"`` and dense updates).
-        update_noise, client_sizes, centre_rank: for ``pooling="centre"``, as for
-            :func:`clair_groups`.
+        update_noise: for ``pooling="centre"``, as for :func:`clair_groups`.
+        client_sizes: as for :func:`clair`.
+        centre_rank: as for :func:`clair`.
 
     Returns:
         A tuple of :class:`~clair_jax.ClairResult`, one per group.
