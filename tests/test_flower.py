@@ -541,3 +541,21 @@ def test_a_poisoned_majority_in_round_one_never_gets_its_own_upload_back():
                 assert payload is not arrays and strategy.is_vouched(NODES[i]), (server_round, i)
     assert all(vouched[i] == next(r for r, d in enumerate(rounds, 1) if i in d) for i in range(6))  # at once
     assert strategy.is_excluded(NODES[6]) and strategy.is_excluded(NODES[7])
+
+
+def test_held_by_the_others_against_hand_built_subspaces():
+    """Two nodes carry e1, e2 and a shared e3, one carries e1, e2 only: the third holds two thirds of
+    each of the first two (e3 is a third of their update), they hold all of it; node scales do not count."""
+    from clair_jax.flower import bank
+
+    rng = np.random.default_rng(0)
+    basis = np.eye(P)[:, :3]                        # Û = span(e1, e2, e3)
+    coeffs = {0: np.diag([1.0, 1.0, 1.0]), 1: np.diag([1.0, 1.0, 1.0]), 2: np.diag([1.0, 1.0, 0.0])}
+    pool = {}
+    for n, c in coeffs.items():
+        a = np.linalg.qr(rng.standard_normal((Q, 3)))[0].T       # orthonormal rows: ‖C_k‖ is ‖c‖
+        pool[n] = {"m.lora_A": a, "m.lora_B": basis @ c * (1 + n)}
+    modules = [bank.Module("m", "m.lora_A", "m.lora_B")]
+    shares = bank.held_by_the_others(pool, modules, lambda name: 3.0, {"m": basis}, [0, 1, 2], [0, 1, 2])
+    assert shares == pytest.approx({0: 2 / 3, 1: 2 / 3, 2: 1.0})
+    assert bank.held_by_the_others(pool, modules, lambda name: 3.0, {"m": basis[:, :0]}, [0], [0, 1]) == {0: 1.0}

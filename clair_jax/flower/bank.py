@@ -175,12 +175,15 @@ def judge_with_trust(server_round, pool, modules, scaling, options, size, reason
     out = first if not overruled else judge(server_round, {n: a for n, a in pool.items() if n not in overruled},
                                             modules, scaling, options, size, reasons)
     served = [n for n, v in out.verdicts.items() if not v.flagged]
-    shares = {} if len(trusted) >= 2 else held_by_the_others(
+    shares = {} if len(trusted) >= 2 else held_by_the_others(  # cleared against the trusted: vouched for
         pool, modules, scaling, out.subspaces, [n for n in served if n not in trusted],
         [n for n in served if out.verdicts[n].status == "benign"])
-    verdicts = {n: replace(v, vouched=True) if n in served and shares.get(n, 1.0) >= AGREED else
-                replace(v, reason=f"{v.reason}; not vouched for: another cleared node holds {shares[n]:.0%} of "
-                        f"its update within Û") if n in shares else v for n, v in out.verdicts.items()}
+    verdicts = dict(out.verdicts)
+    for node in served:
+        share = shares.get(node, 1.0)
+        verdicts[node] = replace(verdicts[node], vouched=True) if share >= AGREED else replace(
+            verdicts[node], reason=f"{verdicts[node].reason}; not vouched for: another cleared node holds "
+                                   f"{share:.0%} of its update within Û")
     return Judgement({**verdicts, **overruled}, out.refined, out.subspaces, time.perf_counter() - start)
 
 
