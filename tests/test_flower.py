@@ -368,8 +368,7 @@ def test_scaling_is_folded_and_unfolded():
 def test_flwr_run_of_the_example_app(tmp_path):
     """``flwr run .`` of examples/flower_lora against a SuperLink in simulation mode (Ray): 10 nodes, 3 a
     round, 6 rounds. Every honest node that trained is sent its own refined adapter at every later message;
-    no poisoned node is sent its own upload back, unless round 1 drew a poisoned majority (no verdict can
-    tell the two apart then; docs/flower.md)."""
+    no poisoned node is sent its own upload back."""
     pytest.importorskip("ray")
     import shutil
     import signal
@@ -405,10 +404,7 @@ def test_flwr_run_of_the_example_app(tmp_path):
     lines = out.stdout.splitlines()
     check = json.loads(next(line for line in lines if line.startswith("check: "))[len("check: "):])
     assert check["honest-trained-not-personalised"] == [], out.stdout[-3000:]
-    first = next(line for line in lines if line.strip().startswith("round 1: trained"))
-    drawn = json.loads(first.split("trained ", 1)[1].split("]", 1)[0] + "]")
-    if sum(p >= 7 for p in drawn) < 2:
-        assert check["poisoned-sent-own-upload"] == [], out.stdout[-3000:]
+    assert check["poisoned-sent-own-upload"] == [], out.stdout[-3000:]
 
 def _sampler(rounds, **options):
     """A grid whose nodes are drawn by hand: ``rounds[r]`` are the node indices that train at round r."""
@@ -519,3 +515,47 @@ def test_centre_pooling_sends_rank_r_adapters_in_the_nodes_row_space():
         np.testing.assert_allclose(2.0 * arrays["m.lora_B"] @ a, pooled[n] @ np.linalg.pinv(a) @ a, atol=1e-4)
     with pytest.raises(ValueError, match="pooling must be 'none' or 'centre'"):
         ClairStrategy(clair_options={"pooling": "auto"})
+
+
+def test_a_poisoned_majority_in_round_one_never_gets_its_own_upload_back():
+    """Round 1 draws two attackers and one honest node: the pool of three clears all three (their shared
+    backdoor looks shared), but only the honest node is vouched for; the attackers get the global arrays,
+    the FedAvg of the vouched adapter, until later rounds flag them. Every honest node is sent its refined
+    adapter from the round it is vouched for on."""
+    rounds = [(0, 6, 7), (1, 2, 6), (3, 4, 7), (0, 5, 6), (1, 7, 2)]
+    vouched, seen = {}, set()
+    for server_round, strategy, arrays in _sampler(rounds):
+        drawn = rounds[server_round - 1]
+        seen |= set(drawn)
+        if server_round == 1:
+            assert not any(strategy.latest_verdict(NODES[i]).flagged for i in drawn)  # no verdict can tell
+            assert [strategy.latest_verdict(NODES[i]).vouched for i in drawn] == [True, False, False]
+            own = strategy.bank[NODES[0]].arrays
+            assert all(np.array_equal(arrays[k].numpy(), v) for k, v in own.items())  # the vouched FedAvg
+        for i in seen:
+            vouched.setdefault(i, server_round if strategy.is_vouched(NODES[i]) else None)
+            payload = strategy.personal_arrays(NODES[i], arrays)
+            if i >= 6:
+                assert payload is arrays and not strategy.is_vouched(NODES[i]), (server_round, i)
+            else:
+                assert payload is not arrays and strategy.is_vouched(NODES[i]), (server_round, i)
+    assert all(vouched[i] == next(r for r, d in enumerate(rounds, 1) if i in d) for i in range(6))  # at once
+    assert strategy.is_excluded(NODES[6]) and strategy.is_excluded(NODES[7])
+
+
+def test_held_by_the_others_against_hand_built_subspaces():
+    """Two nodes carry e1, e2 and a shared e3, one carries e1, e2 only: the third holds two thirds of
+    each of the first two (e3 is a third of their update), they hold all of it; node scales do not count."""
+    from clair_jax.flower import bank
+
+    rng = np.random.default_rng(0)
+    basis = np.eye(P)[:, :3]                        # Û = span(e1, e2, e3)
+    coeffs = {0: np.diag([1.0, 1.0, 1.0]), 1: np.diag([1.0, 1.0, 1.0]), 2: np.diag([1.0, 1.0, 0.0])}
+    pool = {}
+    for n, c in coeffs.items():
+        a = np.linalg.qr(rng.standard_normal((Q, 3)))[0].T       # orthonormal rows: ‖C_k‖ is ‖c‖
+        pool[n] = {"m.lora_A": a, "m.lora_B": basis @ c * (1 + n)}
+    modules = [bank.Module("m", "m.lora_A", "m.lora_B")]
+    shares = bank.held_by_the_others(pool, modules, lambda name: 3.0, {"m": basis}, [0, 1, 2], [0, 1, 2])
+    assert shares == pytest.approx({0: 2 / 3, 1: 2 / 3, 2: 1.0})
+    assert bank.held_by_the_others(pool, modules, lambda name: 3.0, {"m": basis[:, :0]}, [0], [0, 1]) == {0: 1.0}

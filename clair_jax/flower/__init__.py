@@ -14,9 +14,9 @@ flwr ≥ 1.22) and keeps its constructor arguments and defaults. Each round it
    a node flagged repeatedly is excluded, one flagged once is not;
 4. returns the weighted FedAvg of the pool's benign adapters as the global
    arrays, and from the next ``configure_train`` / ``configure_evaluate`` on
-   sends every node whose adapter the server holds its own refined adapter
-   (B̃ = ÛÛᵀB, same A) with this round's Û; a node never seen, or flagged,
-   gets the global arrays.
+   sends every node whose adapter the server holds and whose benign verdict it
+   vouches for its own refined adapter (B̃ = ÛÛᵀB, same A) with this round's Û;
+   a node never seen, not vouched for, or flagged, gets the global arrays.
 
 This package imports ``flwr``; ``import clair_jax`` does not import it. Install
 with ``pip install "clair-jax[flower]"``. The guide is ``docs/flower.md``.

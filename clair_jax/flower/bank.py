@@ -21,7 +21,14 @@ import clair_jax as cj
 from clair_jax.adapters.keys import pair_lora_keys
 from clair_jax.flower.verdicts import NodeVerdict
 
-__all__ = ["Banked", "Module", "Judgement", "lora_modules", "pool_size", "judge", "judge_with_trust", "project"]
+__all__ = ["Banked", "Module", "Judgement", "lora_modules", "pool_size", "judge", "judge_with_trust",
+           "held_by_the_others", "project"]
+
+#: A node holds a direction of Û when its update's singular value there is at least this share of its largest.
+HELD = 0.25
+#: Without two trusted adapters in the pool, a node is vouched for when every other cleared node holds at
+#: least this share of its update within Û (:func:`held_by_the_others`).
+AGREED = 0.9
 
 
 @dataclass(frozen=True)
@@ -136,16 +143,24 @@ def judge(server_round: int, pool: Mapping[int, Mapping[str, np.ndarray]], modul
 
 
 def judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted) -> Judgement:
-    """:func:`judge`, where a pool may not clear an untrusted node that the trusted nodes alone would flag.
+    """:func:`judge`, where a pool may not clear an untrusted node that the trusted nodes alone would flag,
+    and vouches for a node's benign verdict only where it can be trusted.
 
     A small pool can hold more contaminated adapters than honest ones (three
     attackers replying in one round of five adapters), and then their shared
     direction looks shared. ``trusted`` nodes are those whose latest verdict, in
-    an earlier round, was benign. Each node the whole pool clears that is not
-    trusted (a newcomer, or one flagged at its latest verdict) is judged again in
-    a pool of the trusted adapters and itself alone, when there are at least two
-    trusted adapters; flagged there, it is flagged, and the pool is judged
+    an earlier round, was benign and vouched for. Each node the whole pool clears
+    that is not trusted (a newcomer, or one flagged at its latest verdict) is judged
+    again in a pool of the trusted adapters and itself alone, when there are at
+    least two trusted adapters; flagged there, it is flagged, and the pool is judged
     again without it, so Û and the refined adapters do not hold its direction.
+
+    A verdict that does not flag the node is *vouched* for (``NodeVerdict.vouched``:
+    its refined adapter may be sent) when the node is trusted, when it was cleared
+    against at least two trusted adapters, or, in a pool with fewer, when every
+    other cleared node holds at least ``AGREED`` of its update within Û
+    (:func:`held_by_the_others`): two attackers and one honest node in a pool of
+    three all look benign, but the honest node lacks the attackers' shared direction.
     """
     start = time.perf_counter()
     first = judge(server_round, pool, modules, scaling, options, size, reasons)
@@ -157,11 +172,55 @@ def judge_with_trust(server_round, pool, modules, scaling, options, size, reason
                       reasons).verdicts[node]
         if alone.flagged:
             overruled[node] = replace(alone, reason=f"{alone.reason}: flagged against the trusted nodes alone")
-    if not overruled:
-        return first._replace(seconds=time.perf_counter() - start)
-    rest = judge(server_round, {n: a for n, a in pool.items() if n not in overruled}, modules, scaling,
-                 options, size, reasons)
-    return Judgement({**rest.verdicts, **overruled}, rest.refined, rest.subspaces, time.perf_counter() - start)
+    out = first if not overruled else judge(server_round, {n: a for n, a in pool.items() if n not in overruled},
+                                            modules, scaling, options, size, reasons)
+    served = [n for n, v in out.verdicts.items() if not v.flagged]
+    shares = {} if len(trusted) >= 2 else held_by_the_others(  # cleared against the trusted: vouched for
+        pool, modules, scaling, out.subspaces, [n for n in served if n not in trusted],
+        [n for n in served if out.verdicts[n].status == "benign"])
+    verdicts = dict(out.verdicts)
+    for node in served:
+        share = shares.get(node, 1.0)
+        verdicts[node] = replace(verdicts[node], vouched=True) if share >= AGREED else replace(
+            verdicts[node], reason=f"{verdicts[node].reason}; not vouched for: another cleared node holds "
+                                   f"{share:.0%} of its update within Û")
+    return Judgement({**verdicts, **overruled}, out.refined, out.subspaces, time.perf_counter() - start)
+
+
+def held_by_the_others(pool: Mapping[int, Mapping[str, np.ndarray]], modules: list[Module],
+                       scaling: Callable[[str], float], subspaces: Mapping[str, np.ndarray],
+                       members: list[int], others: list[int]) -> dict[int, float]:
+    """For each of ``members``, the least share of its update within Û that one of ``others`` holds.
+
+    Node k's update within Û is C_k = Ûᵀ s B_k A_k (r̂ × q) per module; node j *holds*
+    the span of C_j's left singular vectors whose singular value is at least ``HELD``
+    times its largest. The share of k held by j is Σ_m ‖Π_j C_k‖² / Σ_m ‖C_k‖²; the
+    result is its minimum over the others j ≠ k (1 when there is none, or k has
+    nothing within Û). Two attackers sharing a backdoor hold what an honest node
+    holds (U), the honest node does not hold their backdoor: their share is about ½.
+    """
+    within = {n: [] for n in {*members, *others}}
+    for m in modules:
+        basis = subspaces.get(m.name)
+        if basis is None or basis.shape[1] == 0:
+            continue
+        for n in within:
+            b, a = (pool[n][k].astype(basis.dtype) for k in (m.b_key, m.a_key))
+            within[n].append(float(scaling(m.name)) * (basis.T @ b) @ a)
+    held = {}
+    for n, blocks in within.items():
+        projectors = []
+        for c in blocks:
+            u, s, _ = np.linalg.svd(c, full_matrices=False)
+            keep = u[:, s >= HELD * s[0]] if s.size and s[0] > 0 else u[:, :0]
+            projectors.append(keep @ keep.T)
+        held[n] = projectors
+    shares = {}
+    for k in members:
+        total = sum(float(np.sum(c**2)) for c in within[k])
+        shares[k] = min((sum(float(np.sum((pj @ c) ** 2)) for pj, c in zip(held[j], within[k])) / total
+                         for j in others if j != k), default=1.0) if total > 0 else 1.0
+    return shares
 
 
 def project(arrays: Mapping[str, np.ndarray], modules: list[Module],

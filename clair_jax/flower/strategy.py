@@ -188,22 +188,23 @@ class ClairStrategy(NodeHistory, FedAvg):
         reasons = {n: "clair" if n in valid else f"clair: banked adapter of round {self.bank[n].server_round}"
                    for n in pool}
         size = banking.pool_size(len(pool), self._capacity, self.pad_clients)
-        trusted = {n for n in pool if (v := self.latest_verdict(n)) is not None and v.judged and not v.flagged
-                   and v.server_round < server_round}
+        trusted = {n for n in pool if (v := self.latest_verdict(n)) is not None and v.judged and v.vouched
+                   and not v.flagged and v.server_round < server_round}
         judgement = banking.judge_with_trust(server_round, pool, modules, self._scaling, self.clair_options, size,
                                              reasons, trusted)
         self.clair_seconds[server_round] = judgement.seconds
         for node_id, verdict in judgement.verdicts.items():
             self._record(node_id, verdict, history=node_id in valid)
             self.bank[node_id] = replace(self.bank[node_id], benign=verdict.benign)
-            if self.is_flagged(node_id) or node_id not in judgement.refined:
+            if not self.is_vouched(node_id) or node_id not in judgement.refined:
                 self._personal.pop(node_id, None)
             else:
                 self._personal[node_id] = judgement.refined[node_id]
         for node_id, banked in self.bank.items():  # out of the pool by age: refined with this round's Û
-            if node_id not in pool and not self.is_flagged(node_id) and same_layout(banked.arrays, reference):
+            if node_id not in pool and self.is_vouched(node_id) and same_layout(banked.arrays, reference):
                 self._personal[node_id] = banking.project(banked.arrays, modules, judgement.subspaces)
-        return [n for n, v in judgement.verdicts.items() if v.status == "benign" and not self.is_excluded(n)]
+        benign = [n for n, v in judgement.verdicts.items() if v.status == "benign" and not self.is_excluded(n)]
+        return [n for n in benign if judgement.verdicts[n].vouched] or benign  # the vouched ones, if any
 
     def _train_metrics(self, server_round, replies, valid, rejected, benign, judged):
         flagged = sorted(rejected) + [n for n in valid if self.is_flagged(n)]

@@ -33,6 +33,9 @@ class NodeVerdict:
         z: the pooled refit statistic (NaN when not judged).
         status: see above; by default read from ``benign`` and ``judged``
             (``"benign"``/``"contaminated"`` when judged, ``"unjudged"``/``"rejected"`` when not).
+        vouched: True when the verdict clears the node in a pool whose judgement can be
+            trusted, so its refined adapter may be sent (``docs/flower.md``); a node
+            cleared but not vouched for gets the global arrays.
     """
 
     server_round: int
@@ -42,6 +45,7 @@ class NodeVerdict:
     score: float = math.nan
     z: float = math.nan
     status: str = ""
+    vouched: bool = False
 
     def __post_init__(self):
         if not self.status:
@@ -118,6 +122,11 @@ class NodeHistory:
         """Excluded, or its latest verdict flagged it (an honest but noisy node is not flagged)."""
         verdict = self.latest_verdict(node_id)
         return self.is_excluded(node_id) or (verdict is not None and verdict.flagged)
+
+    def is_vouched(self, node_id: int) -> bool:
+        """Not flagged, and its latest verdict vouches for it: it may be sent its refined adapter."""
+        verdict = self.latest_verdict(node_id)
+        return verdict is not None and verdict.vouched and not self.is_flagged(node_id)
 
     def _record(self, node_id: int, verdict: NodeVerdict, history: bool) -> None:
         """Count the verdict; keep it in the history if asked or if the node's status changed."""
