@@ -9,7 +9,8 @@
   without editing the docs.
 * :class:`SphinxRoles` (a griffe extension) turns the Sphinx roles the
   docstrings use (``:func:`~clair_jax.x.f```) into mkdocs-autorefs links. A
-  role naming an object of the rendered reference becomes a required link; one
+  role naming an object of the rendered reference becomes a required link (an
+  object of an inner module links to where a rendered module re-exports it); one
   naming a real but unrendered object (a private helper, ``clair_jax.linalg``)
   becomes code text; one naming nothing that exists stays a required link, so
   ``--strict`` fails on it.
@@ -131,6 +132,23 @@ def _rendered(pkg, path):
     return False
 
 
+def _public_alias(pkg, path):
+    """Where the API page shows the object at ``path`` when a rendered module re-exports it
+    (``clair_jax.refine.partial_pool`` for ``clair_jax.shrinkage.partial_pool``), or None."""
+    for _, shown, _, is_module in public_names():
+        module = _lookup(pkg, shown) if is_module else None
+        if module is None or module.exports is None:
+            continue
+        for name in module.exports:
+            member = module.members.get(str(name))
+            try:
+                if member is not None and member.is_alias and member.final_target.path == path:
+                    return f"{shown}.{name}"
+            except Exception:   # an alias griffe cannot resolve names nothing here
+                continue
+    return None
+
+
 def _rewrite(pkg, obj, text):
     def link(match):
         short, target, call = match.groups()
@@ -152,6 +170,9 @@ def _rewrite(pkg, obj, text):
             return f"[`{title}`][{path}]"  # no such object: autorefs fails the strict build
         if _rendered(pkg, path):
             return f"[`{title}`][{path}]"
+        alias = _public_alias(pkg, found.path)
+        if alias is not None:   # defined in an inner module, shown where a stage re-exports it
+            return f"[`{title}`][{alias}]"
         return f"`{title}`"  # real but not in the public reference
 
     return ROLE.sub(link, text)
