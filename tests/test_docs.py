@@ -118,7 +118,7 @@ def test_docs_state_facts_not_history(path):
 
 
 #: The modules of the detection and refinement stages: their rules are tabled in docs/method.md.
-STAGE_MODULES = ("detect", "refine", "robust", "basis", "refit", "shrinkage", "fallbacks")
+STAGE_MODULES = ("detect", "refine", "robust", "basis", "refit", "shrinkage", "fallbacks", "centre")
 
 
 def _rule_table():
