@@ -11,7 +11,9 @@ loads. See docs/peft.md.
 * :func:`aggregate`: the whole job, also ``clair aggregate DIR ... --out OUT``.
 """
 
-from clair_jax.adapters.aggregate import GLOBAL_NAME, aggregate, global_factors, plan_chunks
+from clair_jax.adapters.aggregate import aggregate, plan_chunks
+from clair_jax.adapters.reports import CLIENT_REPORT
+from clair_jax.adapters.writing import GLOBAL_NAME, global_factors
 from clair_jax.adapters.peft_format import (
     AdapterError,
     ClientAdapter,
@@ -26,6 +28,7 @@ from clair_jax.adapters.peft_format import (
 
 __all__ = [
     "AdapterError",
+    "CLIENT_REPORT",
     "ClientAdapter",
     "Federation",
     "GLOBAL_NAME",

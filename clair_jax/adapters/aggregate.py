@@ -31,25 +31,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 
-import ml_dtypes  # noqa: F401  (numpy bfloat16 for safetensors)
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from clair_jax.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_federation
+from clair_jax.adapters.peft_format import WEIGHTS_NAME, load_federation
+from clair_jax.adapters.reports import CLIENT_REPORT, call_options, client_reports
+from clair_jax.adapters.writing import (
+    FILE_MODE, GLOBAL_NAME, centre_adapter, check_outputs, copy_adapter, global_factors, np_dtype, write_adapter,
+    write_global,
+)
 
 __all__ = ["aggregate", "plan_chunks", "global_factors", "GLOBAL_NAME", "CHUNK_BYTES", "CLIENT_REPORT"]
 
 #: Default budget of one module group: float32 factors of all K clients, in bytes.
 CHUNK_BYTES = 256 * 2**20
-#: Directory (under the output directory) of the optional global adapter.
-GLOBAL_NAME = "global_adapter"
-FILE_MODE, DIR_MODE = 0o644, 0o755
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def _refined_outputs(federation, chunk, result, clients, store):
             client = federation.clients[j]
             for i, name in enumerate(chunk.modules):
                 entry = client.modules[name]
-                dtype = _np_dtype(entry.dtype)
+                dtype = np_dtype(entry.dtype)
                 store[(j, entry.key_b)] = refined[i, col].astype(dtype)
                 store[(j, entry.key_a)] = refined_a[i, col].astype(dtype)
         return
@@ -168,11 +167,7 @@ def _refined_outputs(federation, chunk, result, clients, store):
         for i, name in enumerate(chunk.modules):
             entry = client.modules[name]
             b = refined[i, col, :, :entry.rank] / np.float32(entry.scaling)
-            store[(j, entry.key_b)] = b.astype(_np_dtype(entry.dtype))
-
-
-def _np_dtype(code):
-    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}[code]
+            store[(j, entry.key_b)] = b.astype(np_dtype(entry.dtype))
 
 
 def _group_report(federation, calls, results_by_call):
@@ -195,117 +190,6 @@ def _group_report(federation, calls, results_by_call):
         groups.append(dict(shape=list(g.shape), modules=list(g.modules), lora_rank=g.rank, rank=rank, lam=lam,
                            noise_level=noise, converged=converged, spectrum=spectrum, noise_edge=edge))
     return groups
-
-
-def _check_outputs(federation, out_dir, keep_flagged, global_rank):
-    """Refuse (before any work) to overwrite existing outputs."""
-    out_dir = os.path.abspath(out_dir)
-    for c in federation.clients:
-        if os.path.abspath(c.path) in (out_dir, os.path.abspath(keep_flagged or out_dir)):
-            raise AdapterError(c.path, "is the output directory itself")
-        for base in [out_dir] + ([keep_flagged] if keep_flagged else []):
-            target = os.path.join(base, c.name)
-            if os.path.exists(target):
-                raise AdapterError(c.path, f"output {target} already exists (remove it or choose another --out)")
-    if global_rank is not None:
-        if GLOBAL_NAME in federation.names:
-            raise AdapterError(GLOBAL_NAME, f"a client directory is named {GLOBAL_NAME!r}, the global adapter's name")
-        if os.path.exists(os.path.join(out_dir, GLOBAL_NAME)):
-            raise AdapterError(os.path.join(out_dir, GLOBAL_NAME), "already exists (remove it or choose another --out)")
-
-
-def _write_adapter(target, config_source, tensors, metadata, *, config=None):
-    """Write one adapter directory atomically (a temporary sibling renamed into place)."""
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    cfg = os.path.join(tmp, CONFIG_NAME)
-    if config is None:
-        shutil.copyfile(config_source, cfg)   # the client's own config, byte for byte
-    else:
-        with open(cfg, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-    weights = os.path.join(tmp, WEIGHTS_NAME)
-    save_file(tensors, weights, metadata=metadata)
-    for path in (cfg, weights):
-        os.chmod(path, FILE_MODE)
-    os.chmod(tmp, DIR_MODE)
-    os.replace(tmp, target)
-
-
-def _copy_adapter(client, target):
-    os.makedirs(target)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copyfile(os.path.join(client.path, name), os.path.join(target, name))
-        os.chmod(os.path.join(target, name), FILE_MODE)
-    os.chmod(target, DIR_MODE)
-
-
-def global_factors(b_list, a_list, rank):
-    """Rank-``rank`` truncated SVD of mean_k B_k A_k from the factors alone.
-
-    With P = [B_1 … B_n] (p × nr) and Q = [A_1; …; A_n] (nr × q), mean ΔW = PQ/n;
-    P = Q₁R₁ and Qᵀ = Q₂R₂ (thin QR), so PQ/n = Q₁ (R₁R₂ᵀ/n) Q₂ᵀ and the SVD of the
-    nr × nr core gives the truncation. No p × q matrix is formed.
-
-    Returns:
-        (B_g (p, rank), A_g (rank, q)) with B_g A_g the truncation; √σ on each side.
-        Columns beyond the mean's rank are zero.
-
-    Example:
-        >>> rng = np.random.default_rng(0)
-        >>> bs = [rng.standard_normal((6, 2)) for _ in range(3)]
-        >>> as_ = [rng.standard_normal((2, 5)) for _ in range(3)]
-        >>> bg, ag = global_factors(bs, as_, 5)
-        >>> mean = sum(b @ a for b, a in zip(bs, as_)) / 3
-        >>> bool(np.allclose(bg @ ag, mean))
-        True
-    """
-    p_mat = np.concatenate([np.asarray(b, np.float64) for b in b_list], axis=1)
-    q_mat = np.concatenate([np.asarray(a, np.float64) for a in a_list], axis=0)
-    q1, r1 = np.linalg.qr(p_mat)
-    q2, r2 = np.linalg.qr(q_mat.T)
-    u, s, vt = np.linalg.svd(r1 @ r2.T / len(b_list))
-    keep = min(rank, s.shape[0])
-    root = np.sqrt(s[:keep])
-    b_g = np.zeros((p_mat.shape[0], rank))
-    a_g = np.zeros((rank, q_mat.shape[1]))
-    b_g[:, :keep] = (q1 @ u[:, :keep]) * root
-    a_g[:keep] = root[:, None] * (vt[:keep] @ q2.T)
-    return b_g, a_g
-
-
-def _write_global(federation, benign, store, out_dir, rank):
-    """The global adapter: rank-``rank`` truncation of the mean refined benign ΔW per module."""
-    members = np.flatnonzero(benign)
-    ref = federation.clients[int(members[0])]
-    dtypes = [e.dtype for j in members for e in federation.clients[j].modules.values()]
-    dtype = _np_dtype(max(set(dtypes), key=dtypes.count))
-    tensors = {}
-    handles = [safe_open(federation.clients[j].weights_path, framework="numpy") for j in members]
-    try:
-        for name, entry in ref.modules.items():
-            bs, as_ = [], []
-            for j, fh in zip(members, handles):
-                e = federation.clients[j].modules[name]
-                if (j, e.key_a) in store:   # centre pooling: a new rank, scaling folded into B
-                    bs.append(store[(j, e.key_b)].astype(np.float64))
-                    as_.append(store[(j, e.key_a)].astype(np.float64))
-                else:
-                    bs.append(store[(j, e.key_b)].astype(np.float64) * e.scaling)
-                    as_.append(fh.get_tensor(e.key_a).astype(np.float64))
-            b_g, a_g = global_factors(bs, as_, rank)
-            tensors[entry.key_b] = b_g.astype(dtype)
-            tensors[entry.key_a] = a_g.astype(dtype)
-    finally:
-        for fh in handles:
-            fh.__exit__(None, None, None)
-    config = dict(ref.config)
-    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
-                  modules_to_save=None, lora_bias=False)
-    target = os.path.join(out_dir, GLOBAL_NAME)
-    _write_adapter(target, None, tensors, ref.metadata, config=config)
-    return target
 
 
 def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=None, chunk_bytes=CHUNK_BYTES,
@@ -347,11 +231,11 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
 
     t0 = time.perf_counter()
     federation = load_federation(dirs)
-    _check_outputs(federation, out_dir, keep_flagged, global_rank)
+    check_outputs(federation, out_dir, keep_flagged, global_rank)
     if global_rank is not None and (isinstance(global_rank, bool) or int(global_rank) != global_rank or global_rank < 1):
         raise ValueError(f"global_rank must be a positive integer, got {global_rank!r}")
     k = len(federation.clients)
-    reports = _client_reports(federation) if clair_options.get("pooling") == "centre" else None
+    reports = client_reports(federation) if clair_options.get("pooling") == "centre" else None
     calls = plan_chunks(federation, chunk_bytes)
     bar = _Progress(sum(len(c) for c in calls), progress)
 
@@ -364,7 +248,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
         factors = [federation.factors(c.group, c.modules) for c in call]
         t_read += time.perf_counter() - t
         t = time.perf_counter()
-        results = _clair_call(factors, **_call_options(clair_options, reports, call))
+        results = _clair_call(factors, **call_options(clair_options, reports, call))
         t_solve += time.perf_counter() - t
         for chunk, res in zip(call, results):
             _refined_outputs(federation, chunk, res, everyone, store)
@@ -383,7 +267,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             continue
         resolved.append(ci)
         factors = [federation.factors(c.group, c.modules) for c in call]
-        again = _refine_with(factors, verdict, **_call_options(clair_options, reports, call))
+        again = _refine_with(factors, verdict, **call_options(clair_options, reports, call))
         for chunk, res in zip(call, again):
             _refined_outputs(federation, chunk, res, everyone, store)
         results_by_call[ci] = tuple(_light(r) for r in again)
@@ -427,13 +311,13 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             output = os.path.join(out_dir, client.name)
             config = None
             if pooled:
-                tensors, config = _centre_adapter(client, tensors)
+                tensors, config = centre_adapter(client, tensors)
                 centre_ranks[j] = config["r"]
-            _write_adapter(output, client.config_path, tensors, client.metadata, config=config)
+            write_adapter(output, client.config_path, tensors, client.metadata, config=config)
             del tensors
         elif keep_flagged:
             flagged_copy = os.path.join(keep_flagged, client.name)
-            _copy_adapter(client, flagged_copy)
+            copy_adapter(client, flagged_copy)
         clients.append(dict(
             name=client.name, path=client.path, status=STATUSES[int(status[j])], benign=bool(benign[j]),
             score=float(verdict.scores[j]),
@@ -453,7 +337,7 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
                     store_g[(j, e.key_b)] = fh.get_tensor(e.key_b)
                     if centre_ranks:
                         store_g[(j, e.key_a)] = fh.get_tensor(e.key_a)
-        global_path = _write_global(federation, benign, store_g, out_dir, int(global_rank))
+        global_path = write_global(federation, benign, store_g, out_dir, int(global_rank))
     t_write = time.perf_counter() - t
 
     report = dict(
@@ -475,76 +359,6 @@ def aggregate(dirs, out_dir, *, json_path=None, global_rank=None, keep_flagged=N
             json.dump(report, fh, indent=2, default=str)
         os.chmod(json_path, FILE_MODE)
     return report
-
-
-#: A client directory's optional report for ``pooling="centre"``: its training examples and measured noise.
-CLIENT_REPORT = "clair_client.json"
-
-
-def _client_reports(federation):
-    """Each client's ``clair_client.json`` (None when no client has one): ``num_examples`` (n_k) and/or ``update_noise``
-    ({module: ν}, the noise energy of its ΔW = s·BA, e.g. from two half-data trainings).
-    Every client must report one kind the same way (noise for every module, or a size)."""
-    if not any(os.path.exists(os.path.join(c.path, CLIENT_REPORT)) for c in federation.clients):
-        return None   # no client reports: every served client is pooled halfway (centre.OWN_FLOOR)
-    reports = []
-    for c in federation.clients:
-        path = os.path.join(c.path, CLIENT_REPORT)
-        if not os.path.exists(path):
-            raise AdapterError(c.path, f"{CLIENT_REPORT} is missing: with pooling='centre' either every client "
-                                       "reports num_examples or update_noise, or none does")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                rep = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise AdapterError(c.path, f"{CLIENT_REPORT} is not readable JSON: {exc}") from exc
-        if not isinstance(rep, dict):
-            raise AdapterError(c.path, f"{CLIENT_REPORT} must hold a JSON object")
-        noise = rep.get("update_noise")
-        if noise is not None:
-            missing = [m for m in c.modules if m not in noise]
-            bad = [m for m in c.modules if m in noise and not (isinstance(noise[m], (int, float))
-                                                                and math.isfinite(noise[m]) and noise[m] >= 0)]
-            if missing or bad:
-                raise AdapterError(c.path, f"{CLIENT_REPORT}: update_noise must give a finite value >= 0 for "
-                                           f"every module; {'missing ' + missing[0] if missing else 'bad ' + bad[0]}")
-        size = rep.get("num_examples")
-        if size is not None and not (isinstance(size, (int, float)) and math.isfinite(size) and size > 0):
-            raise AdapterError(c.path, f"{CLIENT_REPORT}: num_examples must be > 0, got {size!r}")
-        if noise is None and size is None:
-            raise AdapterError(c.path, f"{CLIENT_REPORT} gives neither num_examples nor update_noise")
-        reports.append(dict(noise=noise, size=size))
-    if all(r["noise"] is not None for r in reports):
-        return dict(noise=[r["noise"] for r in reports])
-    if all(r["size"] is not None for r in reports):
-        return dict(sizes=np.array([r["size"] for r in reports], float))
-    raise AdapterError(federation.clients[0].path, f"{CLIENT_REPORT}: every client must report update_noise, or "
-                                                   "every client num_examples (the federation mixes the two)")
-
-
-def _call_options(options, reports, call):
-    """The options of one CLAIR call: with centre pooling, the clients' noise for its modules."""
-    if reports is None:
-        return options
-    if "sizes" in reports:
-        return dict(options, client_sizes=reports["sizes"])
-    return dict(options, update_noise=[np.array([[n[m] for n in reports["noise"]] for m in chunk.modules])
-                                      for chunk in call])
-
-
-def _centre_adapter(client, tensors):
-    """A centre-pooled client's tensors padded to one rank R, and its config (r = lora_alpha = R)."""
-    rank = max(tensors[e.key_a].shape[0] for e in client.modules.values())
-    out = dict(tensors)
-    for e in client.modules.values():
-        b, a = tensors[e.key_b], tensors[e.key_a]
-        pad = rank - a.shape[0]
-        if pad:
-            out[e.key_b] = np.concatenate([b, np.zeros((b.shape[0], pad), b.dtype)], axis=1)
-            out[e.key_a] = np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)], axis=0)
-    config = dict(client.config)
-    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
-    return out, config
 
 
 def _light(result):
