@@ -45,3 +45,16 @@ def _free_compiled_programs():
 
         jax.clear_caches()
         gc.collect()
+
+
+#: Doctests that run a study end to end (the experiments' entry points): slow tier.
+SLOW_DOCTESTS = ("clair_jax/experiments/",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the doctests of :data:`SLOW_DOCTESTS` slow, before ``-m`` selects."""
+    for item in items:
+        path = str(getattr(item, "path", item.fspath)).replace("\\", "/")
+        if isinstance(item, pytest.DoctestItem) and any(p in path for p in SLOW_DOCTESTS):
+            item.add_marker(pytest.mark.slow)

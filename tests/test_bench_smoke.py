@@ -42,6 +42,7 @@ def test_bench_solver_quick(tmp_path):
             assert len(r["pinned_rounds"]["jax"]) == 5 and r["speedup_numpy_pinned"] > 0
 
 
+@pytest.mark.slow   # benchmark smoke runs are the slow tier's (README)
 def test_bench_svt_quick(tmp_path):
     rows, _ = _run("bench_svt", tmp_path)
     for r in rows:
@@ -51,6 +52,7 @@ def test_bench_svt_quick(tmp_path):
         assert r["svt_gram_rel_err"] < 1e-4 and not r["svt_gram_fallback"]
 
 
+@pytest.mark.slow   # benchmark smoke runs are the slow tier's (README)
 def test_bench_llm_quick(tmp_path):
     (model, dense), _ = _run("bench_llm", tmp_path, "--engine", "reference")
     assert model["verdicts_correct"]
@@ -72,12 +74,14 @@ def test_bench_scaling_quick(tmp_path):
     assert dev_rows[0]["devices"] == 2
 
 
+@pytest.mark.slow   # benchmark smoke runs are the slow tier's (README)
 def test_bench_lambda_path_quick(tmp_path):
     pytest.importorskip("clair_jax.decompose")
     rows, _ = _run("investigations.bench_lambda_path", tmp_path)
     assert rows[0]["grid"] > 1 and np.isfinite(rows[0]["batch_ms"])
 
 
+@pytest.mark.slow   # benchmark smoke runs are the slow tier's (README)
 def test_gram_svt_accuracy_quick(tmp_path):
     rows, _ = _run("investigations.gram_svt_accuracy", tmp_path)
     for r in rows:

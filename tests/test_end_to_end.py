@@ -15,6 +15,7 @@ def regression_result():
     return run_regression(1, num_clients=16, contamination=0.3, p=16, q=4, rank=2, num_samples=(40, 80), num_test=200)
 
 
+@pytest.mark.slow   # the regression study end to end
 def test_regression_ranks_clair_ahead_of_local_and_fedavg(regression_result):
     m = regression_result["methods"]
     assert set(m) >= {"local", "fedavg", "coordinate median", "trimmed mean", "multi-krum",
@@ -46,6 +47,7 @@ def test_mlp_ranks_clair_ahead_of_local_and_fedavg():
     assert m["clair"]["test_mse"] < m["fedavg"]["test_mse"]
 
 
+@pytest.mark.slow   # the regression study end to end
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "out.json"
     rc = cli.main(["regression", "--seed", "3", "--clients", "16", "--contamination", "0.25", "--p", "16",

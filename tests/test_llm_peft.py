@@ -23,7 +23,7 @@ peft = pytest.importorskip("peft")
 
 from clair_jax import llm  # noqa: E402
 
-pytestmark = pytest.mark.peft
+pytestmark = [pytest.mark.peft, pytest.mark.slow]   # torch + transformers + peft: end to end by nature
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 
 

@@ -25,7 +25,7 @@ import clair_jax as cj  # noqa: E402
 from clair_jax import adapters  # noqa: E402
 from clair_jax.cli import main  # noqa: E402
 
-pytestmark = pytest.mark.peft
+pytestmark = [pytest.mark.peft, pytest.mark.slow]   # torch + transformers + peft: end to end by nature
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

@@ -93,6 +93,7 @@ def test_centre_pooled_clair_and_the_projection_row(tiny_run, tiny_model):
             assert all(0.5 <= w <= 1.0 for w in row["centre_weight"].values())
 
 
+@pytest.mark.slow   # a second end-to-end run of the tiny federation
 def test_judged_again_from_saved_adapters(tiny_run, tiny_model, tmp_path):
     """``--from DIR``: the kept adapters judged and scored again without training give the same table."""
     out, adapters = tiny_run
