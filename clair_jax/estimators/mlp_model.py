@@ -177,16 +177,21 @@ def _train_base(params, x, y, opt, steps):
 
     @program
     def run(params):
-        def step(carry, _):
-            p, s = carry
-            loss, g = jax.value_and_grad(loss_fn)(p)
-            upd, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, upd), s), loss
-
-        (p, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-        return p, losses
+        return _optimise(loss_fn, params, opt, steps)
 
     return run(params)
+
+
+def _optimise(loss_fn, theta0, opt, steps):
+    """``steps`` optax steps on ``loss_fn`` from ``theta0`` (one scan): (theta, losses per step)."""
+    def step(carry, _):
+        theta, state = carry
+        loss, g = jax.value_and_grad(loss_fn)(theta)
+        upd, state = opt.update(g, state, theta)
+        return (optax.apply_updates(theta, upd), state), loss
+
+    (theta, _), losses = jax.lax.scan(step, (theta0, opt.init(theta0)), None, length=steps)
+    return theta, losses
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -321,14 +326,7 @@ def _fine_tune(params, init, x, y, mask, opt, steps, mode, scale):
         def loss_fn(theta):
             return _masked_mse(mlp_apply(params, xk, _delta(theta, mode, scale)), yk, mk)
 
-        def step(carry, _):
-            theta, state = carry
-            loss, g = jax.value_and_grad(loss_fn)(theta)
-            upd, state = opt.update(g, state, theta)
-            return (optax.apply_updates(theta, upd), state), loss
-
-        (theta, _), losses = jax.lax.scan(step, (theta0, opt.init(theta0)), None, length=steps)
-        return theta, losses
+        return _optimise(loss_fn, theta0, opt, steps)
 
     theta, losses = jax.vmap(train_one)(init, x, y, mask)
     return theta, losses.T
