@@ -34,7 +34,8 @@ from flower_lora import client_app, server_app, task  # noqa: E402
 from flower_lora.inprocess import InProcessGrid  # noqa: E402
 
 METHODS = ["clair", "fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"]
-#: (round, backend compiles, compile seconds) of each CLAIR judgement of the current run.
+#: (round, backend compiles, compile seconds) of each CLAIR judgement of the current run
+#: (``ClairStrategy.compile_seconds`` holds the seconds too; this counts the programs).
 COMPILES: list = []
 
 
@@ -139,6 +140,7 @@ def main(argv=None) -> None:
                        "errors": errors, "trained": trained, "summary": summarise(cfg, errors, trained, personal)}
                 if method == "clair":
                     run["clair_seconds"] = {r: row["clair-seconds"] for r, row in rounds.items()}
+                    run["compile_seconds"] = {r: row["clair-compile-seconds"] for r, row in rounds.items()}
                     run["flagged"] = {r: row["flagged"] for r, row in rounds.items()}
                     run["check"] = out["check"]
                     run["compiles"] = out["compiles"]
@@ -198,11 +200,11 @@ def table(cfg, runs, args):
             if method == "clair":
                 later = [s for r in group for rnd, s in r["clair_seconds"].items() if s is not None and rnd >= 2
                          and not any(c[0] == rnd and c[1] for c in r["compiles"])]
-                compiled = [(r["draw"], c) for r in group for c in r["compiles"] if c[1]]
+                compiled = [(r["draw"], c, r["clair_seconds"][c[0]]) for r in group for c in r["compiles"] if c[1]]
                 row["extra"] = (f"rounds without compiling: median {statistics.median(later):.3f} s, "
                                 f"max {max(later):.2f} s; compiled: " + (", ".join(
-                                    f"draw {d} round {c[0]}: {c[1]} programs {c[2]:.1f} s" for d, c in compiled)
-                                    or "nothing"))
+                                    f"draw {d} round {c[0]}: {c[1]} programs, {c[2]:.1f} s compiling of "
+                                    f"{total:.1f} s" for d, c, total in compiled) or "nothing"))
             rows.append(row)
     return rows
 

@@ -41,7 +41,7 @@ __all__ = ["centre_cut", "pool_members", "capped", "benign_spectrum", "StackSVD"
            "majority_basis", "subspace", "project", "local_share", "crowded", "CROWDED_SHARE", "partial_pool", "POOLING",
            "Refinement", "refine", "noise_like", "reported_noise", "DECISIVE_Z", "MAJORITY_MAX_RANK", "MAJORITY_SLACK",
            "CENTRE_Z", "CENTRE_PASSES", "NOISY_FLAT", "NOISY_Z", "RANK_MARGIN", "OWN_SHARE", "OWN_NOISE", "LOCAL_SLACK",
-           "HUBER"]
+           "HUBER", "WIDTH_STEP"]
 
 
 class Refinement(NamedTuple):
@@ -78,6 +78,23 @@ class Refinement(NamedTuple):
     crowded: jax.Array
     outlying: jax.Array
 
+
+
+#: Û's widths are static arguments of stage 6's programs, read from the data (the cap
+#: on r̂, the largest r̂); they are rounded up to a multiple of WIDTH_STEP (at most the
+#: stack's short side) so that r̂ = 1 … 8 share one compiled program.
+WIDTH_STEP = 8
+
+
+def _bucket_width(width, cap):
+    """``width`` rounded up to a multiple of :data:`WIDTH_STEP`, at most ``cap`` (never below ``width``).
+
+    Stage 6's bases have their r̂ kept columns first and zeros after, and every step
+    reads the zero columns as absent (they add exact zeros to each sum): padding a
+    basis changes no number beyond rounding, and a run whose r̂ moves between calls
+    (a Flower run's rounds) compiles once.
+    """
+    return max(int(width), min(WIDTH_STEP * -(-int(width) // WIDTH_STEP), int(cap)))
 
 
 def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN, pooling="none",
@@ -129,14 +146,21 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
     """
     # r̂ ≤ rank(L̂) near the chosen λ (or the given rank): no basis needs more columns.
     most = int(rank) if rank is not None else int(np.max(np.asarray(detection.rank_cap)))
-    most = max(1, min(most, min(problems.blocks.shape[-2], problems.num_clients * problems.blocks.shape[-1])))
+    limit = min(problems.blocks.shape[-2], problems.num_clients * problems.blocks.shape[-1])
+    most = max(1, min(most, limit))
+    # Û's widths are static arguments read from the data: bucketed (zero columns), so that
+    # calls whose r̂ differs (a Flower run's rounds) share compiled programs. The detection's
+    # SVD keeps serving where it holds the unbucketed width.
+    held = 0 if detection.svd is None else detection.svd.u.shape[-1]
+    most = _bucket_width(most, held if most <= held else limit)
 
     def fit(members):
         """Û, r̂, Û's coefficients on the blocks, the refined set, Û's width, crowded problems and σ."""
         basis, ranks, coefficients, used = _bases(problems.blocks, members, detection.benign, detection.z,
                                                   detection.rank_cap, detection.columns, detection.svd, rank=rank,
                                                   margin=margin, dims=problems.dims, width=most)
-        width = max(int(np.max(np.asarray(ranks))), 1)  # kept columns come first, the rest are zero
+        # Kept columns come first, the rest are zero.
+        width = _bucket_width(max(int(np.max(np.asarray(ranks))), 1), most)
         unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
         # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1.
         return basis, ranks, coefficients, used, width, unsure, jnp.where(unsure, 0.0, detection.noise_level)

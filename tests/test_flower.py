@@ -475,19 +475,40 @@ def test_attackers_that_outnumber_a_round_are_flagged_against_the_trusted_bank()
             assert not strategy.latest_verdict(NODES[5]).flagged
 
 
-def test_rounds_after_the_second_compile_nothing():
-    """The pool is padded to the grid's node count: one compiled program serves every round."""
+def test_rounds_after_the_first_compile_nothing(monkeypatch):
+    """The pool is padded to the grid's node count and Û's widths bucketed: the first judged round
+    compiles every program the run needs, later rounds compile none, though the cap on r̂
+    (rank(L̂), a static width of the refinement before bucketing) moves between them."""
     import jax
 
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **kw: compiles.append(event) if "backend_compile" in event else None)
+    from clair_jax import refine
+
+    compiles, caps = [], set()
+
+    def listener(event, seconds, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    def spy(problems, detection, *args, **kwargs):
+        caps.add(int(np.max(np.asarray(detection.rank_cap))))
+        return real_refine(problems, detection, *args, **kwargs)
+
+    real_refine = refine.refine
+    monkeypatch.setattr(refine, "refine", spy)
+    jax.monitoring.register_event_duration_secs_listener(listener)
     rounds = [(0, 1, 6), (2, 3, 7), (4, 5), (0, 1, 2, 3, 4, 6), (5, 7), (1, 2, 3)]
     counts = {}
-    for server_round, strategy, _ in _sampler(rounds, pad_clients=24):  # a pool size no other test uses
-        counts[server_round] = len(compiles)
-    assert counts[1] > 0 and counts[6] == counts[3], counts
-    assert all(strategy.clair_seconds[r] < strategy.clair_seconds[1] / 5 for r in (3, 4, 5, 6))
+    try:
+        for server_round, strategy, _ in _sampler(rounds, pad_clients=24):  # a pool size no other test uses
+            counts[server_round] = len(compiles)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(caps) > 1, caps
+    assert counts[1] > 0 and all(counts[r] == counts[1] for r in counts), counts
+    assert all(strategy.clair_seconds[r] < strategy.clair_seconds[1] / 5 for r in (2, 3, 4, 5, 6))
+    # The strategy reports the compiling apart.
+    assert 0 < strategy.compile_seconds[1] < strategy.clair_seconds[1]
+    assert all(strategy.compile_seconds[r] == 0.0 for r in (2, 3, 4, 5, 6)), strategy.compile_seconds
 
 
 def test_centre_pooling_sends_rank_r_adapters_in_the_nodes_row_space():

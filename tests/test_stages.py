@@ -190,6 +190,33 @@ def test_second_call_does_not_recompile():
     assert detect._pass_all._cache_size() == before
 
 
+
+def test_a_call_whose_rank_differs_compiles_nothing():
+    """Û's widths (the cap on r̂, the largest r̂) are static but bucketed: same shapes, another r̂, no program."""
+    import warnings
+
+    import jax
+
+    feds = [cj.data.make_federation(seed, num_clients=16, p=12, q=4, rank=rank, contamination=0.25, noise=0.05,
+                                    kind="mixed") for seed, rank in ((1, 1), (3, 3))]
+    compiles = []
+
+    def listener(event, seconds, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    first = cj.clair(feds[0].updates)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # r̂ = 3 of 12 rows: the crowded fallback's
+            second = cj.clair(feds[1].updates)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert (int(first.rank), int(second.rank)) == (1, 3)
+    assert compiles == []
+
+
 GOOD = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5, 3)))
 
 

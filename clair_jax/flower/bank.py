@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 import clair_jax as cj
@@ -66,12 +68,15 @@ class Judgement(NamedTuple):
             that is not contaminated (B̃ from CLAIR, its own A), in its own dtype.
         subspaces: ``{module: Û}`` (p × r̂, r̂ ≥ 0) for adapters outside the pool.
         seconds: wall time of the CLAIR call.
+        compile_seconds: the part of it XLA spent compiling programs (0 once the
+            programs of the pool's shapes are compiled).
     """
 
     verdicts: dict[int, NodeVerdict]
     refined: dict[int, dict[str, np.ndarray]]
     subspaces: dict[str, np.ndarray]
     seconds: float
+    compile_seconds: float = 0.0
 
 
 def lora_modules(arrays: Mapping[str, np.ndarray], a_tag: str, b_tag: str) -> list[Module]:
@@ -162,6 +167,12 @@ def judge_with_trust(server_round, pool, modules, scaling, options, size, reason
     (:func:`held_by_the_others`): two attackers and one honest node in a pool of
     three all look benign, but the honest node lacks the attackers' shared direction.
     """
+    with _compiling() as compiled:
+        out = _judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted)
+    return out._replace(compile_seconds=compiled[0])
+
+
+def _judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted) -> Judgement:
     start = time.perf_counter()
     first = judge(server_round, pool, modules, scaling, options, size, reasons)
     trusted = [n for n in pool if n in trusted]
@@ -185,6 +196,22 @@ def judge_with_trust(server_round, pool, modules, scaling, options, size, reason
             verdicts[node], reason=f"{verdicts[node].reason}; not vouched for: another cleared node holds "
                                    f"{share:.0%} of its update within Û")
     return Judgement({**verdicts, **overruled}, out.refined, out.subspaces, time.perf_counter() - start)
+
+
+@contextmanager
+def _compiling():
+    """``[seconds]`` XLA spends compiling programs while the block runs (jax.monitoring's events)."""
+    spent = [0.0]
+
+    def listener(event, seconds, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            spent[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield spent
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def held_by_the_others(pool: Mapping[int, Mapping[str, np.ndarray]], modules: list[Module],

@@ -50,6 +50,8 @@ class ClairStrategy(NodeHistory, FedAvg):
         records: ``{node: NodeRecord}``: verdicts counted across rounds, the latest one.
         bank: ``{node: Banked}``: each node's latest valid adapter.
         clair_seconds: ``{round: seconds}`` of the CLAIR call (compiling included).
+        compile_seconds: ``{round: seconds}`` of that call spent compiling: a run's first
+            judged round compiles CLAIR's programs, later rounds reuse them (0).
         personalised: ``{(round, "train" | "evaluate"): [node, ...]}`` sent their own adapter.
 
     Example (in a ServerApp; see ``docs/flower.md``)::
@@ -83,6 +85,7 @@ class ClairStrategy(NodeHistory, FedAvg):
         self.records: dict[int, NodeRecord] = {}
         self.bank: dict[int, banking.Banked] = {}
         self.clair_seconds: dict[int, float] = {}
+        self.compile_seconds: dict[int, float] = {}
         self.personalised: dict[tuple[int, str], list[int]] = {}
         self._personal: dict[int, dict[str, np.ndarray]] = {}
         self._template: dict[str, tuple[int, ...]] | None = None
@@ -193,6 +196,7 @@ class ClairStrategy(NodeHistory, FedAvg):
         judgement = banking.judge_with_trust(server_round, pool, modules, self._scaling, self.clair_options, size,
                                              reasons, trusted)
         self.clair_seconds[server_round] = judgement.seconds
+        self.compile_seconds[server_round] = judgement.compile_seconds
         for node_id, verdict in judgement.verdicts.items():
             self._record(node_id, verdict, history=node_id in valid)
             self.bank[node_id] = replace(self.bank[node_id], benign=verdict.benign)

@@ -92,14 +92,16 @@ def run(grid: Grid, name: str, cfg: task.TaskConfig, num_rounds: int, fraction_t
                      "errors": [float(e) for e in m["errors"]], "trained": strategy.trained.get(r, []),
                      "flagged": sorted(flagged.get(r, ())), "personalised-train": personal.get((r, "train"), []),
                      "personalised-evaluate": personal.get((r, "evaluate"), []),
-                     "clair-seconds": getattr(strategy, "clair_seconds", {}).get(r)}
+                     "clair-seconds": getattr(strategy, "clair_seconds", {}).get(r),
+                     "clair-compile-seconds": getattr(strategy, "compile_seconds", {}).get(r)}
     out = {"strategy": name, "fraction-train": fraction_train, "rounds": rounds}
     if name == "clair":
         out["check"] = check(out, cfg)
     if verbose:
         print(f"strategy {name}: poisoned partitions {[p for p in range(cfg.num_nodes) if cfg.poisoned(p)]}")
         for r, row in rounds.items():
-            seconds = f", CLAIR {row['clair-seconds']:.2f} s" if row["clair-seconds"] is not None else ""
+            seconds = (f", CLAIR {row['clair-seconds']:.2f} s ({row['clair-compile-seconds']:.2f} s compiling)"
+                       if row["clair-seconds"] is not None else "")
             print(f"  round {r}: trained {row['trained']}, flagged {row['flagged']}, personalised "
                   f"{row['personalised-evaluate']}, honest error {row['benign-error']:.3f} "
                   f"(max {row['benign-error-max']:.3f}){seconds}")
