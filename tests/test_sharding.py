@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +31,37 @@ def test_pad_layers_repeats_last():
 def test_single_device_is_plain_jit():
     f = sharding.map_over_layers(lambda a: jnp.sum(a**2), sharding.layer_mesh(jax.devices()[:1]))
     np.testing.assert_allclose(f(jnp.ones((3, 2, 2))), [4.0, 4.0, 4.0])
+
+
+def _solve_until_small(x):
+    """A per-problem while_loop whose trip count depends on the data (as the solvers' do)."""
+    def body(c):
+        y, n = c
+        return 0.5 * y + 0.1 * jnp.tanh(y), n + 1
+    y, n = jax.lax.while_loop(lambda c: jnp.max(jnp.abs(c[0])) > 1e-3, body, (x, jnp.asarray(0)))
+    return {"y": y, "steps": n}
+
+
+def test_over_problems_chunks_equal_a_python_loop():
+    # 7 problems in chunks of 3 (the last chunk padded): every problem stops at its own
+    # step count, as one after another, and the pytree comes back in order.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 4, 3)) * np.logspace(0, 3, 7)[:, None, None],
+                    jnp.float32)
+    loop = [_solve_until_small(a) for a in x]
+    for how, batch in [("chunks", 3), ("chunks", 1), ("chunks", 7), ("chunks", 16), ("map", None), ("vmap", None)]:
+        out = jax.jit(sharding.over_problems(_solve_until_small, how, batch=batch))(x)
+        assert out["y"].shape == x.shape
+        np.testing.assert_array_equal(out["steps"], [o["steps"] for o in loop])
+        np.testing.assert_allclose(out["y"], np.stack([o["y"] for o in loop]), rtol=1e-6, atol=1e-12)
+    assert len(set(np.asarray(out["steps"]).tolist())) > 1   # the members did stop at different steps
+
+
+def test_over_problems_checks_its_options():
+    with pytest.raises(ValueError, match="how must be"):
+        sharding.over_problems(jnp.sum, "batched")
+    for batch in (None, 0, 2.5):
+        with pytest.raises(ValueError, match="batch"):
+            sharding.over_problems(jnp.sum, "chunks", batch=batch)
 
 
 SCRIPT = textwrap.dedent(
