@@ -120,3 +120,20 @@ def test_sharded_equals_dense_on_4_host_devices():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
+
+
+def test_detection_in_chunks_of_vmapped_problems_gives_the_same_answer(monkeypatch):
+    # detect.PROBLEM_BATCH: 3 problems in chunks of 2 (the last padded) against one at a time.
+    import clair_jax as cj
+    from clair_jax import detect
+
+    feds = [cj.data.make_federation(seed, num_clients=12, p=16, q=4, rank=2, contamination=0.25, noise=0.05)
+            for seed in (0, 1, 2)]
+    updates = jnp.stack([f.updates for f in feds])
+    one = cj.clair(updates)
+    monkeypatch.setitem(detect.PROBLEM_BATCH, jax.default_backend(), 2)
+    jax.clear_caches()
+    chunked = cj.clair(updates)
+    np.testing.assert_array_equal(chunked.client_benign, one.client_benign)
+    np.testing.assert_array_equal(chunked.rank, one.rank)
+    np.testing.assert_allclose(chunked.refined, one.refined, rtol=1e-5, atol=1e-6)
