@@ -197,7 +197,8 @@ def main(argv=None):
             row = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(row)
             print(f"  noise {noise:<6} devices {devices}: {row['cold_s']:.1f} s cold, {row['warm_s']:.1f} s warm, "
-                  f"(CPU {row['cold_cpu_s']:.1f} s, {row['warm_cpu_s']:.1f} s), QR floor {row['qr_floor_s']:.1f} s (cold / floor {row['cold_over_floor']:.1f}, "
+                  f"(CPU {row['cold_cpu_s']:.1f} s, {row['warm_cpu_s']:.1f} s), "
+                  f"QR floor {row['qr_floor_s']:.1f} s (cold / floor {row['cold_over_floor']:.1f}, "
                   f"warm / floor {row['warm_over_floor']:.1f}), peak RSS {row['peak_rss_gib']:.2f} GiB, "
                   f"correct {row['verdicts_correct']}", flush=True)
     print()

@@ -299,8 +299,9 @@ def ritz_svd(t, method=None):
     """SVD ``(U, s, Vᵀ)`` of a small square matrix ``t`` (the k × k Rayleigh–Ritz step).
 
     ``method``: ``"svd"`` (LAPACK / cuSolver SVD), ``"eigh"``, or None:
-    :data:`RITZ_SVD` when set, else ``"svd"`` on CPU and ``"eigh"`` elsewhere. ``"eigh"`` takes U and s² from the symmetric
-    eigendecomposition of t tᵀ and V from the QR of tᵀU = V·diag(s) (columns in
+    :data:`RITZ_SVD` when set, else ``"svd"`` on CPU and ``"eigh"`` elsewhere.
+    ``"eigh"`` takes U and s² from the symmetric eigendecomposition of t tᵀ and V
+    from the QR of tᵀU = V·diag(s) (columns in
     descending s: the leading columns are V's, the trailing ones of negligible s an
     orthonormal completion). Batched small SVDs are latency-bound on GPUs (an
     H200: 40 × 40, batch 128, 120 ms against 0.7 ms for eigh;
