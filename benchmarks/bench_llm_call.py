@@ -5,12 +5,14 @@ numpy factors B (modules, K, d, r) and A (modules, K, r, d) of the
 ``bench_llm`` workload (20 % of clients off-subspace, every benign B_k with the
 given relative error), then one timed call. Printed and written as JSON per
 run: wall time of the call (compile included), the same call again (warm),
+the floor measured in the same process after both (the R-only QR of every
+module's d × K·r stack, which the reduction runs) and each call's ratio to it,
 peak RSS of the process over the input's size, verdicts against the truth.
 
 ``--breakdown`` times the stages of :func:`clair_jax.clair_groups` on a few
 modules (warm) and sets each against the machine's measured throughput:
 the factor reduction (one QR of [B_1 … B_K] without Q, K small ones) against
-LAPACK's R-only QR of the same shape, the λ path / refit / refinement by their share of the call.
+LAPACK's R-only QR of the same shape, and every stage as a multiple of that QR.
 
 Usage::
 
@@ -50,25 +52,58 @@ def worker(args):
     import clair_jax as cj
 
     devices = jax.devices() if args.devices > 1 else None
+    load = os.getloadavg()[0]
     factors = cj.LoRAFactors(b, a)
-    t0 = time.perf_counter()
+
+    def cpu_s():   # this process's CPU time, every thread on every core
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu_s()
     res = cj.clair(factors, devices=devices)
     jax.block_until_ready(res.refined.B)
-    cold = time.perf_counter() - t0
+    cold, cold_cpu = time.perf_counter() - t0, cpu_s() - c0
     verdict = np.asarray(res.client_benign)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del res
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     res = cj.clair(factors, devices=devices)
     jax.block_until_ready(res.refined.B)
-    warm = time.perf_counter() - t0
+    warm, warm_cpu = time.perf_counter() - t0, cpu_s() - c0
+    floor = qr_floor(b)
     out = dict(modules=args.modules, K=args.clients, d=args.d, r=args.rank, noise=args.noise[0], devices=args.devices,
-               cold_s=cold, warm_s=warm, compile_s=cold - warm, input_gib=(b.nbytes + a.nbytes) / 2**30,
+               cold_s=cold, warm_s=warm, compile_s=cold - warm, cold_cpu_s=cold_cpu, warm_cpu_s=warm_cpu,
+               load_at_start=load, qr_floor_s=floor, cold_over_floor=cold / floor,
+               warm_over_floor=warm / floor, input_gib=(b.nbytes + a.nbytes) / 2**30,
                peak_rss_gib=rss, verdicts_correct=bool((verdict == benign).all()),
                ranks=sorted(set(np.asarray(res.rank).ravel().tolist())),
                iterations_max=int(np.max(res.decomposition.iterations)))
     out["rss_over_input"] = out["peak_rss_gib"] / out["input_gib"]
     print(json.dumps(out))
+
+
+def qr_floor(b):
+    """Seconds for the R-only QR of every module's d × K·r stack [B_1 … B_K], one module after
+    another in this process (the copy to the device not counted): the floor of the call,
+    whose reduction runs exactly this QR per module."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    qr = jax.jit(lambda m: jnp.linalg.qr(m, mode="r"))
+    modules, k, d, r = b.shape
+
+    def stacked(i):   # [B_1 … B_K] of module i: (d, K·r)
+        return jax.block_until_ready(jnp.asarray(np.ascontiguousarray(b[i].transpose(1, 0, 2)).reshape(d, k * r)))
+
+    jax.block_until_ready(qr(stacked(0)))   # compile
+    total = 0.0
+    for i in range(modules):
+        m = stacked(i)
+        t0 = time.perf_counter()
+        jax.block_until_ready(qr(m))
+        total += time.perf_counter() - t0
+    return total
 
 
 def breakdown(args):
@@ -113,7 +148,10 @@ def breakdown(args):
         qr_s = (time.perf_counter() - t0) / 3
         # Householder QR, R only: ≈ 2 m n² − 2 n³/3 flops.
         qr_flops = 2 * args.d * kr**2 - 2 * kr**3 / 3
+        per_module = {name: times[name] / n for name in times}
         rows.append(dict(noise=noise, modules=n, passes=int(det.passes),
+                         **{f"{name}_over_qr": per_module[name] / qr_s for name in ("reduce", "detect", "refine")},
+                         total_over_qr=sum(per_module.values()) / qr_s,
                          reduce_ms=1e3 * times["reduce"] / n, detect_ms=1e3 * times["detect"] / n,
                          pool_ms=1e3 * times["pool"] / n, refine_ms=1e3 * times["refine"] / n,
                          qr_gflops=qr_flops / qr_s / 1e9, lapack_qr_ms=1e3 * qr_s,
@@ -159,11 +197,18 @@ def main(argv=None):
             row = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(row)
             print(f"  noise {noise:<6} devices {devices}: {row['cold_s']:.1f} s cold, {row['warm_s']:.1f} s warm, "
-                  f"peak RSS {row['peak_rss_gib']:.2f} GiB, correct {row['verdicts_correct']}", flush=True)
+                  f"(CPU {row['cold_cpu_s']:.1f} s, {row['warm_cpu_s']:.1f} s), "
+                  f"QR floor {row['qr_floor_s']:.1f} s (cold / floor {row['cold_over_floor']:.1f}, "
+                  f"warm / floor {row['warm_over_floor']:.1f}), peak RSS {row['peak_rss_gib']:.2f} GiB, "
+                  f"correct {row['verdicts_correct']}", flush=True)
     print()
     print(markdown_table(runs, [
         ("noise", "noise", ".3f"), ("devices", "devices", "d"), ("cold_s", "call, cold (s)", ".1f"),
         ("warm_s", "call, warm (s)", ".1f"), ("compile_s", "compile (s)", ".1f"),
+        ("cold_cpu_s", "CPU, cold (s)", ".1f"), ("warm_cpu_s", "CPU, warm (s)", ".1f"),
+        ("load_at_start", "load", ".1f"),
+        ("qr_floor_s", "QR floor (s)", ".1f"), ("cold_over_floor", "cold / floor", ".1f"),
+        ("warm_over_floor", "warm / floor", ".1f"),
         ("input_gib", "input (GiB)", ".2f"), ("peak_rss_gib", "peak RSS (GiB)", ".2f"),
         ("rss_over_input", "RSS / input", ".2f"), ("verdicts_correct", "verdicts exact", "")]))
     rows = []
@@ -174,7 +219,9 @@ def main(argv=None):
             ("noise", "noise", ".3f"), ("passes", "passes", "d"), ("reduce_ms", "reduce (ms/module)", ".0f"),
             ("lapack_qr_ms", "one LAPACK QR d×Kr, R only (ms)", ".0f"), ("qr_gflops", "QR GFLOP/s", ".1f"),
             ("detect_ms", "λ path + refit (ms/module)", ".0f"), ("pool_ms", "pool (ms/module)", ".1f"),
-            ("refine_ms", "refine (ms/module)", ".0f"), ("correct", "verdicts exact", "")]))
+            ("refine_ms", "refine (ms/module)", ".0f"), ("reduce_over_qr", "reduce / QR", ".1f"),
+            ("detect_over_qr", "λ path + refit / QR", ".1f"), ("refine_over_qr", "refine / QR", ".1f"),
+            ("total_over_qr", "all stages / QR", ".1f"), ("correct", "verdicts exact", "")]))
     write_json(args.json, dict(benchmark="bench_llm_call", machine=info, args=vars(args), runs=runs, breakdown=rows))
     return runs, rows
 

@@ -167,9 +167,27 @@ NORM_CLIP = 2.0
 STACK_NOISE_RATIO = 1.5
 MAX_PASSES = 3
 
+#: How many problems (modules) one detection program vmaps together, by backend
+#: (``sharding.over_problems(..., "chunks", batch=B)``; a backend not listed
+#: vmaps every problem at once). CPU: 1, one problem after another. On the 7B
+#: LoRA workload (16 modules of 512 × 512 stacks, 2-core VM at load 4.7–5.2)
+#: chunks of 2–16 vmapped modules took 1.2–1.4× the CPU time per module of one
+#: at a time, compiled 4–10 s longer, and were not reliably faster in wall time;
+#: batched kernels also round differently, which moved one module's iterations
+#: at 0.5 % noise (benchmarks/investigations/problem_batch.py). A vmapped
+#: ``while_loop`` selects its whole carry for every member at every step and
+#: runs both sides of every batched ``lax.cond``. Accelerators batch everything.
+PROBLEM_BATCH = {"cpu": 1}
+
 #: The refit test runs at most this many rounds per pass, each on the previous
 #: round's set; a round that keeps its set ends it (:func:`residual_test`).
 REFIT_ROUNDS = 3
+
+
+def _platform(x):
+    """The platform ``x`` lives on (the default backend's for a numpy array)."""
+    devices = getattr(x, "devices", None)
+    return next(iter(devices())).platform if callable(devices) else jax.default_backend()
 
 
 def _screen_tolerance(dtype):
@@ -243,6 +261,7 @@ class _Static(NamedTuple):
     z_crit: float
     dims: tuple
     carry_width: int = 0         # singular vectors of the final set's SVD handed to the refinement
+    batch: int = 1               # problems vmapped together (sharding.over_problems "chunks"); 1: one by one
 
 
 class _Pass(NamedTuple):
@@ -350,9 +369,8 @@ def _pass_all(prep, blocks, usable, lams, mu, threshold, *, static):
     def one(pr, b, u, m):
         return _pass_one(pr, b, u, lams, m, threshold, static)
 
-    # One problem after another on CPU: a vmapped path would pay its slowest member's
-    # iterations (and every member's SVT fallbacks) at every step.
-    return sharding.over_problems(one)(prep, blocks, usable, mu)
+    # Chunks of ``static.batch`` problems, each chunk one vmapped program (see PROBLEM_BATCH).
+    return sharding.over_problems(one, "chunks", batch=static.batch)(prep, blocks, usable, mu)
 
 
 class Detection(NamedTuple):
@@ -419,6 +437,7 @@ def until_settled(problems, options) -> Detection:
         # rank(L̂), which caps r̂, rarely exceeds a partial SVT's budget: that many
         # singular vectors of the final set's SVD go to the refinement (none without one).
         carry_width=budget if budget is not None and budget < min(shape) else 0,
+        batch=max(1, min(blocks.shape[0], PROBLEM_BATCH.get(_platform(blocks), blocks.shape[0]))),
     )
     threshold = jnp.asarray(options.threshold or 0.0, dtype)
     prep = _prepare_all(blocks, usable, dims=dims)

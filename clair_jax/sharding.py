@@ -47,31 +47,67 @@ from clair_jax._compile import program
 __all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers", "over_problems", "shard_problems"]
 
 
-def over_problems(fn, how="auto", *, platform=None, mesh=None, axis_name=None):
+def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_name=None):
     """Run a single-problem ``fn(*xs)`` over the leading axis of its arguments (pytrees).
 
     ``how``: ``"vmap"`` (one batched computation: what accelerators want),
-    ``"map"`` (``jax.lax.map``, one problem after another), or ``"auto"``:
-    ``"map"`` on CPU, ``"vmap"`` elsewhere. On CPU batching buys nothing (XLA runs a
-    batched SVD one matrix at a time) and costs a lot for iterative solvers: a
-    vmapped ``while_loop`` runs until its slowest member has converged, and the
-    partial SVT's fallback SVD is paid by the whole batch whenever one member needs it.
+    ``"map"`` (``jax.lax.map``, one problem after another), ``"chunks"``
+    (``jax.lax.map`` over consecutive chunks of ``batch`` problems, each chunk one
+    ``vmap``), or ``"auto"``: ``"map"`` on CPU, ``"vmap"`` elsewhere. A vmapped
+    ``while_loop`` runs until its slowest member has converged (finished members
+    are carried unchanged, so every member's answer is its own), and the partial
+    SVT's fallback SVD is paid by the whole batch whenever one member needs it;
+    in exchange every kernel works on ``batch`` problems at once, so per-kernel
+    overheads are paid once per chunk and the kernels are large enough for
+    XLA:CPU's thread pool to use several cores.
+
+    ``batch``: chunk size for ``"chunks"`` (required there, ≥ 1). The problem axis
+    is padded to a multiple of it by repeating the last problem (always a valid
+    problem) and the results are sliced back; ``batch=1`` is ``"map"``.
 
     ``mesh``: a 1-D :class:`Mesh` splits the problems over its devices first
     (:func:`shard_problems`); each device then runs its share as above.
     Values ``fn`` closes over are replicated on every device.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from clair_jax import sharding
+        >>> f = sharding.over_problems(lambda a: jnp.sum(a * a), "chunks", batch=2)
+        >>> f(jnp.arange(5.0)).tolist()
+        [0.0, 1.0, 4.0, 9.0, 16.0]
     """
-    if how not in ("auto", "vmap", "map"):
-        raise ValueError(f"how must be 'auto', 'vmap' or 'map', got {how!r}")
+    if how not in ("auto", "vmap", "map", "chunks"):
+        raise ValueError(f"how must be 'auto', 'vmap', 'map' or 'chunks', got {how!r}")
+    if how == "chunks" and (batch is None or int(batch) != batch or batch < 1):
+        raise ValueError(f"how='chunks' needs an integer batch >= 1, got batch={batch!r}")
     if mesh is not None:
-        local = over_problems(fn, how, platform=mesh.devices.flat[0].platform)
+        local = over_problems(fn, how, batch=batch, platform=mesh.devices.flat[0].platform)
         return shard_problems(local, mesh, axis_name or mesh.axis_names[0])
     if how == "auto":
         platform = platform or jax.default_backend()
         how = "map" if platform == "cpu" else "vmap"
     if how == "vmap":
         return jax.vmap(fn)
+    if how == "chunks" and batch > 1:
+        return _over_chunks(fn, int(batch))
     return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
+
+
+def _over_chunks(fn, batch):
+    """``jax.lax.map`` over chunks of ``batch`` problems, each chunk ``jax.vmap(fn)``."""
+    def run(*xs):
+        size = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        if size <= batch:   # one chunk: no loop around it
+            return jax.vmap(fn)(*xs)
+        chunks = -(-size // batch)
+
+        def fold(a):
+            return pad_layers(a, batch).reshape((chunks, batch) + a.shape[1:])
+
+        out = jax.lax.map(lambda a: jax.vmap(fn)(*a), jax.tree_util.tree_map(fold, xs))
+        return jax.tree_util.tree_map(lambda leaf: leaf.reshape((chunks * batch,) + leaf.shape[2:])[:size], out)
+
+    return run
 
 
 def shard_problems(batched, mesh, axis_name):

@@ -91,6 +91,13 @@ def test_gram_svt_accuracy_quick(tmp_path):
     assert rows[0]["certified"] == 1.0  # τ = 0.3 σ₁: always certified
 
 
+@pytest.mark.slow   # benchmark smoke runs are the slow tier's (README)
+def test_problem_batch_quick(tmp_path):
+    rows, _ = _run("investigations.problem_batch", tmp_path)
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["same"] for r in rows)   # chunks of vmapped modules give the same answers here
+
+
 @pytest.mark.slow   # a fresh process with 2 host devices
 def test_cpu_concurrency_quick(tmp_path):
     # Two programs on two host devices, in a fresh process: the smallest case runs.

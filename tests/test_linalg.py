@@ -260,3 +260,38 @@ def test_clair_gram_svt_equals_full_on_small_federation():
     np.testing.assert_array_equal(gram.client_benign, np.asarray(fed.benign))
     scale = float(jnp.max(jnp.abs(fed.updates)))
     np.testing.assert_allclose(gram.refined, full.refined, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_ritz_svd_by_eigh_matches_svd(dtype):
+    # The accelerators' k × k SVD (eigh of t tᵀ, V from a QR): same factorisation as LAPACK's.
+    rng = np.random.default_rng(3)
+    t = jnp.asarray(rng.standard_normal((40, 40)) * np.logspace(0, -2, 40)[None, :], dtype)
+    u, s, vt = linalg.ritz_svd(t, "eigh")
+    u0, s0, vt0 = linalg.ritz_svd(t, "svd")
+    eps = float(jnp.finfo(dtype).eps)
+    # Squaring: |Δsᵢ| ≈ eps·s₁²/sᵢ (what the partial SVT's certificate guards against).
+    s0_np = np.asarray(s0)
+    assert np.all(np.abs(np.asarray(s) - s0_np) <= 20 * eps * s0_np[0] * (1 + s0_np[0] / s0_np))
+    np.testing.assert_allclose((u * s) @ vt, t, atol=50 * eps * float(s0[0]))
+    np.testing.assert_allclose(vt @ vt.T, np.eye(40), atol=1e3 * eps)
+    lead = 10   # well separated leading pairs agree up to sign
+    np.testing.assert_allclose(np.abs(np.sum(u[:, :lead] * u0[:, :lead], axis=0)), 1.0, atol=1e3 * eps)
+    np.testing.assert_allclose(np.abs(np.sum(vt[:lead] * vt0[:lead], axis=1)), 1.0, atol=1e3 * eps)
+    with pytest.raises(ValueError, match="method"):
+        linalg.ritz_svd(t, "qr")
+
+
+def test_partial_svt_with_eigh_ritz_matches_full():
+    # The GPU default (k × k SVD by eigh), forced on CPU: the certified answer is the exact SVT.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((128, 6)) @ rng.standard_normal((6, 96))
+                    + 0.01 * rng.standard_normal((128, 96)), jnp.float32)
+    state = linalg.init_subspace(x.shape, 16)
+    step = jax.jit(lambda x, s: linalg.partial_svt_with_spectrum(x, 1.0, s, small_svd="eigh"))
+    for _ in range(4):
+        (low, spec), state = step(x, state)
+    ref, ref_spec = svt_with_spectrum(x, 1.0)
+    assert int(state.fallbacks) == 0
+    np.testing.assert_allclose(spec, ref_spec, atol=5e-5 * float(ref_spec[0]))
+    np.testing.assert_allclose(low, ref, atol=5e-5 * float(jnp.max(jnp.abs(ref))))

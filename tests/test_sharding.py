@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +31,37 @@ def test_pad_layers_repeats_last():
 def test_single_device_is_plain_jit():
     f = sharding.map_over_layers(lambda a: jnp.sum(a**2), sharding.layer_mesh(jax.devices()[:1]))
     np.testing.assert_allclose(f(jnp.ones((3, 2, 2))), [4.0, 4.0, 4.0])
+
+
+def _solve_until_small(x):
+    """A per-problem while_loop whose trip count depends on the data (as the solvers' do)."""
+    def body(c):
+        y, n = c
+        return 0.5 * y + 0.1 * jnp.tanh(y), n + 1
+    y, n = jax.lax.while_loop(lambda c: jnp.max(jnp.abs(c[0])) > 1e-3, body, (x, jnp.asarray(0)))
+    return {"y": y, "steps": n}
+
+
+def test_over_problems_chunks_equal_a_python_loop():
+    # 7 problems in chunks of 3 (the last chunk padded): every problem stops at its own
+    # step count, as one after another, and the pytree comes back in order.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 4, 3)) * np.logspace(0, 3, 7)[:, None, None],
+                    jnp.float32)
+    loop = [_solve_until_small(a) for a in x]
+    for how, batch in [("chunks", 3), ("chunks", 1), ("chunks", 7), ("chunks", 16), ("map", None), ("vmap", None)]:
+        out = jax.jit(sharding.over_problems(_solve_until_small, how, batch=batch))(x)
+        assert out["y"].shape == x.shape
+        np.testing.assert_array_equal(out["steps"], [o["steps"] for o in loop])
+        np.testing.assert_allclose(out["y"], np.stack([o["y"] for o in loop]), rtol=1e-6, atol=1e-12)
+    assert len(set(np.asarray(out["steps"]).tolist())) > 1   # the members did stop at different steps
+
+
+def test_over_problems_checks_its_options():
+    with pytest.raises(ValueError, match="how must be"):
+        sharding.over_problems(jnp.sum, "batched")
+    for batch in (None, 0, 2.5):
+        with pytest.raises(ValueError, match="batch"):
+            sharding.over_problems(jnp.sum, "chunks", batch=batch)
 
 
 SCRIPT = textwrap.dedent(
@@ -88,3 +120,20 @@ def test_sharded_equals_dense_on_4_host_devices():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
+
+
+def test_detection_in_chunks_of_vmapped_problems_gives_the_same_answer(monkeypatch):
+    # detect.PROBLEM_BATCH: 3 problems in chunks of 2 (the last padded) against one at a time.
+    import clair_jax as cj
+    from clair_jax import detect
+
+    feds = [cj.data.make_federation(seed, num_clients=12, p=16, q=4, rank=2, contamination=0.25, noise=0.05)
+            for seed in (0, 1, 2)]
+    updates = jnp.stack([f.updates for f in feds])
+    one = cj.clair(updates)
+    monkeypatch.setitem(detect.PROBLEM_BATCH, jax.default_backend(), 2)
+    jax.clear_caches()
+    chunked = cj.clair(updates)
+    np.testing.assert_array_equal(chunked.client_benign, one.client_benign)
+    np.testing.assert_array_equal(chunked.rank, one.rank)
+    np.testing.assert_allclose(chunked.refined, one.refined, rtol=1e-5, atol=1e-6)
