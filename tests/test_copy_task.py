@@ -122,6 +122,7 @@ def test_lora_delta_is_scaled_product():
     np.testing.assert_allclose(delta[1, 2], 3.0 * adapter["B"][1, 2] @ adapter["A"][1, 2], rtol=1e-6)
 
 
+@pytest.mark.slow   # trains every client twice (vmapped and in a loop)
 def test_vmapped_client_training_equals_per_client_loop():
     cfg = SMALL
     base = tfm.init_params(jax.random.key(0), cfg.model)

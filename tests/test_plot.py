@@ -32,6 +32,7 @@ def test_result_plot_draws_three_panels(tmp_path):
     assert len(spectra.lines) >= 2                       # the spectrum and its r̂ marker
 
 
+@pytest.mark.slow   # the CLI end to end; ClairResult.plot is tested in the fast tier
 def test_aggregate_plot(tmp_path):
     from test_verdict import write_noisy_federation
 

@@ -122,6 +122,7 @@ def test_sharded_equals_dense_on_4_host_devices():
     assert "OK" in proc.stdout
 
 
+@pytest.mark.slow   # recompiles the pipeline after clearing the caches; CPU runs one problem at a time (the chunk map itself is tested above)
 def test_detection_in_chunks_of_vmapped_problems_gives_the_same_answer(monkeypatch):
     # detect.PROBLEM_BATCH: 3 problems in chunks of 2 (the last padded) against one at a time.
     import clair_jax as cj
