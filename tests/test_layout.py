@@ -118,3 +118,9 @@ def test_core_modules_stay_readable():
         if lines > MAX_LINES:
             long.append(f"{inner}: {lines}")
     assert not long, f"core modules over {MAX_LINES} lines: {long}"
+
+
+def test_flower_rooms_stay_small():
+    # The Flower integration is a package of small rooms (strategy, bank, replies, verdicts, options, timing).
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (PACKAGE / "flower").glob("*.py")}
+    assert max(sizes.values()) < 250, sizes

@@ -12,15 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 import clair_jax as cj
 from clair_jax.adapters.keys import pair_lora_keys
+from clair_jax.flower.timing import counting_compile_seconds
 from clair_jax.flower.verdicts import NodeVerdict
 
 __all__ = ["Banked", "Module", "Judgement", "lora_modules", "pool_size", "judge", "judge_with_trust",
@@ -147,6 +146,7 @@ def judge(server_round: int, pool: Mapping[int, Mapping[str, np.ndarray]], modul
     return Judgement(verdicts, refined, subspaces, seconds)
 
 
+@counting_compile_seconds
 def judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted) -> Judgement:
     """:func:`judge`, where a pool may not clear an untrusted node that the trusted nodes alone would flag,
     and vouches for a node's benign verdict only where it can be trusted.
@@ -167,12 +167,6 @@ def judge_with_trust(server_round, pool, modules, scaling, options, size, reason
     (:func:`held_by_the_others`): two attackers and one honest node in a pool of
     three all look benign, but the honest node lacks the attackers' shared direction.
     """
-    with _compiling() as compiled:
-        out = _judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted)
-    return out._replace(compile_seconds=compiled[0])
-
-
-def _judge_with_trust(server_round, pool, modules, scaling, options, size, reasons, trusted) -> Judgement:
     start = time.perf_counter()
     first = judge(server_round, pool, modules, scaling, options, size, reasons)
     trusted = [n for n in pool if n in trusted]
@@ -196,22 +190,6 @@ def _judge_with_trust(server_round, pool, modules, scaling, options, size, reaso
             verdicts[node], reason=f"{verdicts[node].reason}; not vouched for: another cleared node holds "
                                    f"{share:.0%} of its update within Û")
     return Judgement({**verdicts, **overruled}, out.refined, out.subspaces, time.perf_counter() - start)
-
-
-@contextmanager
-def _compiling():
-    """``[seconds]`` XLA spends compiling programs while the block runs (jax.monitoring's events)."""
-    spent = [0.0]
-
-    def listener(event, seconds, **kwargs):
-        if event.endswith("backend_compile_duration"):
-            spent[0] += seconds
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield spent
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def held_by_the_others(pool: Mapping[int, Mapping[str, np.ndarray]], modules: list[Module],
