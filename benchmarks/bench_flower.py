@@ -41,19 +41,15 @@ COMPILES: list = []
 
 def count_compiles():
     """Record, per CLAIR judgement, how many XLA programs were compiled and for how long."""
-    import jax
-
     from clair_jax.flower import bank
+    from clair_jax.flower.timing import compiling
 
-    events = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **kw: events.append(seconds) if event.endswith("backend_compile_duration") else None)
     judge = bank.judge_with_trust
 
     def counted(server_round, *args, **kwargs):
-        before = len(events)
-        out = judge(server_round, *args, **kwargs)
-        COMPILES.append((server_round, len(events) - before, float(sum(events[before:]))))
+        with compiling() as compiled:
+            out = judge(server_round, *args, **kwargs)
+        COMPILES.append((server_round, compiled.count, compiled.seconds))
         return out
 
     bank.judge_with_trust = counted

@@ -479,15 +479,10 @@ def test_rounds_after_the_first_compile_nothing(monkeypatch):
     """The pool is padded to the grid's node count and Û's widths bucketed: the first judged round
     compiles every program the run needs, later rounds compile none, though the cap on r̂
     (rank(L̂), a static width of the refinement before bucketing) moves between them."""
-    import jax
-
     from clair_jax import refine
+    from clair_jax.flower.timing import compiling
 
-    compiles, caps = [], set()
-
-    def listener(event, seconds, **kw):
-        if event.endswith("backend_compile_duration"):
-            compiles.append(event)
+    caps = set()
 
     def spy(problems, detection, *args, **kwargs):
         caps.add(int(np.max(np.asarray(detection.rank_cap))))
@@ -495,14 +490,11 @@ def test_rounds_after_the_first_compile_nothing(monkeypatch):
 
     real_refine = refine.refine
     monkeypatch.setattr(refine, "refine", spy)
-    jax.monitoring.register_event_duration_secs_listener(listener)
     rounds = [(0, 1, 6), (2, 3, 7), (4, 5), (0, 1, 2, 3, 4, 6), (5, 7), (1, 2, 3)]
     counts = {}
-    try:
+    with compiling() as compiled:
         for server_round, strategy, _ in _sampler(rounds, pad_clients=24):  # a pool size no other test uses
-            counts[server_round] = len(compiles)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+            counts[server_round] = compiled.count
     assert len(caps) > 1, caps
     assert counts[1] > 0 and all(counts[r] == counts[1] for r in counts), counts
     assert all(strategy.clair_seconds[r] < strategy.clair_seconds[1] / 5 for r in (2, 3, 4, 5, 6))

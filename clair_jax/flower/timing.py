@@ -7,20 +7,28 @@ from contextlib import contextmanager
 
 import jax
 
-__all__ = ["compiling", "counting_compile_seconds"]
+__all__ = ["Compiles", "compiling", "counting_compile_seconds"]
+
+
+class Compiles:
+    """What XLA compiled while a :func:`compiling` block ran: ``count`` programs in ``seconds``."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
 
 
 @contextmanager
 def compiling():
-    """``[seconds]`` XLA spends compiling programs while the block runs (jax.monitoring's events).
+    """A :class:`Compiles` record of the programs XLA compiles while the block runs (jax.monitoring's events).
 
     The listener is process-wide: compiles on another thread meanwhile are counted too.
     """
-    spent = [0.0]
+    spent = Compiles()
 
     def listener(event, seconds, **kwargs):
         if event.endswith("backend_compile_duration"):
-            spent[0] += seconds
+            spent.count += 1
+            spent.seconds += seconds
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -35,5 +43,5 @@ def counting_compile_seconds(judge):
     def run(*args, **kwargs):
         with compiling() as spent:
             out = judge(*args, **kwargs)
-        return out._replace(compile_seconds=spent[0])
+        return out._replace(compile_seconds=spent.seconds)
     return run
