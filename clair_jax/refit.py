@@ -2,7 +2,10 @@
 
 Û is fitted on the current set (:mod:`clair_jax.basis`) and every client's
 off-subspace energy e_k = ‖(I − ÛÛᵀ)Θ̂_k‖_F² is read against the set's own
-population of energies; clients out of range leave the set, and the test is
+population of energies, like with like: a member (in the fit) against the
+members' in-sample energies, an outsider (not in the fit) against what the
+members' energies would be had each been left out (:func:`held_out_excess`).
+Clients out of range leave the set, outsiders in range return, and the test is
 repeated on the new set until it keeps its set (:func:`residual_test`).
 """
 
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 from clair_jax.basis import StackSVD, majority_basis, shared_basis, stack_svd
 from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
 
-__all__ = ["ResidualTest", "residual_test", "ENTRY_CLIP", "HEAVY_TAIL_RATIO"]
+__all__ = ["ResidualTest", "residual_test", "held_out_excess", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH", "HELD_OUT_MIN_SET"]
 
 #: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
 #: deviations (of the current set's pooled residual entries) before energies are
@@ -29,6 +32,54 @@ ENTRY_CLIP = 4.0
 #: Student-t with df = 2 about 45 %). Then each client's median squared residual
 #: entry is the evidence (see :func:`residual_test`).
 HEAVY_TAIL_RATIO = 1.2
+
+#: A member's held-out energy (:func:`held_out_excess`) is computed inside the
+#: stack's leading HELD_OUT_WIDTH singular directions (exact where the stack's
+#: short side is no longer; leaving one client out moves the top r̂ directions
+#: mostly within the top r̂ + q).
+HELD_OUT_WIDTH = 128
+
+#: ... and only in a set of at least HELD_OUT_MIN_SET members (leaving one of two
+#: out fits the subspace on a single client).
+HELD_OUT_MIN_SET = 3
+
+
+def held_out_excess(svd, blocks, members, basis, rank, fit_rank, width=HELD_OUT_WIDTH):
+    """(K,) off-subspace energy a member's own presence in the fit hides.
+
+    A member of the set helped fit the subspace it is read against, so its
+    in-sample energy is smaller than an outsider's would be: by a little for dense
+    blocks (r̂ directions fitted on many noise columns), by 5–15× for LoRA
+    updates whose shared rank is a third of the set's columns (the real-LLM
+    federation). For member k this is the energy of Θ̂_k inside Û less that inside
+    the top r̂ directions of the stack without it, both among the directions Û
+    was chosen from (the stack's top ``fit_rank`` less those the shared and
+    majority filters dropped, which count as off-subspace either way): an
+    eigen-downdate of the stack's Gram matrix in the coordinates of its leading
+    ``width`` left singular vectors. Zero for non-members. Added to a member's
+    energy it reads the set out of sample, as outsiders are read.
+
+    Args:
+        svd: :class:`clair_jax.basis.StackSVD` of ``members``' stack with every
+            singular vector. blocks: (K, p, q) in the units energies are read in.
+        members: (K,) the set. basis: (p, r_max) Û (columns past ``rank`` zero).
+        rank: r̂ (Û's columns). fit_rank: the plain fit's rank Û was filtered from.
+    """
+    k, _, q = blocks.shape
+    w = min(int(width), svd.u.shape[-1], svd.vt.shape[0])
+    u, s = svd.u[:, :w], svd.s[:w]
+    coords = jnp.einsum("pw,kpq->kwq", u, blocks)                          # Θ̂_k in u's coordinates
+    own = jnp.moveaxis((s[:, None] * svd.vt[:w]).reshape(w, k, q), 1, 0)   # (K, w, q): k's columns of the stack
+    gram = jnp.diag(jnp.square(s))[None] - own @ jnp.swapaxes(own, -1, -2)
+    # Keep out the directions the filters dropped: the fit's top fit_rank less Û.
+    kept = jnp.swapaxes(u, 0, 1) @ basis                                   # Û in u's coordinates
+    dropped = jnp.diag((jnp.arange(w) < fit_rank).astype(u.dtype)) - kept @ jnp.swapaxes(kept, 0, 1)
+    allowed = jnp.eye(w, dtype=u.dtype) - dropped
+    top = jnp.linalg.eigh(allowed @ gram @ allowed)[1][..., ::-1]          # descending
+    lead = (jnp.arange(w) < jnp.minimum(rank, w))[None, :, None]
+    fitted = jnp.sum(jnp.square(jnp.einsum("wr,kwq->krq", kept, coords)), axis=(-2, -1))
+    left_out = jnp.sum(jnp.where(lead, jnp.square(jnp.einsum("kwj,kwq->kjq", top, coords)), 0.0), axis=(-2, -1))
+    return jnp.where(members, jnp.maximum(fitted - left_out, 0.0), 0.0)
 
 
 class ResidualTest(NamedTuple):
@@ -55,7 +106,11 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     heterogeneity); a client is kept when e_k ≤ m + z_crit·s, with m and s the
     median and MAD-scale of the current set (s at least the χ² spread
     m·√(2/((p − r̂)q)) of isotropic noise) plus ``rel_floor``·‖Θ̂_k‖_F² for
-    rounding in noiseless data. Squared energies with the noise level removed
+    rounding in noiseless data. For low-rank updates an outsider (read out of
+    sample) is compared with the members' held-out energies instead
+    (:func:`held_out_excess`): in-sample, a LoRA member's energy is 5–15× smaller
+    than it would be out of sample, and an honest client once left out of the set
+    never came back. Squared energies with the noise level removed
     carry far more power than the norm shares of the convex scores when
     contamination hides in noise; the convex decomposition supplies the
     robust starting set the refit needs.
@@ -115,18 +170,28 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # The SVD is of the given blocks (the stack divided by its largest entry
         # either way), so the refinement can reuse it as it is.
         svd = stack_svd(given, current)
-        basis, r = shared_basis(svd.u, rank_fn(svd.s * (svd.peak / unit), current), blocks, current,
-                                       spectrum=svd.s)
+        r_fit = rank_fn(svd.s * (svd.peak / unit), current)
+        basis, r = shared_basis(svd.u, r_fit, blocks, current, spectrum=svd.s)
         # Directions only a coherent minority carries leave Û: their owners' energy
         # along them then counts as off-subspace, where the test sees it.
         basis, r = majority_basis(basis, r, blocks, current, p, cols, rel_floor=rel_floor)
         resid = blocks - basis @ jnp.einsum("pr,kpq->krq", basis, blocks)
+        # Low-rank updates (LoRA): a member's few columns are largely fitted by Û
+        # itself, so outsiders are read against the members' held-out energies (what
+        # their own presence in the fit hides added back, held_out_excess), not
+        # against their in-sample ones. Full-rank noise spreads over many columns and
+        # the in-sample shift is small and the same for every member; a set of two
+        # has no one to leave out.
+        low_rank = ~(entrywise & (masked_median(cols, current) >= q))
+        hidden = held_out_excess(svd, blocks, current, basis, r, r_fit)
+        hidden = jnp.where(low_rank & (jnp.sum(current) >= HELD_OUT_MIN_SET), hidden, 0.0)
         # Honest noise may grow with an update's size (more local steps, a larger
         # learning rate): then a client's energy is judged at the set's typical size.
-        beta = size_exponent(jnp.sum(jnp.square(resid), axis=(-2, -1)), norms2, current)
+        beta = size_exponent(jnp.sum(jnp.square(resid), axis=(-2, -1)) + hidden, norms2, current)
         resize = jnp.where(norms2 > 0, jnp.power(masked_median(norms2, current) / jnp.where(norms2 > 0, norms2, 1.0),
                                                    beta / 2), 1.0)
         resid = resid * resize[:, None, None]
+        hidden = hidden * jnp.square(resize)
         sized = blocks * resize[:, None, None]
         # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
         # robust sd. Heavy-tailed noise inflates only the plain one, so a client is
@@ -139,9 +204,15 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         dof = jnp.maximum((p - r) * masked_median(cols, current), 1).astype(blocks.dtype)
 
         def standardise(e, size2):
-            m = masked_median(e, current)
-            mad = masked_median(jnp.abs(e - m), current)
-            s = jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
+            # Like with like: a member against the members' in-sample energies, an
+            # outsider against their held-out ones (e + hidden).
+            def centre_spread(x):
+                m = masked_median(x, current)
+                mad = masked_median(jnp.abs(x - m), current)
+                return m, jnp.maximum(1.4826 * mad, m * jnp.sqrt(2.0 / dof))
+            m_in, s_in = centre_spread(e)
+            m_out, s_out = centre_spread(e + hidden)
+            m, s = jnp.where(current, m_in, m_out), jnp.where(current, s_in, s_out)
             z = (e - m) / jnp.maximum(s, jnp.finfo(blocks.dtype).tiny)
             # An excess within rounding is no evidence (noiseless data: s is rounding too).
             z = jnp.where(e - m <= rel_floor * size2, jnp.minimum(z, 0.0), z)
