@@ -227,8 +227,7 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
         # The public status: outside Ŝ, honest but noisy where noise-like in every problem
         # with a shared subspace (pool.client_status); over this process's problems.
         status = pool.client_status(verdict.benign, _concat([r.noisy for r in refinements]),
-                                    _concat([r.rank for r in refinements]),
-                                    _concat([d.copies for d in detections]))
+                                    _concat([r.rank for r in refinements]))
         verdict = verdict._replace(status=status)
     results = tuple(report.assemble(p, d, verdict, r) for p, d, r in zip(problems, detections, refinements))
     if opts.pooling == "centre":

@@ -84,22 +84,26 @@ class ClientVerdict(NamedTuple):
     status: jax.Array | None = None
 
 
-def client_status(benign, noisy, rank, copies=None) -> jax.Array:
+def client_status(benign, noisy, rank) -> jax.Array:
     """(K,) int8 status per client from the verdict and the refinement's per-problem evidence.
 
     A client of the collaborative set is :data:`BENIGN`. A client outside it is
     :data:`NOISY` (honest but noisy) when, in every problem with a shared subspace
     (r̂ > 0, at least one), its update looks like an honest one under heavier noise
     (``noisy``, :func:`clair_jax.refine.noise_like`: a flat residual spectrum, as
-    isotropic noise leaves, and the shared signal inside Û) and it repeats no other
-    client's update; else it is :data:`CONTAMINATED`. Contamination confined to one
-    problem (one layer) is structured there, so the client is contaminated.
+    isotropic noise leaves, and the shared signal inside Û); else it is
+    :data:`CONTAMINATED`. Contamination confined to one problem (one layer) is
+    structured there, so the client is contaminated. A client repeating another's
+    update (``ClairResult.copies``) is outside the set (it would count twice) and
+    follows the same rule: copies of an honest update cannot be told from their
+    original, so none of them is accused (a copier is a free rider: it gets the
+    projection of the update it copied); copies of a contaminated one are not
+    noise-like and are.
 
     Args:
         benign: (K,) bool, the pooled collaborative set.
         noisy: (n, K) bool, per problem: outside the set, finite and noise-like.
         rank: (n,) r̂ per problem.
-        copies: (n, K) bool or None, clients repeating another's update per problem.
 
     Example:
         >>> import jax.numpy as jnp, clair_jax as cj
@@ -111,8 +115,6 @@ def client_status(benign, noisy, rank, copies=None) -> jax.Array:
     noisy = jnp.reshape(jnp.asarray(noisy, bool), (-1, jnp.shape(benign)[-1]))
     has_subspace = jnp.reshape(jnp.asarray(rank), (-1,))[:, None] > 0
     like = jnp.all(noisy | ~has_subspace, axis=0) & jnp.any(has_subspace)
-    if copies is not None:
-        like = like & ~jnp.any(jnp.reshape(jnp.asarray(copies, bool), noisy.shape), axis=0)
     return jnp.where(benign, BENIGN, jnp.where(like, NOISY, CONTAMINATED)).astype(jnp.int8)
 
 
@@ -182,8 +184,8 @@ def pool_verdicts(results: Sequence, *, z_crit=5.0, min_gap=MIN_GAP, threshold=N
     ``min_gap`` and ``threshold`` as there). Results may differ in shapes and in
     their leading (module) axes.
 
-    The pooled ``status`` (:func:`client_status`) reads each result's ``noisy``,
-    ``copies`` and ``rank``: a client outside the pooled set is honest but noisy
+    The pooled ``status`` (:func:`client_status`) reads each result's ``noisy``
+    and ``rank``: a client outside the pooled set is honest but noisy
     when it is noise-like in every problem of every result with r̂ > 0.
 
     Example:
@@ -208,4 +210,4 @@ def pool_verdicts(results: Sequence, *, z_crit=5.0, min_gap=MIN_GAP, threshold=N
     verdict = client_verdict(stacked("benign"), stacked("scores"), stacked("residual_z"), usable,
                              z_crit=z_crit, min_gap=min_gap, threshold=threshold)
     rank = jnp.concatenate([jnp.reshape(r.rank, (-1,)) for r in results])
-    return verdict._replace(status=client_status(verdict.benign, stacked("noisy"), rank, stacked("copies")))
+    return verdict._replace(status=client_status(verdict.benign, stacked("noisy"), rank))

@@ -37,7 +37,7 @@ HEAVY_TAIL_RATIO = 1.2
 #: stack's leading HELD_OUT_WIDTH singular directions (exact where the stack's
 #: short side is no longer; leaving one client out moves the top r̂ directions
 #: mostly within the top r̂ + q).
-HELD_OUT_WIDTH = 128
+HELD_OUT_WIDTH = 64
 
 #: ... and only in a set of at least HELD_OUT_MIN_SET members (leaving one of two
 #: out fits the subspace on a single client).

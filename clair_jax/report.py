@@ -202,7 +202,7 @@ class ClairResult(NamedTuple):
                          f"pooled centre, keep their update): {outlying.tolist()}")
         copies = self._in_any_problem(self.copies)
         if copies.size:
-            lines.append(f"repeat another client's update (counted once, flagged): {copies.tolist()}")
+            lines.append(f"repeat another client's update (counted once, left out of Û): {copies.tolist()}")
         if np.any(self.nonfinite):
             lines.append(f"non-finite updates (flagged, excluded): {np.flatnonzero(np.asarray(self.nonfinite)).tolist()}")
         return "\n".join(lines)
