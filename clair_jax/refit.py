@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from clair_jax.basis import StackSVD, majority_basis, shared_basis, stack_svd
 from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
 
-__all__ = ["ResidualTest", "residual_test", "held_out_excess", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH", "HELD_OUT_MIN_SET"]
+__all__ = ["ResidualTest", "residual_test", "held_out_excess", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH",
+           "HELD_OUT_MIN_SET"]
 
 #: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
 #: deviations (of the current set's pooled residual entries) before energies are
@@ -109,8 +110,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     rounding in noiseless data. For low-rank updates an outsider (read out of
     sample) is compared with the members' held-out energies instead
     (:func:`held_out_excess`): in-sample, a LoRA member's energy is 5–15× smaller
-    than it would be out of sample, and an honest client once left out of the set
-    never came back. Squared energies with the noise level removed
+    than it would be out of sample, and read against those an honest client left
+    out of the set would never come back. Squared energies with the noise level removed
     carry far more power than the norm shares of the convex scores when
     contamination hides in noise; the convex decomposition supplies the
     robust starting set the refit needs.
