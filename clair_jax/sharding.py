@@ -52,8 +52,8 @@ def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_
 
     ``how``: ``"vmap"`` (one batched computation: what accelerators want),
     ``"map"`` (``jax.lax.map``, one problem after another), ``"chunks"``
-    (``jax.lax.map`` over consecutive chunks of ``batch`` problems, each chunk one
-    ``vmap``), or ``"auto"``: ``"map"`` on CPU, ``"vmap"`` elsewhere. A vmapped
+    (``jax.lax.map(..., batch_size=batch)``: consecutive chunks of ``batch``
+    problems, each chunk one ``vmap``), or ``"auto"``: ``"map"`` on CPU, ``"vmap"`` elsewhere. A vmapped
     ``while_loop`` runs until its slowest member has converged (finished members
     are carried unchanged, so every member's answer is its own), and the partial
     SVT's fallback SVD is paid by the whole batch whenever one member needs it;
@@ -61,9 +61,9 @@ def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_
     overheads are paid once per chunk and the kernels are large enough for
     XLA:CPU's thread pool to use several cores.
 
-    ``batch``: chunk size for ``"chunks"`` (required there, ≥ 1). The problem axis
-    is padded to a multiple of it by repeating the last problem (always a valid
-    problem) and the results are sliced back; ``batch=1`` is ``"map"``.
+    ``batch``: chunk size for ``"chunks"`` (required there, ≥ 1): ``jax.lax.map``'s
+    ``batch_size`` (a remainder of fewer problems is one more vmapped chunk);
+    ``batch=1`` is ``"map"``.
 
     ``mesh``: a 1-D :class:`Mesh` splits the problems over its devices first
     (:func:`shard_problems`); each device then runs its share as above.
@@ -89,25 +89,9 @@ def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_
     if how == "vmap":
         return jax.vmap(fn)
     if how == "chunks" and batch > 1:
-        return _over_chunks(fn, int(batch))
+        # jax.lax.map's batch_size: consecutive chunks, each one vmap, the remainder vmapped after.
+        return lambda *xs: jax.lax.map(lambda a: fn(*a), xs, batch_size=int(batch))
     return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
-
-
-def _over_chunks(fn, batch):
-    """``jax.lax.map`` over chunks of ``batch`` problems, each chunk ``jax.vmap(fn)``."""
-    def run(*xs):
-        size = jax.tree_util.tree_leaves(xs)[0].shape[0]
-        if size <= batch:   # one chunk: no loop around it
-            return jax.vmap(fn)(*xs)
-        chunks = -(-size // batch)
-
-        def fold(a):
-            return pad_layers(a, batch).reshape((chunks, batch) + a.shape[1:])
-
-        out = jax.lax.map(lambda a: jax.vmap(fn)(*a), jax.tree_util.tree_map(fold, xs))
-        return jax.tree_util.tree_map(lambda leaf: leaf.reshape((chunks * batch,) + leaf.shape[2:])[:size], out)
-
-    return run
 
 
 def shard_problems(batched, mesh, axis_name):
