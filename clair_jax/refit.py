@@ -181,11 +181,13 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # itself, so outsiders are read against the members' held-out energies (what
         # their own presence in the fit hides added back, held_out_excess), not
         # against their in-sample ones. Full-rank noise spreads over many columns and
-        # the in-sample shift is small and the same for every member; a set of two
-        # has no one to leave out.
-        low_rank = ~(entrywise & (masked_median(cols, current) >= q))
-        hidden = held_out_excess(svd, blocks, current, basis, r, r_fit)
-        hidden = jnp.where(low_rank & (jnp.sum(current) >= HELD_OUT_MIN_SET), hidden, 0.0)
+        # the in-sample shift is small and the same for every member (``veto``: dense
+        # full-rank blocks, whose residual entries are one population, the winsorised
+        # energy below may veto a flag); a set of two has no one to leave out.
+        veto = entrywise & (masked_median(cols, current) >= q)
+        hidden = jax.lax.cond(~veto & (jnp.sum(current) >= HELD_OUT_MIN_SET),
+                              lambda: held_out_excess(svd, blocks, current, basis, r, r_fit),
+                              lambda: jnp.zeros((k,), blocks.dtype))
         # Honest noise may grow with an update's size (more local steps, a larger
         # learning rate): then a client's energy is judged at the set's typical size.
         beta = size_exponent(jnp.sum(jnp.square(resid), axis=(-2, -1)) + hidden, norms2, current)
@@ -221,9 +223,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
 
         z_plain, ok_plain = standardise(energy, norms2 * jnp.square(resize))
         z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(sized, -limit, limit)), axis=(-2, -1)))
-        # Only where the residual entries are one population: dense full-rank blocks
-        # (a LoRA block's residual lives in a few directions and its entries are not iid).
-        veto = entrywise & (masked_median(cols, current) >= q)
+        # The veto only where the residual entries are one population (``veto`` above; a
+        # LoRA block's residual lives in a few directions and its entries are not iid).
         # Where the set's own noise is heavy-tailed the plain energies of honest
         # clients spread so widely that a dense attacker of benign norm sits inside
         # their range: the median squared entry below decides. Elsewhere a client is
