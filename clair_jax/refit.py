@@ -107,8 +107,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
     heterogeneity); a client is kept when e_k ≤ m + z_crit·s, with m and s the
     median and MAD-scale of the current set (s at least the χ² spread
     m·√(2/((p − r̂)q)) of isotropic noise) plus ``rel_floor``·‖Θ̂_k‖_F² for
-    rounding in noiseless data. An outsider (read out of sample) is compared
-    with the members' held-out energies instead
+    rounding in noiseless data. Outside dense full-rank sets an outsider (read
+    out of sample) is compared with the members' held-out energies instead
     (:func:`held_out_excess`): in-sample, a LoRA member's energy is 5–15× smaller
     than it would be out of sample, and read against those an honest client left
     out of the set would never come back. Squared energies with the noise level removed
@@ -180,8 +180,12 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # Outsiders are read against the members' held-out energies (what their own
         # presence in the fit hides added back, held_out_excess), not against their
         # in-sample ones: for LoRA updates, whose few columns Û largely fits by itself,
-        # the two differ 5-15x. A set of two has no one to leave out.
-        hidden = jax.lax.cond(jnp.sum(current) >= HELD_OUT_MIN_SET,
+        # the two differ 5-15x. Dense full-rank blocks (``veto``: their residual entries
+        # are one population) spread noise over many columns: there the two differ
+        # little and alike for every member, and the K eigendecompositions per round
+        # are skipped. A set of two has no one to leave out.
+        veto = entrywise & (masked_median(cols, current) >= q)
+        hidden = jax.lax.cond(~veto & (jnp.sum(current) >= HELD_OUT_MIN_SET),
                               lambda: held_out_excess(svd, blocks, current, basis, r, r_fit),
                               lambda: jnp.zeros((k,), blocks.dtype))
         # Honest noise may grow with an update's size (more local steps, a larger
@@ -219,9 +223,8 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
 
         z_plain, ok_plain = standardise(energy, norms2 * jnp.square(resize))
         z_clip, ok_clip = standardise(clipped, jnp.sum(jnp.square(jnp.clip(sized, -limit, limit)), axis=(-2, -1)))
-        # Only where the residual entries are one population: dense full-rank blocks
-        # (a LoRA block's residual lives in a few directions and its entries are not iid).
-        veto = entrywise & (masked_median(cols, current) >= q)
+        # The veto only where the residual entries are one population (``veto`` above; a
+        # LoRA block's residual lives in a few directions and its entries are not iid).
         # Where the set's own noise is heavy-tailed the plain energies of honest
         # clients spread so widely that a dense attacker of benign norm sits inside
         # their range: the median squared entry below decides. Elsewhere a client is
