@@ -15,13 +15,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clair_jax.robust import masked_median, robust_units, scaled_norms
-from clair_jax.stack import to_stacked
+from clair_jax.robust import (ENTRY_CLIP, heavy_tailed, masked_median, robust_units, rounding_floor, scaled_norms,
+                              winsorised_energies)
+from clair_jax.stack import from_stacked, to_stacked
 from clair_jax.tuning import pad_spectrum, stack_noise_level
 
 __all__ = ["capped", "benign_spectrum", "StackSVD", "stack_svd", "basis_coefficients", "select_rank", "shared_basis",
            "majority_basis", "subspace", "project", "SUBSPACE_CLIP", "RANK_MARGIN", "OWN_SHARE", "OWN_NOISE",
-           "DECISIVE_Z", "MAJORITY_MAX_RANK", "MAJORITY_SLACK"]
+           "DECISIVE_Z", "MAJORITY_MAX_RANK", "MAJORITY_SLACK", "heavy_tails_clipped", "FIT_CLIP", "FIT_PASSES"]
 
 #: The refit estimates Û from blocks whose norms are capped at SUBSPACE_CLIP ×
 #: the median norm of the current set: a block's column space is kept, but a few
@@ -295,6 +296,77 @@ def majority_basis(basis, rank, blocks, benign, p, columns=None, *, rel_floor, s
     kept = jnp.where(jnp.arange(width) < d, head @ turn, 0.0)
     reduced = jnp.concatenate([kept, jnp.zeros_like(basis[:, width:])], axis=-1)
     return jnp.where(rank > width, basis, reduced), jnp.where(rank > width, rank, d).astype(jnp.int32)
+
+
+#: Where the set's noise is heavy-tailed, Û is fitted by a Huber low-rank fit whose
+#: residual entries are clipped at FIT_CLIP robust scales of their client's residual,
+#: refitted FIT_PASSES times (:func:`heavy_tails_clipped`).
+FIT_CLIP = 2.0
+FIT_PASSES = 3
+
+
+def _entry_scale(blocks):
+    """(K, 1, 1) robust entry scale of each client's block, median |entry| / 0.6745 over
+    its nonzero entries (a structural zero row, as in a layer no input reaches, says nothing)."""
+    mag = jnp.abs(blocks.reshape(blocks.shape[0], -1))
+    live = mag > 0
+    ordered = jnp.sort(jnp.where(live, mag, jnp.inf), axis=-1)
+    mid = (jnp.maximum(jnp.sum(live, axis=-1), 1) - 1) // 2
+    med = jnp.take_along_axis(ordered, mid[:, None], axis=-1)[:, 0]
+    return jnp.where(jnp.isfinite(med), med / 0.6745, 0.0)[:, None, None]
+
+
+def heavy_tails_clipped(blocks, used, u, rank, rank_of, *, clip=FIT_CLIP, passes=FIT_PASSES):
+    """Blocks with their heavy-tailed noise clipped, for fitting Û; and whether it was.
+
+    The stack's SVD is least squares: a few huge entries of the clients' noise
+    (Student-t noise, corrupted coordinates) tilt Û toward their own coordinates,
+    and every client's projection Û Ûᵀ Θ̂_k then carries part of its outliers
+    (Student-t with 2 degrees of freedom: 1.6–2× the error of the true subspace's
+    projection). Where the ``used`` set's residual off the pilot Û (the first
+    ``rank`` columns of ``u``) is heavy-tailed by the refit test's rule
+    (:func:`clair_jax.robust.heavy_tailed`) and above rounding, the blocks are
+    winsorised at :data:`~clair_jax.robust.ENTRY_CLIP` robust scales of their own
+    entries (no rank is needed for that: on the raw stack's spectrum outliers pose
+    as directions of their own) and fitted by a Huber low-rank fit: ``passes``
+    times, L = the rank-r̂ truncation of the current stack (r̂ = ``rank_of`` its
+    singular values) and each block becomes L_k + clip(Θ̂_k − L_k) at ``clip``
+    robust scales of its residual. Otherwise the blocks are returned as they are.
+    The refined updates still project the clients' own blocks: only Û, r̂ and the
+    evidence of signal off Û are read from the clipped ones.
+
+    Args:
+        blocks: (K, p, q) dense blocks. used: (K,) the set Û is fitted on.
+        u: (p, m) the set's leading singular vectors. rank: the pilot r̂.
+        rank_of: singular values of a p × (K q) stack, in the blocks' units → r̂.
+
+    Returns:
+        (blocks with heavy-tailed noise clipped where there is any, heavy-tailed or not).
+    """
+    k = blocks.shape[0]
+    usedf = used[:, None, None]
+    peak = jnp.max(jnp.where(usedf, jnp.abs(blocks), 0.0))
+    peak = jnp.where(peak > 0, peak, 1.0)
+    x = jnp.where(usedf, blocks / peak, 0.0)    # no square below overflows
+
+    pilot = subspace(u, rank)
+    resid = x - pilot @ jnp.einsum("pm,kpq->kmq", pilot, x)
+    energy, clipped, _ = winsorised_energies(resid, used)
+    share = energy / jnp.maximum(jnp.sum(jnp.square(x), axis=(-2, -1)), jnp.finfo(x.dtype).tiny)
+    heavy = heavy_tailed(energy, clipped, used) & (masked_median(share, used) > rounding_floor(x.dtype)) & (rank > 0)
+
+    def huber(_, current):
+        left, sv, right = jnp.linalg.svd(to_stacked(current), full_matrices=False)
+        keep = jnp.arange(sv.shape[0]) < rank_of(sv * peak)
+        low = from_stacked((left * jnp.where(keep, sv, 0.0)) @ right, k)
+        bound = clip * _entry_scale(x - low)
+        return jnp.where(usedf, low + jnp.clip(x - low, -bound, bound), 0.0)
+
+    def clean():
+        bound = ENTRY_CLIP * _entry_scale(x)
+        return jax.lax.fori_loop(0, passes, huber, jnp.clip(x, -bound, bound)) * peak
+
+    return jax.lax.cond(heavy, clean, lambda: blocks), heavy
 
 
 def subspace(u, rank):

@@ -29,7 +29,7 @@ import numpy as np
 
 from clair_jax import stack
 from clair_jax._compile import program
-from clair_jax.basis import (DECISIVE_Z, MAJORITY_MAX_RANK, MAJORITY_SLACK, OWN_NOISE, OWN_SHARE, RANK_MARGIN,
+from clair_jax.basis import (DECISIVE_Z, heavy_tails_clipped, MAJORITY_MAX_RANK, MAJORITY_SLACK, OWN_NOISE, OWN_SHARE, RANK_MARGIN,
                              StackSVD, basis_coefficients, benign_spectrum, capped, majority_basis, project,
                              select_rank, shared_basis, stack_svd, subspace)
 from clair_jax.fallbacks import CROWDED_SHARE, LOCAL_SLACK, NOISY_FLAT, NOISY_Z, crowded, local_share, noise_like
@@ -154,11 +154,20 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
     held = 0 if detection.svd is None else detection.svd.u.shape[-1]
     most = _bucket_width(most, held if most <= held else limit)
 
+    # Dense blocks: Û and the evidence off it are read from blocks whose heavy-tailed
+    # residual entries are clipped (:func:`heavy_tails_clipped`); the clients' own
+    # blocks are what gets projected. (A LoRA reduction's coordinates mix entries.)
+    evidence, heavy = problems.blocks, jnp.zeros(problems.blocks.shape[0], bool)
+    if not problems.factored:
+        evidence, heavy = _heavy_tails(problems.blocks, client_benign, detection.benign, detection.z,
+                                       detection.rank_cap, detection.columns, detection.svd, dims=problems.dims,
+                                       width=most)
+
     def fit(members):
         """Û, r̂, Û's coefficients on the blocks, the refined set, Û's width, crowded problems and σ."""
-        basis, ranks, coefficients, used = _bases(problems.blocks, members, detection.benign, detection.z,
-                                                  detection.rank_cap, detection.columns, detection.svd, rank=rank,
-                                                  margin=margin, dims=problems.dims, width=most)
+        basis, ranks, coefficients, used = _bases(evidence, members, detection.benign, detection.z,
+                                                  detection.rank_cap, detection.columns, detection.svd, heavy,
+                                                  rank=rank, margin=margin, dims=problems.dims, width=most)
         # Kept columns come first, the rest are zero.
         width = _bucket_width(max(int(np.max(np.asarray(ranks))), 1), most)
         unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
@@ -191,8 +200,8 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
             reported = reported_noise(coordinate_noise, problems, basis[..., :width])
         # Where σ̂ may hold shared signal Û may miss directions: no pooling there.
         reported = jnp.where(unsure[:, None, None], 0.0, reported)
-    return _refine_blocks(basis, ranks, problems.blocks, problems.usable, used, sigma, detection.columns, reported,
-                          outlying, p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
+    return _refine_blocks(basis, ranks, problems.blocks, evidence, problems.usable, used, sigma, detection.columns,
+                          reported, outlying, p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
 
 
 @program
@@ -260,12 +269,13 @@ def _noisy(basis, blocks, ranks, columns, usable, used, p):
 
 
 @program(static_argnames=("p", "pooling", "width"))
-def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, reported, outlying, *, p, pooling,
-                   width):
-    """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part."""
+def _refine_blocks(basis, ranks, blocks, evidence, usable, used, noise_level, columns, reported, outlying, *, p,
+                   pooling, width):
+    """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part
+    (α_k read from ``evidence``, the blocks Û was fitted to)."""
     basis = basis[..., :width]
     share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
-        basis, blocks, ranks, noise_level, columns, used), 0.0)
+        basis, evidence, ranks, noise_level, columns, used), 0.0)
     refined, shrinkage = jax.vmap(lambda *a: partial_pool(*a[:5], pooling=pooling, coordinate_noise=a[5]))(
         basis, blocks, used, noise_level, columns, reported)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).
@@ -278,6 +288,36 @@ def _refine_blocks(basis, ranks, blocks, usable, used, noise_level, columns, rep
 # --------------------------------------------- the stage: every problem at once
 
 
+def _pilot_svd(blocks, used, carried, width=None):
+    """The set's :class:`StackSVD` (at least ``width`` vectors): the detection's where it
+    is of the same set and holds them, else computed."""
+    if carried is None or (width is not None and carried.u.shape[-1] < width):
+        return stack_svd(blocks, used, width)
+    return jax.lax.cond(jnp.all(carried.members == used), lambda: carried,
+                        lambda: stack_svd(blocks, used, carried.u.shape[-1]))
+
+
+def _fitted_set(client_benign, benign, z):
+    """The clients Û is fitted on: the pooled benign set less those a problem flagged
+    decisively (refit z above DECISIVE_Z): they stay out of that problem's Û, still refined."""
+    used = jnp.broadcast_to(client_benign, benign.shape)
+    return used & (benign | (z <= DECISIVE_Z))
+
+
+@program(static_argnames=("dims", "width"))
+def _heavy_tails(blocks, client_benign, benign, z, rank_cap, columns, carried, *, dims, width):
+    """(blocks with heavy-tailed residual entries clipped, heavy-tailed) per problem."""
+    def one(args):
+        x, used, cap, cols, svd = args
+        svd = _pilot_svd(x, used, svd, width)
+        def rank_of(sv):
+            return jnp.minimum(select_rank(sv, used, *dims, columns=cols)[0], cap)
+
+        return heavy_tails_clipped(x, used, svd.u, rank_of(svd.s * svd.peak), rank_of)
+
+    return jax.lax.map(one, (blocks, _fitted_set(client_benign, benign, z), rank_cap, columns, carried))
+
+
 def _basis_one(blocks, used, rank_cap, columns, carried, *, rank, margin, dims, width):
     """Û (its first ``width`` columns) and r̂ of one problem from the clients in ``used``,
     and Û's coefficients Z_k on the blocks (Û = Σ_k Θ̂_k Z_k: what a LoRA reduction lifts by).
@@ -285,11 +325,7 @@ def _basis_one(blocks, used, rank_cap, columns, carried, *, rank, margin, dims, 
     ``carried``: the detection's :class:`StackSVD` (None: computed here); used as is
     when it is of the same set, as it is whenever the pooled verdict keeps the refit's.
     """
-    if carried is None:
-        svd = stack_svd(blocks, used)
-    else:
-        svd = jax.lax.cond(jnp.all(carried.members == used), lambda: carried,
-                           lambda: stack_svd(blocks, used, carried.u.shape[-1]))
+    svd = _pilot_svd(blocks, used, carried)
     sv = svd.s * svd.peak
     if rank is not None:  # a user-given rank is taken as is
         r = jnp.minimum(jnp.asarray(rank), jnp.sum(sv > 0))
@@ -302,11 +338,11 @@ def _basis_one(blocks, used, rank_cap, columns, carried, *, rank, margin, dims, 
 
 
 @program(static_argnames=("rank", "margin", "dims", "width"))
-def _bases(blocks, client_benign, benign, z, rank_cap, columns, carried, *, rank, margin, dims, width):
+def _bases(blocks, client_benign, benign, z, rank_cap, columns, carried, heavy, *, rank, margin, dims, width):
     used = jnp.broadcast_to(client_benign, benign.shape)
-    # A client this problem flagged decisively (refit z above DECISIVE_Z) stays out
-    # of this problem's Û even when the pooled verdict clears it; it is still refined.
-    fit = used & (benign | (z <= DECISIVE_Z))
+    fit = _fitted_set(client_benign, benign, z)
+    if carried is not None:   # the detection's SVD is of the blocks as given, not of clipped ones
+        carried = carried._replace(members=carried.members & ~heavy[:, None])
     # The detection's SVD serves only where it holds the ``width`` vectors needed.
     if carried is not None and carried.u.shape[-1] < width:
         carried = None

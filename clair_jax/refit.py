@@ -17,22 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax.basis import StackSVD, majority_basis, shared_basis, stack_svd
-from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
+from clair_jax.robust import (ENTRY_CLIP, HEAVY_TAIL_RATIO, heavy_tailed, masked_median, robust_units, scaled_norms,
+                              size_exponent, winsorised_energies)
 
 __all__ = ["ResidualTest", "residual_test", "held_out_excess", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH",
            "HELD_OUT_MIN_SET"]
-
-#: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
-#: deviations (of the current set's pooled residual entries) before energies are
-#: summed: heavy-tailed noise (Student-t) then gives energies with a finite spread,
-#: while dense contamination keeps nearly all its energy.
-ENTRY_CLIP = 4.0
-
-#: The set's noise is heavy-tailed when its median off-subspace energy loses more
-#: than this factor to winsorising (Gaussian noise loses ~0.1 % at ENTRY_CLIP;
-#: Student-t with df = 2 about 45 %). Then each client's median squared residual
-#: entry is the evidence (see :func:`residual_test`).
-HEAVY_TAIL_RATIO = 1.2
 
 #: A member's held-out energy (:func:`held_out_excess`) is computed inside the
 #: stack's leading HELD_OUT_WIDTH singular directions (exact where the stack's
@@ -199,11 +188,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # Two energies: plain, and with residual entries winsorised at ENTRY_CLIP
         # robust sd. Heavy-tailed noise inflates only the plain one, so a client is
         # flagged when both are out of the set's range.
-        abs_mean = jnp.mean(jnp.abs(resid), axis=(-2, -1))
-        spread = masked_median(abs_mean, current) * jnp.sqrt(jnp.pi / 2).astype(blocks.dtype)
-        limit = jnp.where(spread > 0, ENTRY_CLIP * spread, jnp.inf)
-        energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
-        clipped = jnp.sum(jnp.square(jnp.clip(resid, -limit, limit)), axis=(-2, -1))
+        energy, clipped, limit = winsorised_energies(resid, current)
         dof = jnp.maximum((p - r) * masked_median(cols, current), 1).astype(blocks.dtype)
 
         def standardise(e, size2):
@@ -229,7 +214,7 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         # clients spread so widely that a dense attacker of benign norm sits inside
         # their range: the median squared entry below decides. Elsewhere a client is
         # flagged when both are out of range (a few huge entries alone are not enough).
-        heavy = veto & (masked_median(energy, current) > HEAVY_TAIL_RATIO * masked_median(clipped, current))
+        heavy = veto & heavy_tailed(energy, clipped, current)
         # There even winsorised energies keep a long right tail; a client's median
         # squared residual entry does not, and on a log scale its spread over honest
         # clients is near-symmetric (Student-t, df = 2: honest z at most 3.8 and

@@ -101,3 +101,34 @@ def size_exponent(energy, norms2, current, spread=SIZE_SPREAD):
 def rounding_floor(dtype):
     """Share of a block's energy below which an off-subspace residual is rounding error."""
     return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
+#: Off-subspace residual entries are winsorised at ENTRY_CLIP robust standard
+#: deviations (of the current set's pooled residual entries) before energies are
+#: summed: heavy-tailed noise (Student-t) then gives energies with a finite spread,
+#: while dense contamination keeps nearly all its energy.
+ENTRY_CLIP = 4.0
+
+#: The set's noise is heavy-tailed when its median off-subspace energy loses more
+#: than this factor to winsorising (Gaussian noise loses ~0.1 % at ENTRY_CLIP;
+#: Student-t with df = 2 about 45 %).
+HEAVY_TAIL_RATIO = 1.2
+
+
+def winsorised_energies(resid, current, clip=ENTRY_CLIP):
+    """(K,) plain and (K,) winsorised energies of residual blocks (K, p, q), and the limit.
+
+    The limit is ``clip`` robust standard deviations of the ``current`` set's
+    residual entries (their median mean |entry|, times √(π/2)).
+    """
+    abs_mean = jnp.mean(jnp.abs(resid), axis=(-2, -1))
+    spread = masked_median(abs_mean, current) * jnp.sqrt(jnp.pi / 2).astype(resid.dtype)
+    limit = jnp.where(spread > 0, clip * spread, jnp.inf)
+    energy = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    clipped = jnp.sum(jnp.square(jnp.clip(resid, -limit, limit)), axis=(-2, -1))
+    return energy, clipped, limit
+
+
+def heavy_tailed(energy, clipped, current, ratio=HEAVY_TAIL_RATIO):
+    """The set's noise is heavy-tailed: its median energy loses more than ``ratio`` to winsorising."""
+    return masked_median(energy, current) > ratio * masked_median(clipped, current)
