@@ -306,6 +306,7 @@ CASES = {
     "K=3 all honest": (1, lambda g: c1_few(g, 3), False),
     "K=4, 1 attacker": (1, lambda g: c1_few(g, 4, 1), False),
     "K=2 all honest": (1, lambda g: c1_few(g, 2), False),
+    "rank 8, K=10, q=4": (1, lambda g: c1_high_rank(g, 8), False),
     "rank 14, K=10, q=4": (1, lambda g: c1_high_rank(g, 14), False),
     "rank 20 = Kq/2, K=10, q=4": (1, lambda g: c1_high_rank(g, 20), False),
     "rank 20 = Kq/2, noise level given": (1, lambda g: c1_high_rank(g, 20, known_noise=True), False),

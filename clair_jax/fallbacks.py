@@ -4,17 +4,23 @@ Three rules guard the projection Θ̃_k = ÛÛᵀΘ̂_k where the model's eviden
 thin: a client keeps the share α_k of its off-subspace part that noise at σ̂
 cannot explain (:func:`local_share`); a flagged client whose update looks like
 an honest one under heavier noise is projected anyway (:func:`noise_like`); and
-where r̂ is so large that σ̂ may hold shared signal every refined client keeps
-its whole update off Û (:func:`crowded`).
+where r̂ is so large that the median singular value, which σ̂ is read from, may
+be signal (:func:`crowded`), σ̂ is read again from the spectrum's bulk past r̂
+and the shared directions are shrunk by how far each stands above the noise
+(:func:`bulk_shrinkage`).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
+import jax
 
-__all__ = ["local_share", "noise_like", "crowded", "LOCAL_SLACK", "NOISY_FLAT", "NOISY_Z", "CROWDED_SHARE"]
+from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
+from clair_jax.tuning import bulk_noise_level, optimal_shrinkage, stack_noise_level
+
+__all__ = ["local_share", "noise_like", "crowded", "bulk_shrinkage", "LOCAL_SLACK", "NOISY_FLAT", "NOISY_Z",
+           "CROWDED_SHARE", "BULK_PASSES"]
 
 def _off_subspace(basis, blocks):
     """Blocks in robust units (:func:`clair_jax.detect.robust_units`), the unit, their
@@ -132,3 +138,38 @@ def crowded(ranks, used, columns, p, share=CROWDED_SHARE):
     """
     n = jnp.sum(jnp.where(used, columns, 0), axis=-1)
     return (ranks > 0) & (ranks >= share * jnp.minimum(p, n))
+
+
+#: The crowded σ̂ and r̂ are read by alternating BULK_PASSES times: r̂ the directions
+#: above the noise edge at σ̂, σ̂ the bulk past r̂ (:func:`bulk_shrinkage`).
+BULK_PASSES = 20
+
+
+def bulk_shrinkage(singular_values, p, n_cols, passes=BULK_PASSES):
+    """(σ̂, (m,) weights) for a crowded stack: σ̂ from the bulk, optimal shrinkage at it.
+
+    Where the shared rank nears half of the stack's short side, the stack's median
+    singular value is signal: σ̂ read from it is too large (1.2–1.8× on a flat
+    rank Kq/2), r̂ misses true directions and σ̂ cannot tell them from noise. Here
+    σ̂ and r̂ are read together: r̂ counts the singular values above the noise edge
+    σ̂(√p + √n), σ̂ is read from the bulk past r̂
+    (:func:`clair_jax.tuning.bulk_noise_level`), ``passes`` times from the median's
+    σ̂; the stack is then denoised by Gavish and Donoho's optimal shrinker at that
+    σ̂ (:func:`clair_jax.tuning.optimal_shrinkage`): a direction just above the
+    edge keeps little of itself, a strong one nearly all, so directions near the
+    noise cost little when they are noise and give part of their signal when
+    they are not.
+
+    Args:
+        singular_values: (m,) descending, the stack's, in the input's units.
+        p: rows. n_cols: the stack's noise columns (may be traced).
+    """
+    sigma = stack_noise_level(singular_values, p, n_cols)[0]
+    edge = jnp.sqrt(jnp.asarray(p, singular_values.dtype)) + jnp.sqrt(jnp.maximum(n_cols, 1).astype(singular_values.dtype))
+
+    def reread(_, sigma):
+        rank = jnp.sum(singular_values > sigma * edge)
+        return bulk_noise_level(singular_values, p, n_cols, rank)[0]
+
+    sigma = jax.lax.fori_loop(0, passes, reread, sigma)
+    return sigma, optimal_shrinkage(singular_values, sigma, p, n_cols)

@@ -220,9 +220,11 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
     if n_crowded:
         n_all = sum(int(r.rank.size) for r in refinements)
         warnings.warn(f"clair: r̂ reaches a fifth of the benign stack's short side in {n_crowded} of {n_all} "
-                      "problem(s): σ̂, read from the stack's median singular value, may hold shared signal there, "
-                      "so r̂ may miss true directions and the benign clients keep their off-subspace part; pass "
-                      "noise= (the per-entry noise std) or rank= where known", RuntimeWarning, stacklevel=_outside())
+                      "problem(s): σ̂, read from the stack's median singular value, may hold shared signal there; "
+                      "dense blocks read σ̂ and r̂ again from the spectrum's bulk and shrink the shared directions "
+                      "(where that bulk is under half the spectrum, and for LoRA factors, the benign clients keep "
+                      "their off-subspace part); pass noise= (the per-entry noise std) or rank= where known",
+                      RuntimeWarning, stacklevel=_outside())
     if verdict.status is None:
         # The public status: outside Ŝ, honest but noisy where noise-like in every problem
         # with a shared subspace (pool.client_status); over this process's problems.

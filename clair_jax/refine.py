@@ -32,13 +32,14 @@ from clair_jax._compile import program
 from clair_jax.basis import (DECISIVE_Z, heavy_tails_clipped, MAJORITY_MAX_RANK, MAJORITY_SLACK, OWN_NOISE, OWN_SHARE, RANK_MARGIN,
                              StackSVD, basis_coefficients, benign_spectrum, capped, majority_basis, project,
                              select_rank, shared_basis, stack_svd, subspace)
-from clair_jax.fallbacks import CROWDED_SHARE, LOCAL_SLACK, NOISY_FLAT, NOISY_Z, crowded, local_share, noise_like
+from clair_jax.fallbacks import (BULK_PASSES, CROWDED_SHARE, LOCAL_SLACK, NOISY_FLAT, NOISY_Z, bulk_shrinkage, crowded,
+                                 local_share, noise_like)
 from clair_jax.lora import LoRAFactors, lift
 from clair_jax.robust import rounding_floor
 from clair_jax.shrinkage import CENTRE_PASSES, CENTRE_Z, HUBER, POOLING, centre_cut, partial_pool, pool_members
 
 __all__ = ["centre_cut", "pool_members", "capped", "benign_spectrum", "StackSVD", "stack_svd", "select_rank", "shared_basis",
-           "majority_basis", "subspace", "project", "local_share", "crowded", "CROWDED_SHARE", "partial_pool", "POOLING",
+           "majority_basis", "subspace", "project", "local_share", "crowded", "CROWDED_SHARE", "bulk_shrinkage", "BULK_PASSES", "partial_pool", "POOLING",
            "Refinement", "refine", "noise_like", "reported_noise", "DECISIVE_Z", "MAJORITY_MAX_RANK", "MAJORITY_SLACK",
            "CENTRE_Z", "CENTRE_PASSES", "NOISY_FLAT", "NOISY_Z", "RANK_MARGIN", "OWN_SHARE", "OWN_NOISE", "LOCAL_SLACK",
            "HUBER", "WIDTH_STEP"]
@@ -60,8 +61,11 @@ class Refinement(NamedTuple):
             looks like an honest one under heavier noise (:func:`noise_like`). They
             were left out of Û.
         crowded: (n,) problems where r̂ reached :data:`CROWDED_SHARE` of the stack's
-            short side with σ̂ estimated (:func:`crowded`): there every refined
-            client kept its whole off-subspace part (α = 1).
+            short side with σ̂ estimated (:func:`crowded`): dense blocks there read
+            σ̂ and r̂ from the spectrum's bulk and weigh Û's directions by optimal
+            shrinkage (:func:`bulk_shrinkage`); where that bulk would be under half
+            the spectrum, and for LoRA factors, every refined client kept its whole
+            off-subspace part (α = 1).
         outlying: (n, K) clients of the verdict's benign set whose coordinates inside
             Û the pooling model could not explain given the noise they reported
             (:func:`pool_members`): left out of Û and of the pooled centre, they keep
@@ -114,8 +118,13 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
     benign client never loses signal its own update carries for lack of
     evidence of a shared direction. Where r̂ and σ̂ are both read from the
     spectrum and r̂ reaches a fifth of the stack's short side (:func:`crowded`),
-    σ̂ may hold shared signal and cannot say what is noise: there α_k = 1, every
-    refined client keeps its whole off-subspace part (``crowded``); a client flagged decisively in one problem
+    the median singular value σ̂ is read from may be signal (``crowded``): dense
+    blocks read σ̂ and r̂ again from the spectrum's bulk past r̂ and refine by
+    Θ̃_k = Σ_j w_j û_j û_jᵀ Θ̂_k + α_k(I − ÛÛᵀ)Θ̂_k, each direction weighed by
+    how far it stands above the noise (:func:`bulk_shrinkage`); where that bulk
+    would be under half of the spectrum (structured noise read as signal), and
+    for LoRA factors, α_k = 1: every refined client keeps its whole off-subspace
+    part. A client flagged decisively in one problem
     (refit z > :data:`DECISIVE_Z`) is left out of that problem's Û; on noiseless data the refined update of a
     benign client is its own update. ``local_share`` reports α per problem and client.
 
@@ -171,10 +180,28 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
         # Kept columns come first, the rest are zero.
         width = _bucket_width(max(int(np.max(np.asarray(ranks))), 1), most)
         unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
-        # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1.
-        return basis, ranks, coefficients, used, width, unsure, jnp.where(unsure, 0.0, detection.noise_level)
+        # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1 (LoRA
+        # factors, whose reduced coordinates carry coloured noise) ...
+        sigma = jnp.where(unsure, 0.0, detection.noise_level)
+        shrunk = jnp.zeros(ranks.shape, bool)
+        weights = jnp.ones(ranks.shape + (width,), basis.dtype)
+        if not problems.factored and bool(jnp.any(unsure)):
+            # ... while dense blocks read σ̂ and r̂ again from the spectrum's bulk and shrink Û's
+            # directions by how far each stands above the noise (:func:`bulk_shrinkage`).
+            u, w, bulk_rank, bulk_sigma = _bulk_shrinkage(evidence, members, detection.benign, detection.z,
+                                                          detection.columns, dims=problems.dims)
+            shrunk = unsure & (bulk_rank > 0)
+            top = int(np.max(np.asarray(jnp.where(shrunk, bulk_rank, 1))))
+            width = max(width, _bucket_width(top, limit))
+            keep = jnp.arange(width) < bulk_rank[:, None]
+            basis = jnp.where(shrunk[:, None, None], jnp.where(keep[:, None, :], _columns(u, width), 0.0),
+                              _columns(basis, width))
+            weights = jnp.where(shrunk[:, None], jnp.where(keep, _columns(w, width), 0.0), 1.0)
+            ranks = jnp.where(shrunk, bulk_rank, ranks).astype(ranks.dtype)
+            sigma = jnp.where(shrunk, bulk_sigma, sigma)
+        return basis, ranks, coefficients, used, width, unsure, sigma, (shrunk, weights)
 
-    basis, ranks, coefficients, used, width, unsure, sigma = fit(client_benign)
+    basis, ranks, coefficients, used, width, unsure, sigma, shrink = fit(client_benign)
     if problems.factored:
         # Host (numpy) factors are refined a chunk of modules at a time, into a numpy B̃.
         full_basis, refined_b, share, ones, noisy = stack.map_chunks(
@@ -196,12 +223,36 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
                            reported)
         outlying = used & ~members
         if bool(jnp.any(outlying)):
-            basis, ranks, coefficients, used, width, unsure, sigma = fit(members)
+            basis, ranks, coefficients, used, width, unsure, sigma, shrink = fit(members)
             reported = reported_noise(coordinate_noise, problems, basis[..., :width])
         # Where σ̂ may hold shared signal Û may miss directions: no pooling there.
         reported = jnp.where(unsure[:, None, None], 0.0, reported)
     return _refine_blocks(basis, ranks, problems.blocks, evidence, problems.usable, used, sigma, detection.columns,
-                          reported, outlying, p=problems.dims[0], pooling=pooling, width=width)._replace(crowded=unsure)
+                          reported, outlying, *shrink, p=problems.dims[0], pooling=pooling,
+                          width=width)._replace(crowded=unsure)
+
+
+def _columns(x, width):
+    """x's first ``width`` entries of its last axis, zero-padded where it has fewer."""
+    x = x[..., :width]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+@program(static_argnames=("dims",))
+def _bulk_shrinkage(blocks, client_benign, benign, z, columns, *, dims):
+    """Per problem: the fitted set's U (every column), the shrinkage weights, r̂ (the
+    weights above 0) and σ̂, read from the bulk (:func:`bulk_shrinkage`)."""
+    def one(args):
+        x, used, cols = args
+        svd = stack_svd(x, used)
+        n = jnp.sum(jnp.where(used, cols, 0))
+        sigma, weights = bulk_shrinkage(svd.s * svd.peak, dims[0], n)
+        rank = jnp.sum(weights > 0).astype(jnp.int32)
+        # The bulk is a noise spectrum only while it is at least half of the stack's short
+        # side; past that (structured noise read as signal) the problem keeps the fallback.
+        return svd.u, weights, jnp.where(2 * rank < jnp.minimum(dims[0], n), rank, 0), sigma
+
+    return jax.lax.map(one, (blocks, _fitted_set(client_benign, benign, z), columns))
 
 
 @program
@@ -269,15 +320,19 @@ def _noisy(basis, blocks, ranks, columns, usable, used, p):
 
 
 @program(static_argnames=("p", "pooling", "width"))
-def _refine_blocks(basis, ranks, blocks, evidence, usable, used, noise_level, columns, reported, outlying, *, p,
-                   pooling, width):
+def _refine_blocks(basis, ranks, blocks, evidence, usable, used, noise_level, columns, reported, outlying, shrunk,
+                   weights, *, p, pooling, width):
     """Dense input: the (partially pooled) projection plus α_k of each client's off-subspace part
-    (α_k read from ``evidence``, the blocks Û was fitted to)."""
+    (α_k read from ``evidence``, the blocks Û was fitted to); in ``shrunk`` problems the
+    projection weighs Û's directions by ``weights`` (:func:`bulk_shrinkage`), unpooled."""
     basis = basis[..., :width]
     share = jnp.where(used, jax.vmap(lambda *a: local_share(*a[:5], p=p, used=a[5]))(
         basis, evidence, ranks, noise_level, columns, used), 0.0)
     refined, shrinkage = jax.vmap(lambda *a: partial_pool(*a[:5], pooling=pooling, coordinate_noise=a[5]))(
         basis, blocks, used, noise_level, columns, reported)
+    scaled = basis * jnp.sqrt(weights[..., :width])[:, None, :]
+    weighted = jnp.einsum("npr,nkrq->nkpq", scaled, jnp.einsum("npr,nkpq->nkrq", scaled, blocks))
+    refined = jnp.where((shrunk[:, None] & used)[..., None, None], weighted, refined)
     # The off-subspace part each client keeps (α_k; 0 outside ``used``).
     projected = jnp.einsum("npr,nkrq->nkpq", basis, jnp.einsum("npr,nkpq->nkrq", basis, blocks))
     noisy = _noisy(basis, blocks, ranks, columns, usable, used, p) & ~outlying

@@ -69,9 +69,11 @@ class ClairResult(NamedTuple):
             projected when noise-like, else kept).
         crowded: (...,) bool, problems where r̂ reached a fifth of the benign stack's
             short side while σ̂ was estimated (:func:`clair_jax.refine.crowded`): σ̂ may
-            hold shared signal there, so nothing was removed off Û (α = 1 for every
-            refined client) and a ``RuntimeWarning`` says so. Pass ``noise=`` or
-            ``rank=`` where known.
+            hold shared signal there, and a ``RuntimeWarning`` says so. Dense blocks
+            read σ̂ and r̂ again from the spectrum's bulk and shrink Û's directions
+            (:func:`clair_jax.refine.bulk_shrinkage`); where that bulk would be under
+            half the spectrum, and for LoRA factors, nothing is removed off Û (α = 1
+            for every refined client). Pass ``noise=`` or ``rank=`` where known.
         outlying: (..., K) bool, clients the verdict calls benign whose coordinates
             inside Û lie farther from the benign centre than the noise they reported
             and the spread between clients explain (``coordinate_noise``,
@@ -187,7 +189,8 @@ class ClairResult(NamedTuple):
                          "benign updates there are left as they were")
         if np.any(self.crowded):
             lines.append(f"r̂ near half the stack in {int(np.sum(self.crowded))} problem(s): σ̂ may hold shared "
-                         "signal, so benign updates there keep their off-subspace part (pass noise= or rank=)")
+                         "signal; dense blocks there read σ̂ and r̂ from the spectrum's bulk and shrink the shared "
+                         "directions, LoRA factors keep their off-subspace part (pass noise= or rank=)")
         kept = self._in_any_problem(np.asarray(self.local_share) > 0.5)
         if kept.size:
             lines.append(f"refined only part of the way (> half their off-subspace part kept, weak evidence "

@@ -32,14 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "marchenko_pastur_median", "noise_level", "effective_columns", "stack_noise_level",
+    "marchenko_pastur_median", "marchenko_pastur_quantile", "bulk_noise_level", "optimal_shrinkage", "BULK_LEVELS",
+    "noise_level", "effective_columns", "stack_noise_level",
     "lambda_grid", "noise_lambda", "pad_spectrum",
 ]
 
 
 @functools.lru_cache(maxsize=None)
-def marchenko_pastur_median(beta: float) -> float:
-    """Median of the Marchenko–Pastur law with ratio β = m/n ∈ (0, 1] (variance 1)."""
+def marchenko_pastur_quantile(beta: float, level: float) -> float:
+    """``level`` quantile of the Marchenko–Pastur law with ratio β = m/n ∈ (0, 1] (variance 1):
+    squared singular values of an m × n noise matrix over n."""
     beta = float(min(max(beta, 1e-6), 1.0))
     lo, hi = (1 - np.sqrt(beta)) ** 2, (1 + np.sqrt(beta)) ** 2
     # t = lo + (hi − lo) u² removes the 1/√t singularity at lo = 0 (β = 1).
@@ -47,7 +49,12 @@ def marchenko_pastur_median(beta: float) -> float:
     t = lo + (hi - lo) * u**2
     density = np.sqrt((hi - t) * (t - lo)) / (2 * np.pi * beta * t) * 2 * (hi - lo) * u
     cdf = np.cumsum(density)
-    return float(t[np.searchsorted(cdf / cdf[-1], 0.5)])
+    return float(t[np.searchsorted(cdf / cdf[-1], level)])
+
+
+def marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko–Pastur law with ratio β = m/n ∈ (0, 1] (variance 1)."""
+    return marchenko_pastur_quantile(beta, 0.5)
 
 
 def _gavish_donoho(singular_values, m, n):
@@ -155,3 +162,71 @@ def lambda_grid(num_clients, p, q, num=9):
     """
     top = max(3.0, 2.0 * noise_lambda(num_clients, p, q))
     return np.geomspace(0.3, top, num)
+
+
+#: The levels at which :func:`bulk_noise_level` matches a stack's bulk to the noise law:
+#: its lower half, which directions too weak to pass the edge barely reach.
+BULK_LEVELS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+
+_BULK_BETAS = np.linspace(0.02, 1.0, 50)
+
+
+@functools.lru_cache(maxsize=None)
+def _bulk_table():
+    """(betas, levels) singular-value quantiles of an m × n noise matrix over √n, β = m/n."""
+    return np.sqrt([[marchenko_pastur_quantile(b, lv) for lv in BULK_LEVELS] for b in _BULK_BETAS])
+
+
+def bulk_noise_level(singular_values, p, n_cols, rank):
+    """σ̂ of a p × ``n_cols`` stack from its bulk, the singular values past ``rank``.
+
+    Where the shared rank nears half of the stack's short side the median singular
+    value is signal and :func:`stack_noise_level` reads σ̂ too large. Past r̂ the
+    rest is the spectrum of a (p − r̂) × (n − r̂) noise matrix (plus directions too
+    weak to pass the edge, which mostly lift its upper half): its quantiles at
+    :data:`BULK_LEVELS` over the Marchenko–Pastur law's give one σ̂ each, and their
+    median is returned with the misfit, the largest relative departure of any
+    level's σ̂ from it (a few percent for Gaussian noise; a bulk of another shape,
+    structured or coloured noise, departs further).
+
+    Args:
+        singular_values: (m,) descending, every one of the stack's (``rank``, ``n_cols`` may be traced).
+
+    Returns:
+        (σ̂, misfit).
+    """
+    dtype = singular_values.dtype
+    n_cols = jnp.maximum(n_cols, 1)
+    short = jnp.minimum(p, n_cols)
+    rest = jnp.maximum(short - rank, 1)
+    rows, cols = jnp.maximum(p - rank, 1).astype(dtype), jnp.maximum(n_cols - rank, 1).astype(dtype)
+    wide, beta = jnp.maximum(rows, cols), jnp.minimum(rows, cols) / jnp.maximum(rows, cols)
+    levels = jnp.asarray(BULK_LEVELS, dtype)
+    # The ascending quantile at level l of the rest is the descending value short − 1 − ⌊l·rest⌋.
+    at = short - 1 - jnp.clip(jnp.floor(levels * rest).astype(jnp.int32), 0, rest - 1)
+    observed = singular_values[at]
+    table = jnp.asarray(_bulk_table(), dtype)
+    expected = jnp.stack([jnp.interp(beta, jnp.asarray(_BULK_BETAS, dtype), table[:, j])
+                          for j in range(len(BULK_LEVELS))]) * jnp.sqrt(wide)
+    sigmas = observed / expected
+    sigma = jnp.median(sigmas)
+    misfit = jnp.max(jnp.abs(sigmas / jnp.where(sigma > 0, sigma, 1.0) - 1.0))
+    return sigma, misfit
+
+
+def optimal_shrinkage(singular_values, sigma, p, n_cols):
+    """(m,) weights w_j that denoise a p × n stack as Σ_j w_j s_j u_j v_jᵀ at noise σ.
+
+    Gavish and Donoho's optimal shrinker for Frobenius loss: with y = s/(σ√N),
+    β = min(p, n)/N and N = max(p, n), w = √((y² − β − 1)² − 4β)/y² above the
+    edge 1 + √β and 0 below it. A direction just above the noise keeps little of
+    itself, a strong one nearly all; per client, Θ̃_k = Σ_j w_j u_j u_jᵀ Θ̂_k.
+    """
+    dtype = singular_values.dtype
+    n_cols = jnp.maximum(n_cols, 1)
+    wide = jnp.maximum(p, n_cols).astype(dtype)
+    beta = jnp.minimum(p, n_cols).astype(dtype) / wide
+    y = singular_values / jnp.maximum(sigma * jnp.sqrt(wide), jnp.finfo(dtype).tiny)
+    safe = jnp.where(y > 0, y, 1.0)
+    eta = jnp.sqrt(jnp.maximum(jnp.square(jnp.square(y) - beta - 1.0) - 4.0 * beta, 0.0))
+    return jnp.where(y > 1.0 + jnp.sqrt(beta), eta / jnp.square(safe), 0.0).astype(dtype)

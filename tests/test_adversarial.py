@@ -234,47 +234,6 @@ def test_gaussian_attackers_under_heavy_tailed_noise_are_flagged(seed):
     assert row["tpr"] == 1.0 and row["fpr"] == 0.0
 
 
-def _heavy_tailed_federation(seed, df):
-    # Unlike the zoo's row: shared rank 2 (not 3), noise at 60 % of an update's norm,
-    # its own seeds; the zoo's shape (40 × 48 × 12), so the programs are shared.
-    rng = np.random.default_rng(100 + seed)
-    updates, clean, u, _ = adv.dense_case(rng, r=2, noise=0.6, df=df)
-    return np.asarray(updates, np.float32), clean, u
-
-
-def _relative_error(est, clean):
-    est = np.asarray(est, np.float64)
-    return float(np.mean(np.linalg.norm(est - clean, axis=(-2, -1)) / np.linalg.norm(clean, axis=(-2, -1))))
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_heavy_tailed_noise_is_refined_near_the_oracle(seed):
-    # Student-t (df = 2) noise: a few huge entries tilt a least-squares Û toward
-    # their own coordinates. Û fitted to the Huber-clipped stack projects each
-    # client within 15 % of the true subspace's projection (plain Û: 1.6–2×).
-    updates, clean, u = _heavy_tailed_federation(seed, df=2)
-    res = cj.clair(updates)
-    assert np.asarray(res.client_benign).all()
-    oracle = _relative_error(np.asarray(cj.baselines.oracle(updates.astype(np.float64), u, np.ones(40, bool))), clean)
-    assert _relative_error(res.refined, clean) <= 1.15 * oracle
-    assert int(np.asarray(res.rank).max()) == 2
-
-
-def test_huber_fit_is_off_for_gaussian_and_noiseless_sets():
-    # Gaussian noise, or none (a residual of rounding), leaves the blocks as they are.
-    rank_of = jax.jit(lambda sv: cj.refine.select_rank(sv, jnp.ones(40, bool), 48, 12)[0])
-    for df, noise in ((None, 0.6), (None, 0.0), (2, 0.6)):
-        rng = np.random.default_rng(7)
-        updates = jnp.asarray(adv.dense_case(rng, r=2, noise=noise, df=df)[0], jnp.float32)
-        used = jnp.ones(40, bool)
-        svd = cj.refine.stack_svd(updates, used)
-        clipped, heavy = jax.jit(cj.basis.heavy_tails_clipped, static_argnums=4)(
-            updates, used, svd.u, rank_of(svd.s * svd.peak), rank_of)
-        assert bool(heavy) == (df is not None)
-        if df is None:
-            np.testing.assert_array_equal(np.asarray(clipped), np.asarray(updates))
-
-
 def test_heavy_tail_switch_leaves_gaussian_noise_alone():
     # Gaussian noise loses ~0.1 % of its energy to winsorising at ENTRY_CLIP: far
     # below HEAVY_TAIL_RATIO, so the plain-and-winsorised rule stays in charge there.
@@ -369,16 +328,23 @@ def test_small_attackers_cannot_hide_behind_a_wide_spread_of_honest_sizes():
     assert row["tpr"] == 1.0 and row["fpr"] == 0.0
 
 
-def test_a_rank_near_half_the_stack_falls_back_to_local_and_says_so():
+def _relative_error(est, clean):
+    est = np.asarray(est, np.float64)
+    return float(np.mean(np.linalg.norm(est - clean, axis=(-2, -1)) / np.linalg.norm(clean, axis=(-2, -1))))
+
+
+def test_a_rank_near_half_the_stack_reads_the_noise_from_the_bulk_and_says_so():
     case = adv.c1_high_rank(np.random.default_rng(0), 20)
     x = np.asarray(case["updates"], np.float32)
     with pytest.warns(RuntimeWarning, match="a fifth of the benign stack"):
         res = cj.clair(x)
-    # σ̂ 1.5× too large would lose the directions r̂ missed (1.4× local); instead
-    # every benign client keeps its off-subspace part: exactly its local update.
     assert bool(np.all(np.asarray(res.crowded))) and "near half the stack" in res.summary()
-    np.testing.assert_allclose(np.asarray(res.local_share), 1.0)
-    np.testing.assert_allclose(np.asarray(res.refined), x, atol=1e-5)
+    # The median singular value reads σ̂ 1.5× too large (r̂ 9 of 20, a plain projection
+    # 1.4× local); σ̂ re-read from the bulk past r̂ finds r̂ 16-19 and the shrunk
+    # directions beat local.
+    assert 16 <= int(np.asarray(res.rank).max()) <= 20
+    err = _relative_error(res.refined, case["clean"])
+    assert err < 0.95 * _relative_error(x, case["clean"])
     # A known noise level is trusted (no fallback) and keeps what noise cannot explain.
     given = _run("rank 20 = Kq/2, noise level given")
     assert not given["warnings"] and given["vs_local"] < 1.05
