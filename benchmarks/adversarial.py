@@ -7,8 +7,9 @@ Each case reproduces one finding of issue 14 (the class number is the issue's):
 2. huge updates inside the shared subspace;
 3. overflow / underflow: entries near 1e19, whole federations scaled by 1e19,
    1e-20, 1e30, an all-NaN client;
-4. coordinated minorities: a shared rank-1 / rank-2 attack subspace, copies of an
-   honest update plus one common direction;
+4. coordinated minorities: a shared rank-1 / rank-2 attack subspace, LoRA attackers
+   of every size along one direction, copies of an honest update plus one common
+   direction;
 5. heavy-tailed (Student-t, df = 2) noise, attackers confined to one of six layers;
 6. the copy task's foreign-permutation client (``--copy-task``: trains models);
 8. honest clients that differ in norm or in noise;
@@ -231,6 +232,24 @@ def c4_coordinated(rng, frac, attack_rank):
     return _case(updates, clean, u, ~bad)
 
 
+def c4_coordinated_lora(rng, k=20, d=64, r=4, d_in=64, shared=3, noise=0.5, frac=0.3):
+    """LoRA: B_k = U G_k + noise; attackers B_k = w g_kᵀ along one common direction w ⊥ U at
+    a benign B norm (their ΔW = w (g_kᵀ A_k) vary widely in size: the smallest sit below
+    an honest client's noise off Û)."""
+    u = _basis(rng, d, shared)
+    bad = _attackers(rng, k, frac)
+    w = rng.standard_normal(d)
+    w = _unit(w - u @ (u.T @ w))
+    g = rng.standard_normal((k, shared, r))
+    b_clean = np.einsum("ps,ksr->kpr", u, g)
+    b = b_clean + noise * rng.standard_normal((k, d, r)) / np.sqrt(d)
+    for j in np.flatnonzero(bad):
+        b[j] = np.outer(w, rng.standard_normal(r)) * np.linalg.norm(b[j]) / np.sqrt(r)
+        b_clean[j] = b[j]
+    a = rng.standard_normal((k, r, d_in)) / np.sqrt(d_in)
+    return _case(cj.LoRAFactors(B=b.astype(np.float32), A=a.astype(np.float32)), b_clean @ a, u, ~bad)
+
+
 def c4_copy_plus_direction(rng, mult, frac=0.3):
     """Attackers send a copy of an honest update plus one common direction of ``mult``× the noise norm."""
     updates, clean, u, benign = dense_case(rng)
@@ -324,6 +343,7 @@ CASES = {
     "coordinated rank-1, 45%": (4, lambda g: c4_coordinated(g, 0.45, 1), False),
     "coordinated rank-2, 35%": (4, lambda g: c4_coordinated(g, 0.35, 2), False),
     "coordinated rank-2, 45%": (4, lambda g: c4_coordinated(g, 0.45, 2), False),
+    "LoRA, 30% small attackers along one direction": (4, c4_coordinated_lora, False),
     "copy + common direction 2x noise": (4, lambda g: c4_copy_plus_direction(g, 2.0), False),
     "copy + common direction 3x noise": (4, lambda g: c4_copy_plus_direction(g, 3.0), False),
     "copy + common direction 10x noise": (4, lambda g: c4_copy_plus_direction(g, 10.0), False),

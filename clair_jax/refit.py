@@ -20,8 +20,8 @@ from clair_jax.basis import StackSVD, majority_basis, shared_basis, stack_svd
 from clair_jax.robust import (ENTRY_CLIP, HEAVY_TAIL_RATIO, heavy_tailed, masked_median, robust_units, scaled_norms,
                               size_exponent, winsorised_energies)
 
-__all__ = ["ResidualTest", "residual_test", "held_out_excess", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH",
-           "HELD_OUT_MIN_SET"]
+__all__ = ["ResidualTest", "residual_test", "held_out_excess", "coordination_z", "COORDINATION_STEPS", "ENTRY_CLIP",
+           "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH", "HELD_OUT_MIN_SET"]
 
 #: A member's held-out energy (:func:`held_out_excess`) is computed inside the
 #: stack's leading HELD_OUT_WIDTH singular directions (exact where the stack's
@@ -32,6 +32,86 @@ HELD_OUT_WIDTH = 64
 #: ... and only in a set of at least HELD_OUT_MIN_SET members (leaving one of two
 #: out fits the subspace on a single client).
 HELD_OUT_MIN_SET = 3
+
+
+#: The direction outsiders share is found by COORDINATION_STEPS power steps (from
+#: their residuals' leading direction), once for each client without its own residual.
+COORDINATION_STEPS = 20
+
+
+#: ... and a client is read as coordinated only when more than COORDINATED_SHARE of its
+#: off-subspace energy lies along that direction.
+COORDINATED_SHARE = 0.5
+
+
+def coordination_z(resid, usable, outsiders, columns, rel_floor, z_crit, steps=COORDINATION_STEPS):
+    """(K,) how far each client's residual carries the direction the outsiders share.
+
+    Clients that coordinate share a direction of their own; inside the set the
+    majority check (:func:`clair_jax.basis.majority_basis`) turns it into
+    off-subspace energy, and the refit flags those whose energy is out of range.
+    An attacker whose update is small is then out of range along that direction
+    but not overall (its whole off-subspace energy is below an honest client's
+    noise), and once its partners have left the set the direction is no longer in
+    the set's spectrum: read overall it comes back. Here the direction is read
+    from the outsiders instead: for each client k, v_k is the leading direction of
+    the other outsiders' residuals ((I − ÛÛᵀ)Θ̂_j, j outside the set, j ≠ k; power
+    steps from the leading direction of all of them), and k's energy along v_k,
+    ‖v_kᵀR_k‖², is compared with every other usable client's energy along it
+    (median and MAD, at least the χ² spread of noise over a client's
+    ``columns``). The benign clients are a majority of the usable ones, so the
+    median is theirs: noise where v_k is a direction only a minority carries (an
+    attack), and the shared signal where honest clients were left out of a
+    wrong set and v_k is theirs (then nobody stands out along it). A
+    coordinated client carries the minority's direction whatever its size. The
+    evidence counts only where v_k is shared: at least two other outsiders are
+    out of range along it (``z_crit``); one outsider's own direction (a boosted
+    attack) is no group, and honest updates with distinctive data carry some of
+    it (real LLM roles: up to z 60 along one module's).
+
+    Args:
+        resid: (K, p, q) off-subspace residuals, in the units energies are read in.
+        usable: (K,) finite clients. outsiders: (K,) usable clients outside the set.
+        columns: (K,) noise columns. rel_floor: relative energy that is rounding.
+        z_crit: standard deviations above the median read as out of range.
+    """
+    k, p, q = resid.shape
+    dtype = resid.dtype
+    out = jnp.where(outsiders[:, None, None], resid, 0.0)
+    stacked = jnp.transpose(out, (1, 0, 2)).reshape(p, k * q)                 # (p, K q)
+    # Start: the outsiders' leading direction (eigenvector of the small column Gram).
+    gram = stacked.T @ stacked
+    top = jnp.linalg.eigh(gram)[1][:, -1]
+    start = stacked @ top
+    start = start / jnp.maximum(jnp.linalg.norm(start), jnp.finfo(dtype).tiny)
+
+    def step(v, _):
+        # (G − R_k R_kᵀ) v_k for every k at once, G = Σ_outsiders R_j R_jᵀ.
+        shared = (stacked @ (stacked.T @ v.T)).T                             # (K, p)
+        own = jnp.einsum("kpq,kq->kp", out, jnp.einsum("kpq,kp->kq", out, v))
+        w = shared - own
+        return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), jnp.finfo(dtype).tiny), None
+
+    v, _ = jax.lax.scan(step, jnp.broadcast_to(start, (k, p)), None, length=steps)
+    along = jnp.sum(jnp.square(jnp.einsum("dp,jpq->djq", v, resid)), axis=-1)   # (direction k, client j)
+    own = jnp.diagonal(along)
+    others = usable[None, :] & ~jnp.eye(k, dtype=bool)
+    ordered = jnp.sort(jnp.where(others, along, jnp.inf), axis=-1)
+    n = jnp.maximum(jnp.sum(others, axis=-1), 1)
+    centre = jnp.take_along_axis(ordered, ((n - 1) // 2)[:, None], axis=-1)[:, 0]
+    dev = jnp.sort(jnp.where(others, jnp.abs(along - centre[:, None]), jnp.inf), axis=-1)
+    mad = jnp.take_along_axis(dev, ((n - 1) // 2)[:, None], axis=-1)[:, 0]
+    typical = jnp.maximum(jnp.median(columns), 1).astype(dtype)
+    spread = jnp.maximum(1.4826 * mad, centre * jnp.sqrt(2.0 / typical))
+    scores = (along - centre[:, None]) / jnp.maximum(spread, jnp.finfo(dtype).tiny)[:, None]   # (direction k, client j)
+    z = jnp.diagonal(scores)
+    size2 = jnp.sum(jnp.square(resid), axis=(-2, -1))
+    z = jnp.where(own - centre <= rel_floor * jnp.maximum(size2, jnp.finfo(dtype).tiny), jnp.minimum(z, 0.0), z)
+    # Evidence only where v_k is shared: at least two other outsiders carry it out of
+    # range (one outsider's own direction, or a lone attacker's, says nothing of k).
+    carriers = jnp.sum((scores > z_crit) & outsiders[None, :] & ~jnp.eye(k, dtype=bool), axis=-1)
+    share = own / jnp.maximum(size2, jnp.finfo(dtype).tiny)
+    return jnp.where((carriers >= 2) & (share > COORDINATED_SHARE), z, 0.0)
 
 
 def held_out_excess(svd, blocks, members, basis, rank, fit_rank, width=HELD_OUT_WIDTH):
@@ -230,6 +310,17 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         ok_med = z_med <= z_crit
         z = jnp.where(heavy, z_med, jnp.where(veto, jnp.minimum(z_plain, z_clip), z_plain))
         keep = usable & jnp.where(heavy, ok_med, ok_plain | (veto & ok_clip))
+        # Outside dense full-rank sets: a client that carries the direction the
+        # outsiders share is one of them, whatever its size (coordination_z). Not in
+        # the first round: its outsiders are the convex screen's, which may hold honest
+        # clients that the refit itself would readmit.
+        outsiders = usable & ~current
+        z_coord = jax.lax.cond(~veto & (state.rounds >= 1) & (jnp.sum(outsiders) >= 2) &
+                               (jnp.sum(current) >= HELD_OUT_MIN_SET),
+                               lambda: coordination_z(resid, usable, outsiders, cols, rel_floor, z_crit),
+                               lambda: jnp.zeros((k,), blocks.dtype))
+        z = jnp.maximum(z, z_coord)
+        keep = keep & (z_coord <= z_crit)
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
         kept = svd._replace(u=svd.u[:, :carry], vt=svd.vt[:carry])
