@@ -35,8 +35,8 @@ HELD_OUT_MIN_SET = 3
 
 
 #: The direction outsiders share is found by COORDINATION_STEPS power steps (from
-#: their residuals' leading direction), once for each client without its own residual.
-COORDINATION_STEPS = 20
+#: their largest residual column), once for each client without its own residual.
+COORDINATION_STEPS = 30
 
 
 #: ... and a client is read as coordinated only when more than COORDINATED_SHARE of its
@@ -56,7 +56,7 @@ def coordination_z(resid, usable, outsiders, columns, rel_floor, z_crit, steps=C
     the set's spectrum: read overall it comes back. Here the direction is read
     from the outsiders instead: for each client k, v_k is the leading direction of
     the other outsiders' residuals ((I − ÛÛᵀ)Θ̂_j, j outside the set, j ≠ k; power
-    steps from the leading direction of all of them), and k's energy along v_k,
+    steps from their largest residual column), and k's energy along v_k,
     ‖v_kᵀR_k‖², is compared with every other usable client's energy along it
     (median and MAD, at least the χ² spread of noise over a client's
     ``columns``). The benign clients are a majority of the usable ones, so the
@@ -79,10 +79,8 @@ def coordination_z(resid, usable, outsiders, columns, rel_floor, z_crit, steps=C
     dtype = resid.dtype
     out = jnp.where(outsiders[:, None, None], resid, 0.0)
     stacked = jnp.transpose(out, (1, 0, 2)).reshape(p, k * q)                 # (p, K q)
-    # Start: the outsiders' leading direction (eigenvector of the small column Gram).
-    gram = stacked.T @ stacked
-    top = jnp.linalg.eigh(gram)[1][:, -1]
-    start = stacked @ top
+    # Start: the outsiders' largest residual column.
+    start = stacked[:, jnp.argmax(jnp.sum(jnp.square(stacked), axis=0))]
     start = start / jnp.maximum(jnp.linalg.norm(start), jnp.finfo(dtype).tiny)
 
     def step(v, _):
@@ -310,17 +308,19 @@ def residual_test(blocks, benign, usable, rank_fn, *, z_crit, rel_floor, rounds=
         ok_med = z_med <= z_crit
         z = jnp.where(heavy, z_med, jnp.where(veto, jnp.minimum(z_plain, z_clip), z_plain))
         keep = usable & jnp.where(heavy, ok_med, ok_plain | (veto & ok_clip))
-        # Outside dense full-rank sets: a client that carries the direction the
-        # outsiders share is one of them, whatever its size (coordination_z). Not in
-        # the first round: its outsiders are the convex screen's, which may hold honest
-        # clients that the refit itself would readmit.
-        outsiders = usable & ~current
-        z_coord = jax.lax.cond(~veto & (state.rounds >= 1) & (jnp.sum(outsiders) >= 2) &
-                               (jnp.sum(current) >= HELD_OUT_MIN_SET),
-                               lambda: coordination_z(resid, usable, outsiders, cols, rel_floor, z_crit),
-                               lambda: jnp.zeros((k,), blocks.dtype))
-        z = jnp.maximum(z, z_coord)
-        keep = keep & (z_coord <= z_crit)
+        # LoRA: a client that carries the direction the outsiders share is one of
+        # them, whatever its size (coordination_z). Not in the first round: its
+        # outsiders are the convex screen's, which may hold honest clients that the
+        # refit itself would readmit. (Dense sets: their coordinated minorities are
+        # exposed by the majority check; the step is not even compiled for them.)
+        if not entrywise:
+            outsiders = usable & ~current
+            z_coord = jax.lax.cond((state.rounds >= 1) & (jnp.sum(outsiders) >= 2) &
+                                   (jnp.sum(current) >= HELD_OUT_MIN_SET),
+                                   lambda: coordination_z(resid, usable, outsiders, cols, rel_floor, z_crit),
+                                   lambda: jnp.zeros((k,), blocks.dtype))
+            z = jnp.maximum(z, z_coord)
+            keep = keep & (z_coord <= z_crit)
         # A refit never hands the majority to the other side.
         keep = jnp.where(2 * jnp.sum(keep) >= jnp.sum(usable), keep, current)
         kept = svd._replace(u=svd.u[:, :carry], vt=svd.vt[:carry])
