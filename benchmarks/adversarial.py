@@ -18,7 +18,9 @@ and class 0, what no subspace method can see by design: attackers inside the
 shared subspace with benign-sized coefficients.
 
 Columns: TPR / FPR of the pooled verdict (``client_benign``; "positive" =
-contaminated), the benign clients' mean relative error ‖Θ̃_k − Θ_k‖/‖Θ_k‖ (Θ_k
+contaminated), the share of honest clients whose public status is
+"contaminated" (``ClairResult.contaminated()``: a flagged honest client that is
+noise-like is "noisy", refined and not accused), the benign clients' mean relative error ‖Θ̃_k − Θ_k‖/‖Θ_k‖ (Θ_k
 the noise-free update), that error over the local one (each client keeps Θ̂_k)
 and over the oracle's (true subspace and true set, :func:`cj.baselines.oracle`),
 r̂ against the true rank, and flags: ``nonfinite`` when any reported number
@@ -414,6 +416,9 @@ def run_case(name, seed):
     return dict(
         case=name, cls=cls, seed=seed,
         tpr=float(det["tpr"]), fpr=float(det["fpr"]),
+        # The public verdict: honest clients whose status is "contaminated" (a flagged
+        # but noise-like honest client is "noisy": refined, not accused).
+        accused=float(np.mean(res.contaminated()[benign])) if benign.any() else 0.0,
         # Flagged clients refined by projection as noise-like honest ones (ClairResult.noisy).
         noisy_honest=float(np.mean(noisy[benign])),
         noisy_attackers=float(np.mean(noisy[~benign])) if (~benign).any() else 0.0,
@@ -472,7 +477,7 @@ def summarise(rows):
         mean = lambda key: float(np.mean([r[key] for r in group]))  # noqa: E731
         worst = lambda key: float(np.max([r[key] for r in group]))  # noqa: E731
         out.append(dict(
-            case=name, cls=group[0]["cls"], seeds=len(group), tpr=mean("tpr"), fpr=mean("fpr"),
+            case=name, cls=group[0]["cls"], seeds=len(group), tpr=mean("tpr"), fpr=mean("fpr"), accused=mean("accused"),
             noisy=f"{mean('noisy_honest'):.2f} / {mean('noisy_attackers'):.2f}",
             err=mean("err"), vs_local=mean("vs_local"), worst_vs_local=worst("vs_local"), vs_oracle=mean("vs_oracle"),
             rank=f"{min(r['rank_min'] for r in group)}-{max(r['rank_max'] for r in group)} / {group[0]['true_rank']}",
@@ -483,7 +488,7 @@ def summarise(rows):
 
 
 COLUMNS = [("cls", "class", "d"), ("case", "case", ""), ("tpr", "TPR", ".2f"), ("fpr", "FPR", ".2f"),
-           ("noisy", "noisy: honest / attackers", ""),
+           ("accused", "honest reported contaminated", ".2f"), ("noisy", "noisy: honest / attackers", ""),
            ("err", "benign err", ".3f"), ("vs_local", "/ local", ".2f"), ("worst_vs_local", "worst / local", ".2f"),
            ("vs_oracle", "/ oracle", ".2f"), ("rank", "r̂ / r", ""), ("nonfinite", "non-finite fields", ""),
            ("converged", "converged", "")]
