@@ -455,7 +455,7 @@ def run_copy_task(seed, quick):
     return dict(
         case=f"copy task ({'quick' if quick else 'full'}), foreign flagged {bool(flagged[labels == 'foreign'].all())}",
         cls=6, seed=seed, tpr=float(np.mean(flagged[bad])), fpr=float(np.mean(flagged[~bad])),
-        noisy_honest=float("nan"), noisy_attackers=float("nan"),
+        accused=float("nan"), noisy_honest=float("nan"), noisy_attackers=float("nan"),
         err=float("nan"), err_local=float("nan"), err_oracle=float("nan"),
         vs_local=loss("clair") / loss("local"), vs_oracle=loss("clair") / loss("oracle"),
         rank_min=int(min(out["rank"].values())), rank_max=int(max(out["rank"].values())), true_rank=-1,
