@@ -37,6 +37,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,8 +92,37 @@ def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_
         return jax.vmap(fn)
     if how == "chunks" and batch > 1:
         # jax.lax.map's batch_size: consecutive chunks, each one vmap, the remainder vmapped after.
-        return lambda *xs: jax.lax.map(lambda a: fn(*a), xs, batch_size=int(batch))
+        return _without_empty(lambda g, xs: jax.lax.map(lambda a: g(*a), xs, batch_size=int(batch)), fn)
     return lambda *xs: jax.lax.map(lambda a: fn(*a), xs)
+
+
+def _without_empty(mapper, fn):
+    """``mapper(g, xs)`` over the leaves that hold data: empty inputs and outputs (a
+    zero-width basis, say) are rebuilt as zeros around it, since jax.lax.map's
+    ``batch_size`` cannot reshape an array of size 0 (its -1 axis divides by zero)."""
+    def run(*xs):
+        leaves, tree = jax.tree_util.tree_flatten(xs)
+        n = leaves[0].shape[0]
+        empty = [leaf.size == 0 for leaf in leaves]
+        specs = [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype) for leaf in leaves]
+
+        def one(*kept):
+            kept = iter(kept)
+            rebuilt = [jnp.zeros(spec.shape, spec.dtype) if e else next(kept) for spec, e in zip(specs, empty)]
+            return fn(*jax.tree_util.tree_unflatten(tree, rebuilt))
+
+        full = [leaf for leaf, e in zip(leaves, empty) if not e]
+        outs, out_tree = jax.tree_util.tree_flatten(jax.eval_shape(one, *[specs[i] for i, e in enumerate(empty)
+                                                                         if not e]))
+        out_empty = [math.prod(o.shape) == 0 for o in outs]
+
+        def g(*kept):
+            return tuple(o for o, e in zip(jax.tree_util.tree_leaves(one(*kept)), out_empty) if not e)
+
+        mapped = iter(mapper(g, tuple(full)))
+        return jax.tree_util.tree_unflatten(out_tree, [jnp.zeros((n,) + o.shape, o.dtype) if e else next(mapped)
+                                                       for o, e in zip(outs, out_empty)])
+    return run
 
 
 def shard_problems(batched, mesh, axis_name):

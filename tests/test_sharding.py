@@ -138,3 +138,18 @@ def test_detection_in_chunks_of_vmapped_problems_gives_the_same_answer(monkeypat
     np.testing.assert_array_equal(chunked.client_benign, one.client_benign)
     np.testing.assert_array_equal(chunked.rank, one.rank)
     np.testing.assert_allclose(chunked.refined, one.refined, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_carry_an_empty_leaf():
+    # A zero-width leaf (the detection's carried basis when it holds no vectors) beside
+    # real ones: chunks of vmapped problems give what one problem at a time gives.
+    x = jnp.arange(10.0).reshape(5, 2)
+    empty = jnp.zeros((5, 3, 0))
+
+    def fn(a, e):
+        return jnp.sum(a) + e.shape[-1] + jnp.sum(e), 2 * e   # an empty output too
+
+    chunked = sharding.over_problems(fn, "chunks", batch=2)(x, empty)
+    one_by_one = sharding.over_problems(fn, "map")(x, empty)
+    np.testing.assert_array_equal(np.asarray(chunked[0]), np.asarray(one_by_one[0]))
+    assert chunked[1].shape == one_by_one[1].shape == (5, 3, 0)
