@@ -165,7 +165,8 @@ def bulk_shrinkage(singular_values, p, n_cols, passes=BULK_PASSES):
         p: rows. n_cols: the stack's noise columns (may be traced).
     """
     sigma = stack_noise_level(singular_values, p, n_cols)[0]
-    edge = jnp.sqrt(jnp.asarray(p, singular_values.dtype)) + jnp.sqrt(jnp.maximum(n_cols, 1).astype(singular_values.dtype))
+    dtype = singular_values.dtype
+    edge = jnp.sqrt(jnp.asarray(p, dtype)) + jnp.sqrt(jnp.maximum(n_cols, 1).astype(dtype))
 
     def reread(_, sigma):
         rank = jnp.sum(singular_values > sigma * edge)

@@ -29,9 +29,9 @@ import numpy as np
 
 from clair_jax import stack
 from clair_jax._compile import program
-from clair_jax.basis import (DECISIVE_Z, heavy_tails_clipped, MAJORITY_MAX_RANK, MAJORITY_SLACK, OWN_NOISE, OWN_SHARE, RANK_MARGIN,
-                             StackSVD, basis_coefficients, benign_spectrum, capped, majority_basis, project,
-                             select_rank, shared_basis, stack_svd, subspace)
+from clair_jax.basis import (DECISIVE_Z, MAJORITY_MAX_RANK, MAJORITY_SLACK, OWN_NOISE, OWN_SHARE, RANK_MARGIN,
+                             StackSVD, basis_coefficients, benign_spectrum, capped, heavy_tails_clipped, majority_basis,
+                             project, select_rank, shared_basis, stack_svd, subspace)
 from clair_jax.fallbacks import (BULK_PASSES, CROWDED_SHARE, LOCAL_SLACK, NOISY_FLAT, NOISY_Z, bulk_shrinkage, crowded,
                                  local_share, noise_like)
 from clair_jax.lora import LoRAFactors, lift
@@ -39,7 +39,8 @@ from clair_jax.robust import rounding_floor
 from clair_jax.shrinkage import CENTRE_PASSES, CENTRE_Z, HUBER, POOLING, centre_cut, partial_pool, pool_members
 
 __all__ = ["centre_cut", "pool_members", "capped", "benign_spectrum", "StackSVD", "stack_svd", "select_rank", "shared_basis",
-           "majority_basis", "subspace", "project", "local_share", "crowded", "CROWDED_SHARE", "bulk_shrinkage", "BULK_PASSES", "partial_pool", "POOLING",
+           "majority_basis", "subspace", "project", "local_share", "crowded", "CROWDED_SHARE", "bulk_shrinkage",
+           "BULK_PASSES", "partial_pool", "POOLING",
            "Refinement", "refine", "noise_like", "reported_noise", "DECISIVE_Z", "MAJORITY_MAX_RANK", "MAJORITY_SLACK",
            "CENTRE_Z", "CENTRE_PASSES", "NOISY_FLAT", "NOISY_Z", "RANK_MARGIN", "OWN_SHARE", "OWN_NOISE", "LOCAL_SLACK",
            "HUBER", "WIDTH_STEP"]

@@ -154,7 +154,8 @@ def _coordinated_lora(seed, k=16, d=48, r=4, d_in=30, shared=3, noise=0.5, frac=
     w = rng.standard_normal(d)
     w -= u @ (u.T @ w)
     w /= np.linalg.norm(w)
-    b = np.einsum("ps,ksr->kpr", u, rng.standard_normal((k, shared, r))) + noise * rng.standard_normal((k, d, r)) / np.sqrt(d)
+    b = np.einsum("ps,ksr->kpr", u, rng.standard_normal((k, shared, r)))
+    b += noise * rng.standard_normal((k, d, r)) / np.sqrt(d)
     for j in np.flatnonzero(bad):
         b[j] = np.outer(w, rng.standard_normal(r)) * np.linalg.norm(b[j]) / np.sqrt(r)
     a = rng.standard_normal((k, r, d_in)) / np.sqrt(d_in)
