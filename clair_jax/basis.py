@@ -309,10 +309,7 @@ def _entry_scale(blocks):
     """(K, 1, 1) robust entry scale of each client's block, median |entry| / 0.6745 over
     its nonzero entries (a structural zero row, as in a layer no input reaches, says nothing)."""
     mag = jnp.abs(blocks.reshape(blocks.shape[0], -1))
-    live = mag > 0
-    ordered = jnp.sort(jnp.where(live, mag, jnp.inf), axis=-1)
-    mid = (jnp.maximum(jnp.sum(live, axis=-1), 1) - 1) // 2
-    med = jnp.take_along_axis(ordered, mid[:, None], axis=-1)[:, 0]
+    med = jax.vmap(masked_median)(mag, mag > 0)
     return jnp.where(jnp.isfinite(med), med / 0.6745, 0.0)[:, None, None]
 
 

@@ -20,8 +20,8 @@ from clair_jax.basis import StackSVD, majority_basis, shared_basis, stack_svd
 from clair_jax.robust import (ENTRY_CLIP, HEAVY_TAIL_RATIO, heavy_tailed, masked_median, robust_units, scaled_norms,
                               size_exponent, winsorised_energies)
 
-__all__ = ["ResidualTest", "residual_test", "held_out_excess", "coordination_z", "COORDINATION_STEPS", "ENTRY_CLIP",
-           "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH", "HELD_OUT_MIN_SET"]
+__all__ = ["ResidualTest", "residual_test", "held_out_excess", "coordination_z", "COORDINATION_STEPS",
+           "COORDINATED_SHARE", "ENTRY_CLIP", "HEAVY_TAIL_RATIO", "HELD_OUT_WIDTH", "HELD_OUT_MIN_SET"]
 
 #: A member's held-out energy (:func:`held_out_excess`) is computed inside the
 #: stack's leading HELD_OUT_WIDTH singular directions (exact where the stack's
@@ -94,11 +94,9 @@ def coordination_z(resid, usable, outsiders, columns, rel_floor, z_crit, steps=C
     along = jnp.sum(jnp.square(jnp.einsum("dp,jpq->djq", v, resid)), axis=-1)   # (direction k, client j)
     own = jnp.diagonal(along)
     others = usable[None, :] & ~jnp.eye(k, dtype=bool)
-    ordered = jnp.sort(jnp.where(others, along, jnp.inf), axis=-1)
-    n = jnp.maximum(jnp.sum(others, axis=-1), 1)
-    centre = jnp.take_along_axis(ordered, ((n - 1) // 2)[:, None], axis=-1)[:, 0]
-    dev = jnp.sort(jnp.where(others, jnp.abs(along - centre[:, None]), jnp.inf), axis=-1)
-    mad = jnp.take_along_axis(dev, ((n - 1) // 2)[:, None], axis=-1)[:, 0]
+    row_median = jax.vmap(masked_median)
+    centre = row_median(along, others)
+    mad = row_median(jnp.abs(along - centre[:, None]), others)
     typical = jnp.maximum(jnp.median(columns), 1).astype(dtype)
     spread = jnp.maximum(1.4826 * mad, centre * jnp.sqrt(2.0 / typical))
     scores = (along - centre[:, None]) / jnp.maximum(spread, jnp.finfo(dtype).tiny)[:, None]   # (direction k, client j)
