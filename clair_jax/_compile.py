@@ -1,4 +1,5 @@
-"""``jax.jit`` for CLAIR's own programs, with the compiler options they want per backend.
+"""How CLAIR's programs are compiled and run: ``jax.jit`` with the compiler options they
+want per backend, and how many of them may run at once on the CPU.
 
 CLAIR's programs are while-loop heavy (λ paths, refit rounds, ``lax.map`` over
 problems). XLA:CPU's MLIR fusion emitters take 1.4–2× as long to compile them
@@ -11,7 +12,10 @@ are compiled with the classic ones. Other backends get XLA's defaults. The optio
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
+import threading
 
 import jax
 
@@ -56,3 +60,75 @@ def program(fun=None, **jit_kwargs):
     if fun is None:
         return functools.partial(program, **jit_kwargs)
     return _Program(fun, jit_kwargs)
+
+
+# ------------------------------------------------- several programs at once on the CPU
+
+#: XLA:CPU runs the parallel pieces of every program on one intra-op thread pool,
+#: of one thread per core unless ``PJRT_NPROC`` (or ``NPROC``) says otherwise when
+#: the backend starts. A running program that waits inside a loop holds one of its
+#: threads, so as many concurrent programs as threads wait on each other for ever
+#: (two 7B-shaped detection passes on a 2-core machine hang; with a pool of 3 they
+#: run, and 3 and 4 programs with pools of 4 and 5:
+#: ``benchmarks/investigations/cpu_concurrency.py``). Imported before JAX's backend
+#: starts, clair_jax asks for a pool of POOL_PER_CORE threads per core (idle threads
+#: cost nothing), and runs at most half the pool's size of its programs at once.
+POOL_PER_CORE = 2
+
+
+def _cores():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _backend_started():
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:   # an API this check cannot read: assume the pool is the default one
+        return True
+
+
+def _pool_size():
+    """The intra-op pool XLA:CPU starts (or started) with: PJRT_NPROC, else NPROC, else the cores."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return _cores()
+
+
+if not _backend_started() and "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
+    os.environ["PJRT_NPROC"] = str(POOL_PER_CORE * _cores())
+#: The pool's size as the CPU backend sees it (read when clair_jax is imported).
+_POOL = _pool_size()
+
+
+def host_lanes(platform: str) -> int:
+    """How many of CLAIR's programs run at once on ``platform``: on the CPU one per core, at
+    most half the intra-op pool (see :data:`POOL_PER_CORE`); 1 elsewhere (an accelerator
+    batches problems inside one program instead)."""
+    if platform != "cpu":
+        return 1
+    return max(1, min(_cores(), _POOL // 2))
+
+
+def in_lanes(fn, items, lanes: int) -> list:
+    """``[fn(x) for x in items]``, up to ``lanes`` at once (threads: JAX releases the GIL
+    while a program runs); in order; an exception in any call is raised here."""
+    items = list(items)
+    # Inside a lane everything runs in that lane: lanes of lanes could outnumber the pool.
+    if lanes <= 1 or len(items) <= 1 or getattr(_lane, "inside", False):
+        return [fn(x) for x in items]
+
+    def in_lane(x):
+        _lane.inside = True
+        return fn(x)
+
+    with concurrent.futures.ThreadPoolExecutor(min(lanes, len(items)), thread_name_prefix="clair-lane") as workers:
+        return list(workers.map(in_lane, items))
+
+
+_lane = threading.local()

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax import linalg, sharding, tuning
-from clair_jax._compile import program
+from clair_jax._compile import host_lanes, in_lanes, program
 from clair_jax.basis import SUBSPACE_CLIP, select_rank, stack_svd
 from clair_jax.decompose import Decomposition
 from clair_jax.prox import safe_frobenius_norm
@@ -178,6 +178,11 @@ MAX_PASSES = 3
 #: ``while_loop`` selects its whole carry for every member at every step and
 #: runs both sides of every batched ``lax.cond``. Accelerators batch everything.
 PROBLEM_BATCH = {"cpu": 1}
+
+#: On the CPU, :func:`until_settled` cuts the problems into this many chunks per lane
+#: (``_compile.host_lanes``: one program per core runs at once), so that lanes whose
+#: chunks finish early take the next one.
+CHUNKS_PER_LANE = 4
 
 #: The refit test runs at most this many rounds per pass, each on the previous
 #: round's set; a round that keeps its set ends it (:func:`residual_test`).
@@ -420,6 +425,28 @@ def until_settled(problems, options) -> Detection:
         problems: :class:`clair_jax.stack.Problems`.
         options: :class:`clair_jax.options.ClairOptions`.
     """
+    n = problems.blocks.shape[0]
+    lanes = host_lanes(_platform(problems.blocks))
+    if lanes == 1 or n == 1:
+        return _settle(problems, options)
+    # On the CPU, chunks of problems settle in lanes (one program per core at once; the
+    # passes of one chunk never wait for another's). More chunks than lanes even out
+    # problems whose paths take longer; equal chunks (the last padded by repeating its
+    # last problem) share one compiled program.
+    width = -(-n // (CHUNKS_PER_LANE * lanes))
+    starts = range(0, n, width)
+
+    def chunk(start):
+        take = functools.partial(sharding.pad_layers, multiple=width)
+        part = problems._replace(blocks=take(problems.blocks[start:start + width]),
+                                 usable=take(problems.usable[start:start + width]))
+        return _settle(part, options)
+
+    return concatenate(in_lanes(chunk, starts, lanes), n)
+
+
+def _settle(problems, options) -> Detection:
+    """:func:`until_settled` on one batch of problems, in one program per pass."""
     blocks, usable, dims = problems.blocks, problems.usable, problems.dims
     k = problems.num_clients
     dtype = blocks.dtype

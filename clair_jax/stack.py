@@ -9,13 +9,14 @@ Functions here take one problem; callers vmap over leading axes.
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax._compile import program
+from clair_jax._compile import host_lanes, in_lanes, program
 from clair_jax.lora import LoRAFactors, reduce_factors
 from clair_jax.sharding import pad_layers
 
@@ -134,9 +135,10 @@ def map_chunks(fn, arrays, *, host_out=()):
     per_problem = sum(x.nbytes for x in leaves) // n
     size = max(1, min(n, CHUNK_BYTES // max(per_problem, 1)))
     size = -(-n // -(-n // size))          # equal chunks: ceil(n / number of chunks)
-    device_parts, host = [], {}
-    for start in range(0, n, size):
-        def take(x, start=start):
+    host = {}
+
+    def run(start):
+        def take(x):
             # Host arrays are cut on the host, device arrays on the device: neither is copied whole.
             xp = np if isinstance(x, np.ndarray) else jnp
             part = x[start:start + size]
@@ -146,18 +148,21 @@ def map_chunks(fn, arrays, *, host_out=()):
 
         # The chunk's host arrays go over in one device_put (jnp.asarray of each is ~3× slower).
         chunk = jax.device_put(jax.tree_util.tree_map(take, arrays))
-
         # Wait for each chunk: dispatched asynchronously, every chunk's copy would be alive at once.
         out = jax.block_until_ready(fn(*chunk))
         del chunk
         keep = min(size, n - start)
         trim = (lambda y: y) if keep == size else (lambda y: y[:keep])
-        for i in host_out:   # host outputs go straight into their numpy buffer
-            if i not in host:
-                host[i] = np.empty((n,) + out[i].shape[1:], out[i].dtype)
+        for i in host_out:   # host outputs go straight into their numpy buffer (disjoint rows per chunk)
+            with lock:
+                if i not in host:
+                    host[i] = np.empty((n,) + out[i].shape[1:], out[i].dtype)
             host[i][start:start + keep] = np.asarray(out[i])[:keep]
-        device_parts.append([jax.tree_util.tree_map(trim, y) if i not in host_out else None for i, y in enumerate(out)])
-        del out
+        return [jax.tree_util.tree_map(trim, y) if i not in host_out else None for i, y in enumerate(out)]
+
+    # On the CPU one chunk per lane at once (``_compile.host_lanes``), else one after another.
+    lock = threading.Lock()
+    device_parts = in_lanes(run, range(0, n, size), host_lanes(jax.default_backend()))
     joined = [host[i] if i in host_out else
               jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys, axis=0), *[part[i] for part in device_parts])
               for i in range(len(device_parts[0]))]
