@@ -13,6 +13,7 @@ are compiled with the classic ones. Other backends get XLA's defaults. The optio
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import functools
 import os
 import threading
@@ -100,8 +101,26 @@ def _pool_size():
     return _cores()
 
 
+#: With lanes, every thread that allocates gets its own glibc heap ("arena"), and a
+#: buffer one lane frees cannot serve another: the 7B LoRA call peaked at 2.03–2.09×
+#: its input and ran 8–10 % slower than with one heap shared by every thread (1.97–1.99×;
+#: ``benchmarks/bench_llm_call.py``). So when clair_jax sets the pool up it also caps
+#: glibc at MALLOC_ARENAS heaps (``mallopt(M_ARENA_MAX)``), unless MALLOC_ARENA_MAX is set.
+MALLOC_ARENAS = 1
+
+
+def _share_one_heap():
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)   # M_ARENA_MAX
+    except (AttributeError, OSError):   # not glibc
+        pass
+
+
 if not _backend_started() and "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
     os.environ["PJRT_NPROC"] = str(POOL_PER_CORE * _cores())
+    _share_one_heap()
 #: The pool's size as the CPU backend sees it (read when clair_jax is imported).
 _POOL = _pool_size()
 

@@ -35,7 +35,7 @@ from clair_jax.robust import (ENERGY_CAP, SIZE_SPREAD, masked_median, robust_uni
                               size_exponent)
 from clair_jax.robust import rounding_floor as _rel_floor
 from clair_jax.solvers import solve_alm_path
-from clair_jax.stack import to_stacked
+from clair_jax.stack import release_freed_memory, to_stacked
 
 __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked_median", "MIN_GAP",
            "residual_test", "Detection", "until_settled", "concatenate", "NORM_CLIP", "STACK_NOISE_RATIO", "MAX_PASSES",
@@ -442,7 +442,9 @@ def until_settled(problems, options) -> Detection:
                                  usable=take(problems.usable[start:start + width]))
         return _settle(part, options)
 
-    return concatenate(in_lanes(chunk, starts, lanes), n)
+    out = concatenate(in_lanes(chunk, starts, lanes), n)
+    release_freed_memory()   # the chunks' scratch, freed in the lanes' own heaps
+    return out
 
 
 def _settle(problems, options) -> Detection:

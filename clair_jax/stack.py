@@ -122,18 +122,21 @@ def map_chunks(fn, arrays, *, host_out=()):
     """``fn`` over consecutive chunks of problems (the leading axis) of ``arrays``.
 
     Device arrays go in one call. Where any array is a numpy array, chunks of
-    about :data:`CHUNK_BYTES` are sent to the device one after another (the last
-    one padded with zeros to the same size: one compilation) and the outputs are
+    about :data:`CHUNK_BYTES` in all are sent to the device one after another, one
+    per lane at once on the CPU (the last one padded with zeros to the same size:
+    one compilation) and the outputs are
     joined: on the device, or, for the output positions in ``host_out`` (top-level
     indices of ``fn``'s output tuple), in a numpy array filled chunk by chunk.
     """
     leaves = jax.tree_util.tree_leaves(arrays)
     if not any(isinstance(x, np.ndarray) for x in leaves):
         return fn(*arrays)
-    _release_freed_memory()
+    release_freed_memory()
     n = leaves[0].shape[0]
     per_problem = sum(x.nbytes for x in leaves) // n
-    size = max(1, min(n, CHUNK_BYTES // max(per_problem, 1)))
+    # On the CPU one chunk per lane runs at once (``_compile.host_lanes``): CHUNK_BYTES in flight in all.
+    lanes = host_lanes(jax.default_backend())
+    size = max(1, min(n, CHUNK_BYTES // lanes // max(per_problem, 1)))
     size = -(-n // -(-n // size))          # equal chunks: ceil(n / number of chunks)
     host = {}
 
@@ -160,16 +163,15 @@ def map_chunks(fn, arrays, *, host_out=()):
             host[i][start:start + keep] = np.asarray(out[i])[:keep]
         return [jax.tree_util.tree_map(trim, y) if i not in host_out else None for i, y in enumerate(out)]
 
-    # On the CPU one chunk per lane at once (``_compile.host_lanes``), else one after another.
     lock = threading.Lock()
-    device_parts = in_lanes(run, range(0, n, size), host_lanes(jax.default_backend()))
+    device_parts = in_lanes(run, range(0, n, size), lanes)
     joined = [host[i] if i in host_out else
               jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys, axis=0), *[part[i] for part in device_parts])
               for i in range(len(device_parts[0]))]
     return tuple(joined)
 
 
-def _release_freed_memory():
+def release_freed_memory():
     """Hands memory that is free but still held by glibc's allocator (compilation
     scratch, the previous stage's buffers) back to the system before a host-memory
     stage: the process's peak is the input plus what the stages hold at once.
