@@ -433,7 +433,7 @@ def until_settled(problems, options) -> Detection:
     # passes of one chunk never wait for another's). More chunks than lanes even out
     # problems whose paths take longer; equal chunks (the last padded by repeating its
     # last problem) share one compiled program.
-    width = -(-n // (CHUNKS_PER_LANE * lanes))
+    width = _chunk_width(n, lanes)
     starts = range(0, n, width)
 
     def chunk(start):
@@ -447,28 +447,59 @@ def until_settled(problems, options) -> Detection:
     return out
 
 
-def _settle(problems, options) -> Detection:
-    """:func:`until_settled` on one batch of problems, in one program per pass."""
-    blocks, usable, dims = problems.blocks, problems.usable, problems.dims
-    k = problems.num_clients
-    dtype = blocks.dtype
+def _lora_rank(problems):
+    return problems.factors.B.shape[-1] if problems.factored else None
+
+
+def _setup(shape, dtype, dims, lora_rank, platform, options):
+    """The λ grid, the fixed threshold and the static part of a pass over problems of ``shape``."""
+    n, k = shape[0], shape[1]
     p, q = dims
     lams = jnp.asarray(tuning.lambda_grid(k, p, q) if options.lam is None else [options.lam], dtype)
     tol = _screen_tolerance(dtype) if options.tol is None else options.tol
-    shape = (blocks.shape[-2], k * blocks.shape[-1])
+    stacked = (shape[-2], k * shape[-1])
     # A LoRA stack's L̂ has about the adapters' rank: budget the partial SVT for it.
-    budget = linalg.choose_svt_budget(shape, options.svt,
-                                      expected_rank=problems.factors.B.shape[-1] if problems.factored else None)
+    budget = linalg.choose_svt_budget(stacked, options.svt, expected_rank=lora_rank)
     static = _Static(
         tol=float(tol), max_iter=options.max_iter, min_gap=options.min_gap,
         has_threshold=options.threshold is not None, refit=options.refit and options.threshold is None,
         rank=options.rank, z_crit=float(options.z_crit), dims=dims, svt_budget=budget,
         # rank(L̂), which caps r̂, rarely exceeds a partial SVT's budget: that many
         # singular vectors of the final set's SVD go to the refinement (none without one).
-        carry_width=budget if budget is not None and budget < min(shape) else 0,
-        batch=max(1, min(blocks.shape[0], PROBLEM_BATCH.get(_platform(blocks), blocks.shape[0]))),
+        carry_width=budget if budget is not None and budget < min(stacked) else 0,
+        batch=max(1, min(n, PROBLEM_BATCH.get(platform, n))),
     )
-    threshold = jnp.asarray(options.threshold or 0.0, dtype)
+    return lams, jnp.asarray(options.threshold or 0.0, dtype), static
+
+
+def _chunk_width(n, lanes):
+    # Problems per chunk where lanes settle chunks (see until_settled).
+    return -(-n // (CHUNKS_PER_LANE * lanes))
+
+
+def compile_ahead(shape, dtype, dims, lora_rank, options) -> None:
+    """Compile the detection's programs for ``n`` problems of (K, d, w) blocks, ``shape``
+    = (n, K, d, w), before the problems exist (the pipeline does it while stage 2
+    reduces LoRA factors). A call with such problems then compiles nothing.
+    """
+    platform = jax.default_backend()
+    lanes = host_lanes(platform)
+    if lanes > 1 and shape[0] > 1:
+        shape = (_chunk_width(shape[0], lanes),) + tuple(shape[1:])
+    lams, threshold, static = _setup(shape, dtype, dims, lora_rank, platform, options)
+    blocks = jax.ShapeDtypeStruct(shape, dtype)
+    usable = jax.ShapeDtypeStruct(shape[:2], jnp.bool_)
+    _prepare_all.lower(blocks, usable, dims=dims).compile()
+    prep = jax.eval_shape(functools.partial(_prepare_all, dims=dims), blocks, usable)
+    mu = jax.ShapeDtypeStruct(shape[:1], dtype)
+    _pass_all.lower(prep, blocks, usable, lams, mu, threshold, static=static).compile()
+
+
+def _settle(problems, options) -> Detection:
+    """:func:`until_settled` on one batch of problems, in one program per pass."""
+    blocks, usable, dims = problems.blocks, problems.usable, problems.dims
+    dtype = blocks.dtype
+    lams, threshold, static = _setup(blocks.shape, dtype, dims, _lora_rank(problems), _platform(blocks), options)
     prep = _prepare_all(blocks, usable, dims=dims)
     estimated = options.noise is None
     # The pass control runs on the host, in numpy: n numbers per pass.
@@ -503,8 +534,5 @@ def _settle(problems, options) -> Detection:
 
 def concatenate(parts, size, device=None) -> Detection:
     """Detections of consecutive chunks of problems → the first ``size`` in one, on ``device``."""
-    def join(*xs):
-        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)[:size]
-
-    arrays = jax.tree_util.tree_map(join, *[d._replace(passes=None) for d in parts])
+    arrays = sharding.join_problems([d._replace(passes=None) for d in parts], size, device)
     return arrays._replace(passes=max(d.passes for d in parts))

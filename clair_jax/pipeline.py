@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax import _checks, centre, detect, pool, refine, report, stack
+from clair_jax._compile import host_lanes
 from clair_jax.options import ClairOptions
 from clair_jax.lora import LoRAFactors
 
@@ -155,13 +156,25 @@ def screen(groups: Sequence, *, devices=None, **options) -> Screening:
         _checks.check_rank(opts.rank, (p, q), k, "rank" if len(names) == 1 else f"rank (for {name})")
 
     if devices is None:
-        problems = [stack.problems(g, opts.side) for g in groups]
+        problems = [_stack_compiling_ahead(g, opts) for g in groups]
         _check_some_client_finite(problems, names)
         detections = [detect.until_settled(p, opts) for p in problems]
     else:
         problems, detections = zip(*(_detect_on_devices(g, opts, devices) for g in groups))
         _check_some_client_finite(problems, names)
     return Screening(tuple(problems), tuple(detections), opts)
+
+
+def _stack_compiling_ahead(updates, opts):
+    """Stage 2 on one group; while LoRA factors are reduced (seconds for a model's worth
+    of modules), the detection's programs compile for the problems to come."""
+    if not isinstance(updates, LoRAFactors) or host_lanes(jax.default_backend()) < 2:
+        return stack.problems(updates, opts.side)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clair-compile") as ahead:
+        compiled = ahead.submit(detect.compile_ahead, *stack.problem_shape(updates, opts.side), opts)
+        problems = stack.problems(updates, opts.side)
+        compiled.result()   # its errors are the call's
+    return problems
 
 
 def _check_some_client_finite(problems, names):

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clair_jax._compile import program
 
-__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "map_over_layers", "over_problems", "shard_problems"]
+__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "join_problems", "map_over_layers", "over_problems", "shard_problems"]
 
 
 def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_name=None):
@@ -171,6 +171,18 @@ def pad_layers(x, multiple):
         return x
     xp = np if isinstance(x, np.ndarray) else jnp
     return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
+
+
+def join_problems(parts, size=None, device=None):
+    """Pytrees of consecutive chunks of problems → one pytree of the first ``size`` problems
+    (all of them by default), on ``device``, every leaf joined on its first axis in one program."""
+    parts = [jax.device_put(part, device) for part in parts] if device is not None else list(parts)
+    return _join(parts, size)
+
+
+@program(static_argnames=("size",))
+def _join(parts, size):
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0)[:size], *parts)
 
 
 def map_over_layers(fn, mesh=None, axis_name=AXIS, *, per_device="auto"):

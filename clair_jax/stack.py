@@ -18,9 +18,9 @@ import numpy as np
 
 from clair_jax._compile import host_lanes, in_lanes, program
 from clair_jax.lora import LoRAFactors, reduce_factors
-from clair_jax.sharding import pad_layers
+from clair_jax.sharding import join_problems, pad_layers
 
-__all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems", "split", "concatenate"]
+__all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems", "problem_shape", "split", "concatenate"]
 
 SIDES = ("left", "right")
 
@@ -104,6 +104,20 @@ def problems(updates, side) -> Problems:
     return Problems(_zero(blocks, usable), usable, tuple(blocks.shape[-2:]), oriented.shape[:-3], side)
 
 
+def problem_shape(updates, side):
+    """What :func:`problems` will give for checked ``updates``, without computing it:
+    ((n, K, d, w) of the blocks, their dtype, the dense (p, q), the LoRA rank or None)."""
+    if isinstance(updates, LoRAFactors):
+        oriented = updates if side == "left" else updates.transpose()
+        b, a = oriented.B, oriented.A
+        one = jax.eval_shape(reduce_factors, jax.ShapeDtypeStruct(b.shape[-3:], b.dtype),
+                             jax.ShapeDtypeStruct(a.shape[-3:], a.dtype)).blocks
+        n = int(np.prod(b.shape[:-3], dtype=int))
+        return (n,) + one.shape, one.dtype, (b.shape[-2], a.shape[-1]), b.shape[-1]
+    shape = updates.shape if side == "left" else updates.shape[:-2] + updates.shape[:-3:-1]
+    return (int(np.prod(shape[:-3], dtype=int)),) + tuple(shape[-3:]), updates.dtype, tuple(shape[-2:]), None
+
+
 def _finite(x):
     return jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
@@ -165,9 +179,9 @@ def map_chunks(fn, arrays, *, host_out=()):
 
     lock = threading.Lock()
     device_parts = in_lanes(run, range(0, n, size), lanes)
-    joined = [host[i] if i in host_out else
-              jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys, axis=0), *[part[i] for part in device_parts])
-              for i in range(len(device_parts[0]))]
+    on_device = join_problems([[y for i, y in enumerate(part) if i not in host_out] for part in device_parts])
+    on_device = iter(on_device)
+    joined = [host[i] if i in host_out else next(on_device) for i in range(len(device_parts[0]))]
     return tuple(joined)
 
 
@@ -230,9 +244,6 @@ def concatenate(parts, lead, size, device=None):
     ``lead`` layout, on ``device``."""
     first = parts[0]
 
-    def join(*xs):
-        return jnp.concatenate([jax.device_put(x, device) for x in xs], axis=0)[:size]
-
     arrays = [(p.blocks, p.usable, p.factors, p.right) for p in parts]
-    blocks, usable, factors, right = jax.tree_util.tree_map(join, *arrays)
+    blocks, usable, factors, right = join_problems(arrays, size, device)
     return Problems(blocks, usable, first.dims, tuple(lead), first.side, factors, right)
