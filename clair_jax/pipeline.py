@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax import _checks, centre, detect, pool, refine, report, stack
-from clair_jax._compile import host_lanes
+from clair_jax._compile import host_lanes, in_lanes
 from clair_jax.options import ClairOptions
 from clair_jax.lora import LoRAFactors
 
@@ -304,26 +304,24 @@ def _check_coordinate_noise(coordinate_noise, problems, opts):
 def _detect_on_devices(updates, opts, devices):
     """Stages 2–4 with the problems cut into one contiguous chunk per device.
 
-    Each chunk runs as its own single-device program on its device; results are
-    gathered on ``devices[0]``. On accelerators the chunks are dispatched from
-    one thread each (JAX releases the GIL while a program runs), so the devices
-    work at the same time. On CPU host devices they run one after another:
-    two concurrent detection programs hang XLA:CPU (jax 0.10.2; the refit's SVD
-    rounds after the λ path, and even a ``lax.map`` of loops followed by one SVD:
-    ``benchmarks/investigations/cpu_concurrency.py``), as a sharded program did before.
+    Each chunk runs as its own single-device program on its device, dispatched
+    from a thread of its own (JAX releases the GIL while a program runs), so the
+    devices work at the same time; results are gathered on ``devices[0]``. CPU
+    host devices share one XLA:CPU thread pool, so at most
+    ``_compile.host_lanes("cpu")`` of them run at once (more would hang XLA:CPU:
+    ``benchmarks/investigations/cpu_concurrency.py``).
     """
     chunks, lead, size = stack.split(updates, len(devices))   # equal chunks: one program
 
-    def one(chunk, device):
+    def one(args):
+        chunk, device = args
         with jax.default_device(device):
             problems = stack.problems(jax.device_put(chunk, device), opts.side)
             return problems, detect.until_settled(problems, opts)
 
-    if devices[0].platform == "cpu":
-        parts = [one(chunk, device) for chunk, device in zip(chunks, devices)]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(len(chunks)) as workers:
-            parts = list(workers.map(one, chunks, devices))
+    platform = devices[0].platform
+    at_once = len(chunks) if platform != "cpu" else host_lanes(platform)
+    parts = in_lanes(one, list(zip(chunks, devices)), at_once)
     home = devices[0]
     return (stack.concatenate([p for p, _ in parts], lead, size, home),
             detect.concatenate([d for _, d in parts], size, home))
@@ -414,9 +412,9 @@ def clair(
             thresholding, as in :func:`clair_jax.decompose` (all agree to the solver tolerance).
         devices: None (the default device), or a list of JAX devices: the problems
             (leading axes) are cut into one contiguous chunk per device and each
-            chunk is decomposed and screened on its own device (at the same time on
-            accelerators; one after another on CPU host devices, where two concurrent
-            detection programs hang XLA:CPU: ``benchmarks/investigations/cpu_concurrency.py``); verdicts and refinement are then computed on
+            chunk is decomposed and screened on its own device, at the same time (on CPU
+            host devices as many at once as ``clair_jax._compile.host_lanes`` allows);
+            verdicts and refinement are then computed on
             ``devices[0]``. Same results as one device. With several hosts
             (``jax.distributed``), each process passes its ``jax.local_devices()`` to
             :func:`screen` with its share of the modules and refines with the verdict

@@ -1,13 +1,16 @@
-"""Can two XLA:CPU programs run at once on two host devices, and what do they gain?
+"""Can two XLA:CPU programs run at once, and what do they gain?
 
-``cj.clair(..., devices=...)`` runs one single-device program per device. On
-accelerators the programs run concurrently; on CPU host devices
-(``--xla_force_host_platform_device_count``) they run one after another,
-because some concurrent programs hang XLA:CPU. This script checks, each case in
-a fresh process with a time limit, which programs hang and what the others gain
-from the second core: the same jitted program on its own data on each of 2 host
-devices, dispatched once one after another and once together (asynchronous
-dispatch from one thread), warm.
+XLA:CPU runs the parallel pieces of every program on one intra-op thread pool
+(one thread per core unless ``PJRT_NPROC`` says otherwise when the backend
+starts). A program that waits inside a loop holds one of its threads, so as many
+concurrent programs as pool threads can wait on each other for ever. This script
+checks, each case in a fresh process with a time limit and each pool size of
+``--pool``, which programs hang and what the others gain from the second core:
+the same jitted program on its own data on each of 2 host devices
+(``--xla_force_host_platform_device_count``), dispatched once one after another
+and once together, warm. clair_jax asks for a pool of 2 threads per core and
+runs at most half the pool's size of its programs at once
+(``clair_jax._compile.host_lanes``).
 
 Cases (the smallest first):
 
@@ -18,12 +21,10 @@ Cases (the smallest first):
 * ``detection pass, no refit`` / ``detection pass`` — ``detect._pass_all`` on one
   7B-shaped module per device, without and with the refit test.
 
-Run it again after upgrading jax: when no case hangs, concurrent host devices
-can be enabled in :func:`clair_jax.pipeline.clair_groups`.
-
 Usage::
 
-    python benchmarks/investigations/cpu_concurrency.py [--timeout 60] [--cases ...] [--quick] [--json PATH]
+    python benchmarks/investigations/cpu_concurrency.py [--pool 2 4] [--timeout 60] [--cases ...] [--quick]
+                                                        [--json PATH]
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def worker(case):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as hung")
+    parser.add_argument("--pool", type=int, nargs="+", default=[2, 4],
+                        help="XLA:CPU intra-op pool sizes to try (PJRT_NPROC)")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--quick", action="store_true", help="only the smallest case (smoke test)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -127,34 +130,35 @@ def main(argv=None):
     if args.worker:
         return worker(args.worker)
     if args.quick:
-        args.cases = CASES[:1]
+        args.cases, args.pool = CASES[:1], args.pool[-1:]
 
     from benchmarks._common import machine_info, markdown_table, write_json
 
     info = machine_info()
     print(f"cpu_concurrency on {info['cpu_count']} CPU(s), load {info['loadavg_at_start']}", flush=True)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
     rows = []
-    for case in args.cases:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-            stdout, hung = out.stdout, False
-            if out.returncode != 0:
-                raise RuntimeError(f"case {case!r} failed:\n{out.stderr[-3000:]}")
-        except subprocess.TimeoutExpired as e:
-            stdout, hung = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), True
-        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-        row = dict(case=case, sequential_s=float("nan"), concurrent_s=float("nan"), speedup=float("nan"))
-        if lines:
-            row.update(lines[-1])
-        row["result"] = "hangs" if hung else "runs"
-        rows.append(row)
-        print(f"  {case:26s} {row['result']}: sequential {row['sequential_s']:.3f} s, "
-              f"concurrent {row['concurrent_s']:.3f} s", flush=True)
+    for pool in args.pool:
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PJRT_NPROC=str(pool),
+                   XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
+        for case in args.cases:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                stdout, hung = out.stdout, False
+                if out.returncode != 0:
+                    raise RuntimeError(f"case {case!r} failed:\n{out.stderr[-3000:]}")
+            except subprocess.TimeoutExpired as e:
+                stdout, hung = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), True
+            lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+            row = dict(case=case, pool=pool, sequential_s=float("nan"), concurrent_s=float("nan"), speedup=float("nan"))
+            if lines:
+                row.update(lines[-1])
+            row["result"] = "hangs" if hung else "runs"
+            rows.append(row)
+            print(f"  pool {pool}: {case:26s} {row['result']}: sequential {row['sequential_s']:.3f} s, "
+                  f"concurrent {row['concurrent_s']:.3f} s", flush=True)
     print()
-    print(markdown_table(rows, [("case", "program", ""), ("result", "two at once", ""),
+    print(markdown_table(rows, [("case", "program", ""), ("pool", "pool threads", "d"), ("result", "two at once", ""),
                                 ("sequential_s", "one after another (s)", ".3f"),
                                 ("concurrent_s", "together (s)", ".3f"), ("speedup", "speed-up", ".2f")]))
     write_json(args.json, dict(benchmark="cpu_concurrency", machine=info, args=vars(args), rows=rows))
