@@ -105,7 +105,8 @@ def _pool_size():
 #: buffer one lane frees cannot serve another: the 7B LoRA call peaked at 2.03–2.09×
 #: its input and ran 8–10 % slower than with one heap shared by every thread (1.97–1.99×;
 #: ``benchmarks/bench_llm_call.py``). So when clair_jax sets the pool up it also caps
-#: glibc at MALLOC_ARENAS heaps (``mallopt(M_ARENA_MAX)``), unless MALLOC_ARENA_MAX is set.
+#: glibc at MALLOC_ARENAS heaps (``mallopt(M_ARENA_MAX)``, whenever it is imported before the backend
+#: starts), unless MALLOC_ARENA_MAX is set.
 MALLOC_ARENAS = 1
 
 
@@ -118,8 +119,9 @@ def _share_one_heap():
         pass
 
 
-if not _backend_started() and "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
-    os.environ["PJRT_NPROC"] = str(POOL_PER_CORE * _cores())
+if not _backend_started():
+    if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
+        os.environ["PJRT_NPROC"] = str(POOL_PER_CORE * _cores())
     _share_one_heap()
 #: The pool's size as the CPU backend sees it (read when clair_jax is imported).
 _POOL = _pool_size()

@@ -442,8 +442,9 @@ def until_settled(problems, options) -> Detection:
                                  usable=take(problems.usable[start:start + width]))
         return _settle(part, options)
 
-    out = concatenate(in_lanes(chunk, starts, lanes), n)
-    release_freed_memory()   # the chunks' scratch, freed in the lanes' own heaps
+    # Joined before the chunks' memory is handed back (the join runs asynchronously).
+    out = jax.block_until_ready(concatenate(in_lanes(chunk, starts, lanes), n))
+    release_freed_memory()
     return out
 
 
