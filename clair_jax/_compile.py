@@ -115,7 +115,7 @@ def _share_one_heap():
         return
     try:
         ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)   # M_ARENA_MAX
-    except (AttributeError, OSError):   # not glibc
+    except (AttributeError, OSError, TypeError):   # not glibc
         pass
 
 

@@ -31,7 +31,8 @@ from clair_jax.basis import SUBSPACE_CLIP, select_rank, stack_svd
 from clair_jax.decompose import Decomposition
 from clair_jax.prox import safe_frobenius_norm
 from clair_jax.refit import ENTRY_CLIP, HEAVY_TAIL_RATIO, ResidualTest, residual_test
-from clair_jax.robust import (ENERGY_CAP, SIZE_SPREAD, masked_median, robust_units, scaled_norms,
+from clair_jax.robust import (COPY_TOL, ENERGY_CAP, SIZE_SPREAD, masked_median, repeated, robust_units,
+                              scaled_norms,
                               size_exponent)
 from clair_jax.robust import rounding_floor as _rel_floor
 from clair_jax.solvers import solve_alm_path
@@ -47,11 +48,6 @@ __all__ = ["block_scores", "Split", "split_scores", "collaborative_set", "masked
 #: step above them.
 MIN_GAP = 0.1
 
-#: A client's update repeats another's when their squared distance is below
-#: COPY_TOL × the smaller of the two squared norms (both taken from the clients'
-#: mean): independent estimates never come that close (their own noise and
-#: coefficients keep them apart), copies do.
-COPY_TOL = 1e-2
 
 
 def block_scores(sparse, blocks, usable):
@@ -103,44 +99,6 @@ def collaborative_set(scores, usable=None, threshold=None, min_gap=MIN_GAP):
     return split_scores(scores, usable, min_gap).benign
 
 
-def repeated(blocks, usable, tol=COPY_TOL):
-    """(K,) bool: clients whose update repeats a lower-numbered client's.
-
-    Copies add no evidence: 40 % of clients sending one honest update make its
-    noise look shared (r̂ 8 for a true 3 in the zoo) and outvote the rest. So a
-    repeated update counts once: the first client of each group of (near-)equal
-    updates stays, the others are flagged. "Near" is a squared distance below
-    :data:`COPY_TOL` × the smaller squared norm of the two, both measured from
-    the clients' mean update: homogeneous honest clients with little noise
-    differ by about their whole centred size, and clients of very different
-    size are never near, while a copy plus a perturbation of a few percent of
-    its norm is. Zero and non-finite blocks are never copies here (they are
-    handled elsewhere).
-
-    Example:
-        >>> import jax.numpy as jnp, clair_jax as cj
-        >>> x = jnp.stack([jnp.eye(3), 2 * jnp.eye(3), jnp.eye(3), -jnp.eye(3)])
-        >>> cj.detect.repeated(x, jnp.ones(4, bool)).tolist()
-        [False, False, True, False]
-    """
-    k = blocks.shape[0]
-    flat = blocks.reshape(k, -1)
-    live = usable & (jnp.sum(jnp.square(flat), axis=-1) > 0)
-    # Distances from a Gram matrix, centred first: what they share cancels exactly,
-    # so homogeneous clients' small differences are not lost to rounding.
-    centre = jnp.sum(jnp.where(live[:, None], flat, 0.0), axis=0) / jnp.maximum(jnp.sum(live), 1)
-    flat = jnp.where(live[:, None], flat - centre, 0.0)
-    norms2 = jnp.sum(jnp.square(flat), axis=-1)
-    d2 = jnp.maximum(norms2[:, None] + norms2[None, :] - 2.0 * flat @ flat.T, 0.0)
-    order = jnp.arange(k)
-    pairs = live[:, None] & live[None, :] & (order[:, None] > order[None, :])   # (i, j) with j < i
-    # Relative to the smaller of the two (centred) updates: clients of very
-    # different size are never copies of each other, small ones included.
-    size = jnp.minimum(norms2[:, None], norms2[None, :])
-    rounding = 64 * jnp.finfo(blocks.dtype).eps * (norms2[:, None] + norms2[None, :])
-    return jnp.any(pairs & (d2 <= tol * size + rounding), axis=1)
-
-
 # --------------------------------------------- the stage: every problem, all passes
 
 #: The λ path is a screen: its solutions enter the verdict only through the
@@ -168,15 +126,10 @@ STACK_NOISE_RATIO = 1.5
 MAX_PASSES = 3
 
 #: How many problems (modules) one detection program vmaps together, by backend
-#: (``sharding.over_problems(..., "chunks", batch=B)``; a backend not listed
-#: vmaps every problem at once). CPU: 1, one problem after another. On the 7B
-#: LoRA workload (16 modules of 512 × 512 stacks, 2-core VM at load 4.7–5.2)
-#: chunks of 2–16 vmapped modules took 1.2–1.4× the CPU time per module of one
-#: at a time, compiled 4–10 s longer, and were not reliably faster in wall time;
-#: batched kernels also round differently, which moved one module's iterations
-#: at 0.5 % noise (benchmarks/investigations/problem_batch.py). A vmapped
-#: ``while_loop`` selects its whole carry for every member at every step and
-#: runs both sides of every batched ``lax.cond``. Accelerators batch everything.
+#: (``sharding.over_problems(..., "chunks", batch=B)``; a backend not listed vmaps
+#: every problem at once). CPU: 1, one after another: vmapped chunks of 7B modules
+#: cost 1.2–1.4× the CPU time per module (a vmapped ``while_loop`` selects its whole
+#: carry at every step; benchmarks/investigations/problem_batch.py).
 PROBLEM_BATCH = {"cpu": 1}
 
 #: On the CPU, :func:`until_settled` cuts the problems into this many chunks per lane
