@@ -134,7 +134,7 @@ PROBLEM_BATCH = {"cpu": 1}
 
 #: On the CPU, :func:`until_settled` cuts the problems into this many chunks per lane
 #: (``_compile.host_lanes``: one program per core runs at once), so that lanes whose
-#: chunks finish early take the next one.
+#: chunks finish early take the next one; with fewer than two problems a chunk, one lane.
 CHUNKS_PER_LANE = 4
 
 #: The refit test runs at most this many rounds per pass, each on the previous
@@ -379,14 +379,13 @@ def until_settled(problems, options) -> Detection:
         options: :class:`clair_jax.options.ClairOptions`.
     """
     n = problems.blocks.shape[0]
-    lanes = host_lanes(_platform(problems.blocks))
-    if lanes == 1 or n == 1:
+    lanes, width = _lane_plan(n, _platform(problems.blocks))
+    if lanes == 1:
         return _settle(problems, options)
     # On the CPU, chunks of problems settle in lanes (one program per core at once; the
     # passes of one chunk never wait for another's). More chunks than lanes even out
     # problems whose paths take longer; equal chunks (the last padded by repeating its
     # last problem) share one compiled program.
-    width = _chunk_width(n, lanes)
     starts = range(0, n, width)
 
     def chunk(start):
@@ -426,9 +425,13 @@ def _setup(shape, dtype, dims, lora_rank, platform, options):
     return lams, jnp.asarray(options.threshold or 0.0, dtype), static
 
 
-def _chunk_width(n, lanes):
-    # Problems per chunk where lanes settle chunks (see until_settled).
-    return -(-n // (CHUNKS_PER_LANE * lanes))
+def _lane_plan(n, platform):
+    """(lanes, problems per chunk) for n problems: lanes only where every chunk holds at least
+    two problems (for a few small problems the lanes' extra dispatch and joins cost more)."""
+    lanes = host_lanes(platform)
+    if lanes == 1 or n < 2 * CHUNKS_PER_LANE * lanes:
+        return 1, n
+    return lanes, -(-n // (CHUNKS_PER_LANE * lanes))
 
 
 def compile_ahead(shape, dtype, dims, lora_rank, options) -> None:
@@ -437,9 +440,7 @@ def compile_ahead(shape, dtype, dims, lora_rank, options) -> None:
     reduces LoRA factors). A call with such problems then compiles nothing.
     """
     platform = jax.default_backend()
-    lanes = host_lanes(platform)
-    if lanes > 1 and shape[0] > 1:
-        shape = (_chunk_width(shape[0], lanes),) + tuple(shape[1:])
+    shape = (_lane_plan(shape[0], platform)[1],) + tuple(shape[1:])
     lams, threshold, static = _setup(shape, dtype, dims, lora_rank, platform, options)
     blocks = jax.ShapeDtypeStruct(shape, dtype)
     usable = jax.ShapeDtypeStruct(shape[:2], jnp.bool_)
