@@ -84,11 +84,13 @@ def _cores():
         return max(1, os.cpu_count() or 1)
 
 
-def _backend_started():
+def backend_started():
+    """Whether a JAX backend has started: settings read at its start (``XLA_FLAGS``, the
+    pool's size) can no longer take effect."""
     try:
         from jax._src import xla_bridge
         return bool(xla_bridge.backends_are_initialized())
-    except Exception:   # an API this check cannot read: assume the pool is the default one
+    except Exception:   # a private API moved: assume the worst
         return True
 
 
@@ -102,11 +104,10 @@ def _pool_size():
 
 
 #: With lanes, every thread that allocates gets its own glibc heap ("arena"), and a
-#: buffer one lane frees cannot serve another: the 7B LoRA call peaked at 2.03–2.09×
-#: its input and ran 8–10 % slower than with one heap shared by every thread (1.97–1.99×;
-#: ``benchmarks/bench_llm_call.py``). So when clair_jax sets the pool up it also caps
-#: glibc at MALLOC_ARENAS heaps (``mallopt(M_ARENA_MAX)``, whenever it is imported before the backend
-#: starts), unless MALLOC_ARENA_MAX is set.
+#: buffer one lane frees cannot serve another: the 7B LoRA call peaked at 2.03–2.12×
+#: its input and ran 7–10 % slower than with one heap shared by every thread (1.95–1.97×;
+#: ``benchmarks/bench_llm_call.py``). So clair_jax, imported before the backend starts,
+#: caps glibc at MALLOC_ARENAS heaps (``mallopt(M_ARENA_MAX)``) unless MALLOC_ARENA_MAX is set.
 MALLOC_ARENAS = 1
 
 
@@ -119,7 +120,7 @@ def _share_one_heap():
         pass
 
 
-if not _backend_started():
+if not backend_started():
     if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
         os.environ["PJRT_NPROC"] = str(POOL_PER_CORE * _cores())
     _share_one_heap()

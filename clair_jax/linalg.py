@@ -60,6 +60,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax._compile import backend_started
 from clair_jax.prox import safe_frobenius_norm, thin_svd
 
 __all__ = [
@@ -81,21 +82,12 @@ SVT_MODES = ("auto", "full", "partial")
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def _backends_initialised():
-    try:
-        from jax._src import xla_bridge
-
-        return bool(getattr(xla_bridge, "_backends", {}))
-    except Exception:  # private API moved: assume the worst
-        return True
-
-
 def _request_safe_scheduler():
     """Put the scheduler flag in XLA_FLAGS if that can still take effect (see module doc)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
         return "xla_cpu_enable_concurrency_optimized_scheduler=false" in flags
-    if _backends_initialised():
+    if backend_started():
         return False
     os.environ["XLA_FLAGS"] = (flags + " " + _SCHEDULER_FLAG).strip()
     return True
