@@ -29,7 +29,7 @@ from clair_jax import linalg, sharding, tuning
 from clair_jax._compile import host_lanes, in_lanes, program
 from clair_jax.basis import SUBSPACE_CLIP, select_rank, stack_svd
 from clair_jax.decompose import Decomposition
-from clair_jax.prox import safe_frobenius_norm
+from clair_jax.prox import safe_frobenius_norm, singular_values
 from clair_jax.refit import ENTRY_CLIP, HEAVY_TAIL_RATIO, ResidualTest, residual_test
 from clair_jax.robust import (COPY_TOL, ENERGY_CAP, SIZE_SPREAD, masked_median, repeated, robust_units,
                               scaled_norms,
@@ -185,11 +185,11 @@ def _prepare_one(blocks, usable, *, dims):
     # noise level (divided by |entry| max first: nothing overflows or underflows).
     peak = jnp.max(jnp.abs(x))
     peak = jnp.where(peak > 0, peak, 1.0)
-    stack_sv = jnp.linalg.svd(to_stacked(x / peak), compute_uv=False) * peak
+    stack_sv = singular_values(to_stacked(x / peak)) * peak
     scale = jnp.where(stack_sv[0] > 0, stack_sv[0], 1.0)
     x, stack_sv = x / scale, stack_sv / scale
     # One per-client SVD serves both per-client rules (block ranks are scale free).
-    client_sv = jnp.linalg.svd(x, compute_uv=False)
+    client_sv = singular_values(x)
     cols = tuning.effective_columns(x, dims, singular_values=client_sv)
     width = jnp.sum(jnp.where(usable, cols, 0)).astype(x.dtype)
     # Rank-deficient blocks (LoRA updates) each look noiseless on their own: their

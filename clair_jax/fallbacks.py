@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 import jax
 
+from clair_jax.prox import singular_values
 from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
 from clair_jax.tuning import bulk_noise_level, optimal_shrinkage, stack_noise_level
 
@@ -108,7 +109,7 @@ def noise_like(basis, blocks, rank, columns, p, *, flat=NOISY_FLAT, z=NOISY_Z):
     x, _, inside, resid, energy = _off_subspace(basis, blocks)
     cols = jnp.maximum(columns, 1).astype(x.dtype)
     sigma2 = energy / (jnp.maximum(p - rank, 1) * cols)
-    top = jnp.square(jnp.linalg.svd(resid, compute_uv=False)[:, 0])
+    top = jnp.square(singular_values(resid)[:, 0])
     is_flat = top <= flat * sigma2 * jnp.square(jnp.sqrt(jnp.maximum(p - rank, 1).astype(x.dtype)) + jnp.sqrt(cols))
     shared = jnp.sum(jnp.square(inside), axis=(-2, -1)) >= sigma2 * rank * cols * (
         1.0 + z * jnp.sqrt(2.0 / jnp.maximum(rank * cols, 1.0)))

@@ -31,6 +31,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from clair_jax import prox
+
 __all__ = [
     "marchenko_pastur_median", "marchenko_pastur_quantile", "bulk_noise_level", "optimal_shrinkage", "BULK_LEVELS",
     "noise_level", "effective_columns", "stack_noise_level",
@@ -84,7 +86,7 @@ def noise_level(blocks, usable=None, dims=None, singular_values=None):
     k, p_red, q_red = blocks.shape
     p, q = (p_red, q_red) if dims is None else dims
     if min(p, q) >= 4:
-        sv = jnp.linalg.svd(blocks, compute_uv=False) if singular_values is None else singular_values
+        sv = prox.singular_values(blocks) if singular_values is None else singular_values
         sv = pad_spectrum(sv, min(p, q))
         per_client = _gavish_donoho(sv, p, q)
         if usable is None:
@@ -95,7 +97,7 @@ def noise_level(blocks, usable=None, dims=None, singular_values=None):
         count = jnp.maximum(jnp.sum(usable), 1)
         return masked[(count - 1) // 2]
     stacked = jnp.transpose(blocks, (1, 0, 2)).reshape(p_red, k * q_red)
-    sv = pad_spectrum(jnp.linalg.svd(stacked, compute_uv=False), min(p, k * q))
+    sv = pad_spectrum(prox.singular_values(stacked), min(p, k * q))
     return _gavish_donoho(sv, p, k * q)
 
 
@@ -112,7 +114,7 @@ def effective_columns(blocks, dims=None, singular_values=None):
     """
     k, p_red, q_red = blocks.shape
     p, q = (p_red, q_red) if dims is None else dims
-    sv = jnp.linalg.svd(blocks, compute_uv=False) if singular_values is None else singular_values
+    sv = prox.singular_values(blocks) if singular_values is None else singular_values
     rtol = 1e3 * jnp.finfo(blocks.dtype).eps
     rank = jnp.sum(sv > rtol * sv[:, :1], axis=-1)
     return jnp.where(rank >= min(p, q), q, rank).astype(jnp.int32)

@@ -121,3 +121,19 @@ def test_bench_compile_quick(tmp_path):
     assert row["same_verdicts"] == "yes"
     assert row["refined_rel_diff"] < 1e-5
     assert row["cold_s"] > 0 and row["warm_ms"] > 0
+
+
+def test_fresh_memory_quick(tmp_path):
+    result, payload = _run("investigations.fresh_memory", tmp_path)
+    memory = payload["memory"]
+    assert set(memory) == {"fresh", "freed just before", "touched"}
+    assert all(c["wall_s"] > 0 and c["sys_s"] >= 0 for c in memory.values())
+
+
+@pytest.mark.slow   # the 7B-shaped call on 4 modules, cold and warm
+def test_fresh_memory_call_quick(tmp_path):
+    _, payload = _run("investigations.fresh_memory", tmp_path, "--call")
+    for run in ("cold", "warm"):
+        stages = payload["call"][run]
+        assert stages["exact"] and set(stages) >= {"total", "reduce", "detect", "refine"}
+        assert stages["total"]["wall_s"] >= stages["detect"]["wall_s"] > 0
