@@ -9,11 +9,14 @@ included) once, then warm, the batch sizes alternated ``--rounds`` times
 cores counted) per module; each B's verdicts, iterations, rank caps and L̂ are
 compared with B = 1. Also prints the ALM iterations per λ of every module
 (``--iters``): a vmapped ``while_loop`` runs as long as its slowest member.
+``--budgets`` runs each B at each partial-SVT budget (columns of its basis; default
+the one ``linalg.rank_budget`` gives the adapters' rank).
 
 Usage::
 
     python benchmarks/investigations/problem_batch.py [--noise 0.05] [--modules 16]
-                                                      [--batches 1 4 8 16] [--rounds 2] [--iters] [--quick]
+                                                      [--batches 1 4 8 16] [--budgets 40 32] [--rounds 2]
+                                                      [--iters] [--quick]
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main(argv=None):
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--modules", type=int, default=16)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="partial-SVT budgets to compare (default: the rule's for the adapters' rank)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", action="store_true", help="print the ALM iterations per λ of every module")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -70,46 +75,50 @@ def main(argv=None):
     mu = np.where(sigma * edge < detect._mu_floor(pr.blocks.dtype), 0.0, sigma * edge).astype(np.float32)
     threshold = jnp.asarray(0.0, pr.blocks.dtype)
 
-    def static(batch):
+    def static(batch, columns):
         return detect._Static(tol=detect.SCREEN_TOL, max_iter=opts.max_iter, min_gap=opts.min_gap,
                               has_threshold=False, refit=True, rank=None, z_crit=float(opts.z_crit), dims=dims,
-                              svt_budget=budget, carry_width=budget if budget < min(shape) else 0, batch=batch)
+                              svt_budget=columns, carry_width=columns if columns < min(shape) else 0, batch=batch)
 
-    def run(batch):
+    def run(config):
         t0, c0 = time.perf_counter(), _cpu()
         out = jax.block_until_ready(detect._pass_all(prep, pr.blocks, pr.usable, lams, mu, threshold,
-                                                     static=static(batch)))
+                                                     static=static(*config)))
         return out, time.perf_counter() - t0, _cpu() - c0
 
     info = machine_info()
     print(f"{args.modules} modules, stacks {shape[0]}×{shape[1]}, budget {budget}, noise {args.noise}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
-    results, cold, warm = {}, {}, {batch: [] for batch in args.batches}
-    for batch in args.batches:
-        results[batch], *cold[batch] = run(batch)
-        print(f"B = {batch:3d} cold: {cold[batch][0]:.2f} s (CPU {cold[batch][1]:.2f} s)", flush=True)
+    configs = [(batch, columns) for batch in args.batches for columns in (args.budgets or [budget])]
+    results, cold, warm = {}, {}, {config: [] for config in configs}
+    for config in configs:
+        results[config], *cold[config] = run(config)
+        print(f"B = {config[0]:3d}, budget {config[1]:3d} cold: {cold[config][0]:.2f} s (CPU {cold[config][1]:.2f} s)",
+              flush=True)
     for _ in range(args.rounds):
-        for batch in args.batches:
-            _, wall, cpu = run(batch)
-            warm[batch].append((wall, cpu))
+        for config in configs:
+            _, wall, cpu = run(config)
+            warm[config].append((wall, cpu))
     n, rows = args.modules, []
-    first = results[args.batches[0]]
-    for batch in args.batches:
-        wall, cpu = min(w for w, _ in warm[batch]), min(c for _, c in warm[batch])
-        out = results[batch]
+    first = results[configs[0]]
+    for config in configs:
+        batch, columns = config
+        wall, cpu = min(w for w, _ in warm[config]), min(c for _, c in warm[config])
+        out = results[config]
         same = all(bool((np.asarray(getattr(out, f)) == np.asarray(getattr(first, f))).all())
                    for f in ("benign", "rank_cap")) and bool(
             (np.asarray(out.decomposition.iterations) == np.asarray(first.decomposition.iterations)).all())
-        rows.append(dict(batch=batch, cold_s=cold[batch][0], cold_cpu_s=cold[batch][1], warm_ms=1e3 * wall / n,
+        rows.append(dict(batch=batch, budget=columns, cold_s=cold[config][0], cold_cpu_s=cold[config][1],
+                         warm_ms=1e3 * wall / n,
                          warm_cpu_ms=1e3 * cpu / n, cpu_over_wall=cpu / wall, same=same,
                          max_low_rank_diff=float(jnp.max(jnp.abs(out.decomposition.low_rank
                                                                  - first.decomposition.low_rank)))))
     print()
     print(markdown_table(rows, [
-        ("batch", "B", "d"), ("cold_s", "cold (s)", ".1f"), ("cold_cpu_s", "cold CPU (s)", ".1f"),
+        ("batch", "B", "d"), ("budget", "budget", "d"), ("cold_s", "cold (s)", ".1f"), ("cold_cpu_s", "cold CPU (s)", ".1f"),
         ("warm_ms", "warm wall (ms/module)", ".0f"), ("warm_cpu_ms", "warm CPU (ms/module)", ".0f"),
-        ("cpu_over_wall", "CPU / wall", ".2f"), ("same", "same verdicts, iterations, rank caps as B = 1", ""),
-        ("max_low_rank_diff", "max |ΔL̂| vs B = 1", ".1e")]))
+        ("cpu_over_wall", "CPU / wall", ".2f"), ("same", "same verdicts, iterations, rank caps as the first row", ""),
+        ("max_low_rank_diff", "max |ΔL̂| vs the first row", ".1e")]))
     print(f"load at the end {os.getloadavg()[0]:.2f}")
     write_json(args.json, dict(benchmark="problem_batch", machine=info, args=vars(args), rows=rows,
                                load_at_end=os.getloadavg()[0]))
