@@ -417,12 +417,17 @@ def _setup(shape, dtype, dims, lora_rank, platform, options):
         tol=float(tol), max_iter=options.max_iter, min_gap=options.min_gap,
         has_threshold=options.threshold is not None, refit=options.refit and options.threshold is None,
         rank=options.rank, z_crit=float(options.z_crit), dims=dims, svt_budget=budget,
-        # rank(L̂), which caps r̂, rarely exceeds a partial SVT's budget: that many
-        # singular vectors of the final set's SVD go to the refinement (none without one).
-        carry_width=budget if budget is not None and budget < min(stacked) else 0,
+        carry_width=carry_width(budget, stacked),
         batch=max(1, min(n, PROBLEM_BATCH.get(platform, n))),
     )
     return lams, jnp.asarray(options.threshold or 0.0, dtype), static
+
+
+def carry_width(budget, stacked):
+    """How many singular vectors of the final set's SVD the detection hands to the refinement
+    for a ``stacked`` (m, n) problem: rank(L̂), which caps r̂, rarely exceeds a partial SVT's
+    ``budget``, so that many (none without a partial SVT)."""
+    return budget if budget is not None and budget < min(stacked) else 0
 
 
 def _lane_plan(n, platform):

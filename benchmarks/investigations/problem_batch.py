@@ -60,25 +60,24 @@ def main(argv=None):
     import clair_jax as cj
     from benchmarks._common import machine_info, markdown_table, write_json
     from benchmarks.bench_llm import make_factors
-    from clair_jax import detect, linalg, stack, tuning
+    from clair_jax import detect, stack
     from clair_jax.options import ClairOptions
 
     b, a, _ = make_factors(0, args.modules, clients, d, rank, noise=args.noise)
     pr = stack.problems(cj.LoRAFactors(b, a), "left")
     opts = ClairOptions.checked()
     dims, k = pr.dims, pr.num_clients
-    lams = jnp.asarray(tuning.lambda_grid(k, *dims), pr.blocks.dtype)
     shape = (pr.blocks.shape[-2], k * pr.blocks.shape[-1])
-    budget = linalg.choose_svt_budget(shape, opts.svt, expected_rank=rank)
+    # The pass's grid, threshold and settings as cj.clair sets them; only B and the budget vary.
+    lams, threshold, settings = detect._setup(pr.blocks.shape, pr.blocks.dtype, dims, rank, jax.default_backend(),
+                                              opts)
+    budget = settings.svt_budget
     prep = jax.block_until_ready(detect._prepare_all(pr.blocks, pr.usable, dims=dims))
     sigma, edge = np.asarray(prep.sigma), np.asarray(prep.edge)
     mu = np.where(sigma * edge < detect._mu_floor(pr.blocks.dtype), 0.0, sigma * edge).astype(np.float32)
-    threshold = jnp.asarray(0.0, pr.blocks.dtype)
 
     def static(batch, columns):
-        return detect._Static(tol=detect.SCREEN_TOL, max_iter=opts.max_iter, min_gap=opts.min_gap,
-                              has_threshold=False, refit=True, rank=None, z_crit=float(opts.z_crit), dims=dims,
-                              svt_budget=columns, carry_width=columns if columns < min(shape) else 0, batch=batch)
+        return settings._replace(batch=batch, svt_budget=columns, carry_width=detect.carry_width(columns, shape))
 
     def run(config):
         t0, c0 = time.perf_counter(), _cpu()
