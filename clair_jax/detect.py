@@ -389,10 +389,8 @@ def until_settled(problems, options) -> Detection:
     starts = range(0, n, width)
 
     def chunk(start):
-        take = functools.partial(sharding.pad_layers, multiple=width)
-        part = problems._replace(blocks=take(problems.blocks[start:start + width]),
-                                 usable=take(problems.usable[start:start + width]))
-        return _settle(part, options)
+        blocks, usable = sharding.take_problems((problems.blocks, problems.usable), start, width, pad="repeat")
+        return _settle(problems._replace(blocks=blocks, usable=usable), options)
 
     # Joined before the chunks' memory is handed back (the join runs asynchronously).
     out = jax.block_until_ready(concatenate(in_lanes(chunk, starts, lanes), n))
@@ -408,7 +406,7 @@ def _setup(shape, dtype, dims, lora_rank, platform, options):
     """The λ grid, the fixed threshold and the static part of a pass over problems of ``shape``."""
     n, k = shape[0], shape[1]
     p, q = dims
-    lams = jnp.asarray(tuning.lambda_grid(k, p, q) if options.lam is None else [options.lam], dtype)
+    lams = np.asarray(tuning.lambda_grid(k, p, q) if options.lam is None else [options.lam], dtype)   # host: no compilation
     tol = _screen_tolerance(dtype) if options.tol is None else options.tol
     stacked = (shape[-2], k * shape[-1])
     # A LoRA stack's L̂ has about the adapters' rank: budget the partial SVT for it.
@@ -420,7 +418,7 @@ def _setup(shape, dtype, dims, lora_rank, platform, options):
         carry_width=carry_width(budget, stacked),
         batch=max(1, min(n, PROBLEM_BATCH.get(platform, n))),
     )
-    return lams, jnp.asarray(options.threshold or 0.0, dtype), static
+    return lams, np.asarray(options.threshold or 0.0, dtype), static
 
 
 def carry_width(budget, stacked):

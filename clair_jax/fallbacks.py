@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 import jax
 
+from clair_jax._compile import program
+
 from clair_jax.prox import singular_values
 from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
 from clair_jax.tuning import bulk_noise_level, optimal_shrinkage, stack_noise_level
@@ -121,6 +123,7 @@ def noise_like(basis, blocks, rank, columns, p, *, flat=NOISY_FLAT, z=NOISY_Z):
 CROWDED_SHARE = 0.2
 
 
+@program(static_argnames=("p", "share"))
 def crowded(ranks, used, columns, p, share=CROWDED_SHARE):
     """(n,) problems whose r̂ is at least ``share`` × min(p, Σ_used noise columns).
 

@@ -15,6 +15,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clair_jax import _checks, centre, detect, pool, refine, report, stack
 from clair_jax._compile import host_lanes, in_lanes
@@ -180,8 +181,8 @@ def _stack_compiling_ahead(updates, opts):
 def _check_some_client_finite(problems, names):
     """Refuse input where every client's update holds NaN/Inf: there is nothing to judge."""
     k = problems[0].num_clients
-    usable = jnp.all(jnp.concatenate([jnp.reshape(p.usable, (-1, k)) for p in problems]), axis=0)
-    if not bool(jnp.any(usable)):
+    usable = np.all(np.concatenate([np.reshape(p.usable, (-1, k)) for p in problems]), axis=0)   # (host: no compilation)
+    if not usable.any():
         where = names[0] if len(names) == 1 else "groups"
         raise ValueError(f"{where}: no client has finite data: every one of the {k} clients' updates holds "
                          "NaN or Inf (a client with any non-finite entry is excluded), so there is nothing "
@@ -224,12 +225,12 @@ def conclude(screening: Screening, verdict: pool.ClientVerdict | None = None, *,
                                  noise_given=opts.noise is not None, coordinate_noise=c)
                    for p, d, c in zip(problems, detections, reporters)]
 
-    n_empty = sum(int((r.rank == 0).sum()) for r in refinements)
+    n_empty = sum(int((np.asarray(r.rank) == 0).sum()) for r in refinements)
     if n_empty:
         n_all = sum(int(r.rank.size) for r in refinements)
         warnings.warn(f"clair: no shared subspace found (r̂ = 0) in {n_empty} of {n_all} problem(s); "
                       "their benign clients keep their local updates", RuntimeWarning, stacklevel=_outside())
-    n_crowded = sum(int(r.crowded.sum()) for r in refinements)
+    n_crowded = sum(int(np.asarray(r.crowded).sum()) for r in refinements)
     if n_crowded:
         n_all = sum(int(r.rank.size) for r in refinements)
         warnings.warn(f"clair: r̂ reaches a fifth of the benign stack's short side in {n_crowded} of {n_all} "

@@ -84,6 +84,7 @@ class ClientVerdict(NamedTuple):
     status: jax.Array | None = None
 
 
+@program   # one compilation for the handful of small operations
 def client_status(benign, noisy, rank) -> jax.Array:
     """(K,) int8 status per client from the verdict and the refinement's per-problem evidence.
 

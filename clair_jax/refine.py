@@ -167,7 +167,7 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
     # Dense blocks: Û and the evidence off it are read from blocks whose heavy-tailed
     # residual entries are clipped (:func:`heavy_tails_clipped`); the clients' own
     # blocks are what gets projected. (A LoRA reduction's coordinates mix entries.)
-    evidence, heavy = problems.blocks, jnp.zeros(problems.blocks.shape[0], bool)
+    evidence, heavy = problems.blocks, np.zeros(problems.blocks.shape[0], bool)   # (host: no compilation)
     if not problems.factored:
         evidence, heavy = _heavy_tails(problems.blocks, client_benign, detection.benign, detection.z,
                                        detection.rank_cap, detection.columns, detection.svd, dims=problems.dims,
@@ -180,12 +180,11 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
                                                   rank=rank, margin=margin, dims=problems.dims, width=most)
         # Kept columns come first, the rest are zero.
         width = _bucket_width(max(int(np.max(np.asarray(ranks))), 1), most)
-        unsure = crowded(ranks, used, detection.columns, problems.dims[0]) & (rank is None) & (not noise_given)
         # A σ̂ that may hold shared signal removes nothing off Û: with σ = 0, α_k = 1 (LoRA
         # factors, whose reduced coordinates carry coloured noise) ...
-        sigma = jnp.where(unsure, 0.0, detection.noise_level)
-        shrunk = jnp.zeros(ranks.shape, bool)
-        weights = jnp.ones(ranks.shape + (width,), basis.dtype)
+        unsure, sigma, shrunk, weights = _unsure(ranks, used, detection.columns, detection.noise_level,
+                                                 p=problems.dims[0], check=rank is None and not noise_given,
+                                                 width=width)
         if not problems.factored and bool(jnp.any(unsure)):
             # ... while dense blocks read σ̂ and r̂ again from the spectrum's bulk and shrink Û's
             # directions by how far each stands above the noise (:func:`bulk_shrinkage`).
@@ -231,6 +230,15 @@ def refine(problems, detection, client_benign, *, rank=None, margin=RANK_MARGIN,
     return _refine_blocks(basis, ranks, problems.blocks, evidence, problems.usable, used, sigma, detection.columns,
                           reported, outlying, *shrink, p=problems.dims[0], pooling=pooling,
                           width=width)._replace(crowded=unsure)
+
+
+@program(static_argnames=("p", "check", "width"))
+def _unsure(ranks, used, columns, noise_level, *, p, check, width):
+    """Problems whose σ̂ may hold shared signal (:func:`crowded`, where σ̂ was estimated: ``check``),
+    σ for the refinement (0 there), and no shrinkage of Û yet (flags, unit weights)."""
+    unsure = crowded(ranks, used, columns, p) & check
+    return (unsure, jnp.where(unsure, 0.0, noise_level), jnp.zeros(ranks.shape, bool),
+            jnp.ones(ranks.shape + (width,), noise_level.dtype))
 
 
 def _columns(x, width):

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clair_jax._compile import program
 
-__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "join_problems", "map_over_layers", "over_problems", "shard_problems"]
+__all__ = ["layer_mesh", "layer_sharding", "pad_layers", "take_problems", "join_problems", "map_over_layers", "over_problems", "shard_problems"]
 
 
 def over_problems(fn, how="auto", *, batch=None, platform=None, mesh=None, axis_name=None):
@@ -171,6 +171,41 @@ def pad_layers(x, multiple):
         return x
     xp = np if isinstance(x, np.ndarray) else jnp
     return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
+
+
+def take_problems(tree, start, size, *, pad):
+    """Problems ``start:start + size`` (axis 0) of every leaf of ``tree``, the chunk past the
+    end padded to ``size`` (``pad="zeros"``, or ``"repeat"`` of the last problem).
+
+    Host (numpy) leaves are cut on the host, device leaves on the device, and neither is
+    copied whole. A whole chunk's device leaves are cut in one program whose start is an
+    argument, so every chunk of a call shares one compilation (eager slicing compiles
+    one program per leaf's shape).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    n = leaves[0].shape[0]
+    on_device = [i for i, x in enumerate(leaves) if not isinstance(x, np.ndarray)]
+    if start + size <= n and on_device:
+        for i, x in zip(on_device, _rows([leaves[i] for i in on_device], start, size=size)):
+            leaves[i] = x
+        on_device = []
+
+    def cut(x):
+        xp = jnp if isinstance(x, jax.Array) else np
+        part = x[start:start + size]
+        extra = size - part.shape[0]
+        if extra == 0:
+            return part
+        fill = xp.zeros((extra,) + part.shape[1:], part.dtype) if pad == "zeros" else xp.repeat(part[-1:], extra, 0)
+        return xp.concatenate([part, fill])
+
+    leaves = [cut(x) if i in on_device or isinstance(x, np.ndarray) else x for i, x in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@program(static_argnames=("size",))
+def _rows(leaves, start, *, size):
+    return [jax.lax.dynamic_slice_in_dim(x, start, size) for x in leaves]
 
 
 def join_problems(parts, size=None, device=None):

@@ -18,7 +18,7 @@ import numpy as np
 
 from clair_jax._compile import host_lanes, in_lanes, program
 from clair_jax.lora import LoRAFactors, reduce_factors
-from clair_jax.sharding import join_problems, pad_layers
+from clair_jax.sharding import join_problems, take_problems
 
 __all__ = ["to_stacked", "from_stacked", "orient", "SIDES", "Problems", "problems", "problem_shape", "split", "concatenate"]
 
@@ -100,8 +100,8 @@ def problems(updates, side) -> Problems:
                         LoRAFactors(b, a), reduced.right)
     oriented = orient(updates, side)
     blocks = oriented.reshape((-1,) + oriented.shape[-3:])
-    usable = _finite(blocks)
-    return Problems(_zero(blocks, usable), usable, tuple(blocks.shape[-2:]), oriented.shape[:-3], side)
+    zeroed, usable = _usable_blocks(blocks)
+    return Problems(zeroed, usable, tuple(blocks.shape[-2:]), oriented.shape[:-3], side)
 
 
 def problem_shape(updates, side):
@@ -124,6 +124,13 @@ def _finite(x):
 
 def _zero(x, usable):
     return jnp.where(usable[..., None, None], x, 0.0)
+
+
+@program
+def _usable_blocks(blocks):
+    """(blocks with every non-finite client's block zeroed, (n, K) finite clients)."""
+    usable = _finite(blocks)
+    return _zero(blocks, usable), usable
 
 
 #: LoRA factors held in host (numpy) memory go to the device this many bytes of
@@ -155,16 +162,9 @@ def map_chunks(fn, arrays, *, host_out=()):
     host = {}
 
     def run(start):
-        def take(x):
-            # Host arrays are cut on the host, device arrays on the device: neither is copied whole.
-            xp = np if isinstance(x, np.ndarray) else jnp
-            part = x[start:start + size]
-            if part.shape[0] < size:   # the last chunk padded with zeros: one compilation
-                part = xp.concatenate([part, xp.zeros((size - part.shape[0],) + part.shape[1:], part.dtype)])
-            return part
-
-        # The chunk's host arrays go over in one device_put (jnp.asarray of each is ~3× slower).
-        chunk = jax.device_put(jax.tree_util.tree_map(take, arrays))
+        # The last chunk padded with zeros: one compilation. The chunk's host arrays go
+        # over in one device_put (jnp.asarray of each is ~3× slower).
+        chunk = jax.device_put(take_problems(arrays, start, size, pad="zeros"))
         # Wait for each chunk: dispatched asynchronously, every chunk's copy would be alive at once.
         out = jax.block_until_ready(fn(*chunk))
         del chunk
@@ -234,8 +234,7 @@ def split(updates, parts):
         n = flat.shape[0]
     width = -(-n // parts)
     # Only the last chunk is padded: host factors are never copied whole.
-    chunks = [jax.tree_util.tree_map(lambda x, s=start: pad_layers(x[s:s + width], width), flat)
-              for start in range(0, n, width)]
+    chunks = [take_problems(flat, start, width, pad="repeat") for start in range(0, n, width)]
     return chunks, lead, n
 
 

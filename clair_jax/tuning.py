@@ -31,7 +31,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from clair_jax import prox
+from clair_jax import _marchenko_pastur, prox
+from clair_jax._marchenko_pastur import BULK_LEVELS
 
 __all__ = [
     "marchenko_pastur_median", "marchenko_pastur_quantile", "bulk_noise_level", "optimal_shrinkage", "BULK_LEVELS",
@@ -40,18 +41,10 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
 def marchenko_pastur_quantile(beta: float, level: float) -> float:
     """``level`` quantile of the Marchenko–Pastur law with ratio β = m/n ∈ (0, 1] (variance 1):
     squared singular values of an m × n noise matrix over n."""
-    beta = float(min(max(beta, 1e-6), 1.0))
-    lo, hi = (1 - np.sqrt(beta)) ** 2, (1 + np.sqrt(beta)) ** 2
-    # t = lo + (hi − lo) u² removes the 1/√t singularity at lo = 0 (β = 1).
-    u = np.linspace(0.0, 1.0, 200001)[1:-1]
-    t = lo + (hi - lo) * u**2
-    density = np.sqrt((hi - t) * (t - lo)) / (2 * np.pi * beta * t) * 2 * (hi - lo) * u
-    cdf = np.cumsum(density)
-    return float(t[np.searchsorted(cdf / cdf[-1], level)])
+    return _marchenko_pastur.quantile(beta, level)
 
 
 def marchenko_pastur_median(beta: float) -> float:
@@ -135,10 +128,9 @@ def stack_noise_level(singular_values, p, n_cols):
     median = ordered[(rank_limit - 1) // 2]
     m_small = jnp.minimum(p, n_cols).astype(dtype)
     n_large = jnp.maximum(p, n_cols).astype(dtype)
-    # μ_β depends on a traced shape: interpolate a table.
-    betas = np.linspace(0.01, 1.0, 100)
-    table = jnp.asarray([marchenko_pastur_median(b) for b in betas], dtype)
-    mp = jnp.interp(m_small / n_large, jnp.asarray(betas, dtype), table)
+    # μ_β depends on a traced shape: interpolate a table (marchenko_pastur_median's values, stored).
+    betas = np.linspace(*_marchenko_pastur.MEDIAN_GRID)
+    mp = jnp.interp(m_small / n_large, jnp.asarray(betas, dtype), jnp.asarray(_marchenko_pastur.MEDIAN, dtype))
     sigma = median / jnp.sqrt(n_large * mp)
     return sigma, jnp.sqrt(jnp.asarray(p, dtype)) + jnp.sqrt(n_cols.astype(dtype))
 
@@ -166,17 +158,13 @@ def lambda_grid(num_clients, p, q, num=9):
     return np.geomspace(0.3, top, num)
 
 
-#: The levels at which :func:`bulk_noise_level` matches a stack's bulk to the noise law:
-#: its lower half, which directions too weak to pass the edge barely reach.
-BULK_LEVELS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
-
-_BULK_BETAS = np.linspace(0.02, 1.0, 50)
+_BULK_BETAS = np.linspace(*_marchenko_pastur.BULK_GRID)
 
 
-@functools.lru_cache(maxsize=None)
 def _bulk_table():
-    """(betas, levels) singular-value quantiles of an m × n noise matrix over √n, β = m/n."""
-    return np.sqrt([[marchenko_pastur_quantile(b, lv) for lv in BULK_LEVELS] for b in _BULK_BETAS])
+    """(betas, levels) singular-value quantiles of an m × n noise matrix over √n, β = m/n
+    (marchenko_pastur_quantile's values, stored)."""
+    return np.sqrt(np.asarray(_marchenko_pastur.BULK))
 
 
 def bulk_noise_level(singular_values, p, n_cols, rank):
