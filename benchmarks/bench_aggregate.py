@@ -108,7 +108,8 @@ def main(argv=None):
         print(f"federation: {args.clients} clients x {args.layers * 4} modules, {size / 2**30:.2f} GiB on disk "
               f"(written in {t_make:.1f} s)", file=sys.stderr)
         report_path = os.path.join(root, "report.json")
-        cmd = [sys.executable, "-m", "clair_jax", "aggregate", *dirs, "--out", os.path.join(root, "out"),
+        # A cold run: it compiles (no programs kept from an earlier run).
+        cmd = [sys.executable, "-m", "clair_jax", "--no-compile-cache", "aggregate", *dirs, "--out", os.path.join(root, "out"),
                "--json", report_path, "--chunk-mib", str(args.chunk_mib), "--devices", str(args.devices)]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         load_before = os.getloadavg()[0]

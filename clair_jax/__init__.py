@@ -10,6 +10,7 @@ Pipeline: estimators → stack → decompose → detect → refine → report.
 """
 
 from clair_jax import baselines, centre, data, detect, metrics, pool, prox, refine, solvers, stack, tuning
+from clair_jax._compile import keep_compiled_programs
 from clair_jax.decompose import Decomposition, decompose
 from clair_jax.lora import LoRAFactors
 from clair_jax.options import ClairOptions
@@ -33,6 +34,7 @@ __all__ = [
     "conclude",
     "data",
     "decompose",
+    "keep_compiled_programs",
     "detect",
     "metrics",
     "pool",

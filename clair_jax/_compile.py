@@ -63,6 +63,55 @@ def program(fun=None, **jit_kwargs):
     return _Program(fun, jit_kwargs)
 
 
+# ------------------------------------------------- compiled programs kept between processes
+
+#: Environment variable naming the directory :func:`keep_compiled_programs` uses
+#: ("off" or "" turns it off).
+CACHE_ENV = "CLAIR_JAX_CACHE"
+
+
+def default_cache_dir() -> str:
+    """``$CLAIR_JAX_CACHE``, else ``$XDG_CACHE_HOME/clair_jax/xla``, else ``~/.cache/clair_jax/xla``."""
+    if os.environ.get(CACHE_ENV) is not None:
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "clair_jax", "xla")
+
+
+def keep_compiled_programs(path=None):
+    """Keep compiled programs on disk, so that later processes load them instead of compiling.
+
+    Turns on JAX's persistent compilation cache (for every program of the process,
+    the caller's too) at ``path`` (default :func:`default_cache_dir`) and caches
+    every program, however short its compilation: CLAIR's stage programs take
+    0.2–3 s each to compile, which a cold call pays and a process that finds them
+    on disk does not (the demo's cold call: 4.8 s, 1.3 s from the cache on the
+    2-core machine; ``docs/performance.md``, Compilation). The programs loaded are
+    the ones compiled, so every answer is the same. The ``clair`` command line
+    calls it (``--no-compile-cache`` or ``CLAIR_JAX_CACHE=off`` to opt out); a
+    script calls it once before its first CLAIR call.
+
+    A directory the caller set already (``jax_compilation_cache_dir``) is kept.
+
+    Returns:
+        The directory in use, or None where ``path`` (or ``CLAIR_JAX_CACHE``) is
+        ``"off"`` or empty.
+
+    Example:
+        >>> import tempfile, clair_jax as cj
+        >>> where = cj.keep_compiled_programs(tempfile.mkdtemp())   # doctest: +SKIP
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = default_cache_dir() if path is None else os.fspath(path)
+    if path in ("", "off"):
+        return None
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 # ------------------------------------------------- several programs at once on the CPU
 
 #: XLA:CPU runs the parallel pieces of every program on one intra-op thread pool,

@@ -40,6 +40,10 @@ def build_parser(argv=None):
 
     parser = argparse.ArgumentParser(prog="clair", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"clair_jax {__version__}")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every program again instead of loading those a previous run kept "
+                             "(default: kept in $CLAIR_JAX_CACHE or ~/.cache/clair_jax/xla; CLAIR_JAX_CACHE=off "
+                             "also turns it off)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
     if argv:
@@ -58,6 +62,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if not args.no_compile_cache:   # a later run loads the programs this one compiles
+        from clair_jax import keep_compiled_programs
+        keep_compiled_programs()
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

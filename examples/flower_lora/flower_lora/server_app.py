@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flwr_strategy
 
+import clair_jax as cj
 from clair_jax.flower import ClairStrategy
 from flower_lora import task
 
@@ -131,6 +132,7 @@ def check(out: dict, cfg: task.TaskConfig) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the strategy named by the run config (``strategy``, ``num-server-rounds``, ``fraction-train``)."""
+    cj.keep_compiled_programs()   # a later `flwr run` loads the programs this one compiles
     conf = context.run_config
     cfg = task.TaskConfig.from_run_config(conf)
     run(grid, str(conf.get("strategy", "clair")), cfg, int(conf.get("num-server-rounds", 6)),
