@@ -123,6 +123,13 @@ def test_bench_compile_quick(tmp_path):
     assert row["cold_s"] > 0 and row["warm_ms"] > 0
 
 
+@pytest.mark.slow   # a fresh process per schedule
+def test_alm_schedule_quick(tmp_path):
+    rows, payload = _run("investigations.alm_schedule", tmp_path)
+    assert [(r["rho_growth"], r["balance"]) for r in rows] == [(2.0, 10.0), (1.5, 10.0)]
+    assert rows[0]["same_verdicts_and_caps"] and all(r["ms_per_module"] > 0 and min(r["iterations"]) > 0 for r in rows)
+
+
 def test_fresh_memory_quick(tmp_path):
     result, payload = _run("investigations.fresh_memory", tmp_path)
     memory = payload["memory"]
