@@ -130,6 +130,12 @@ def test_alm_schedule_quick(tmp_path):
     assert rows[0]["same_verdicts_and_caps"] and all(r["ms_per_module"] > 0 and min(r["iterations"]) > 0 for r in rows)
 
 
+def test_primitives_quick(tmp_path):
+    rows, _ = _run("investigations.primitives", tmp_path)
+    assert len(rows) == 6 and all(r["ms"] > 0 for r in rows)
+    assert rows[0]["gflops"] > 0 and rows[3]["gflops"] is None
+
+
 def test_fresh_memory_quick(tmp_path):
     result, payload = _run("investigations.fresh_memory", tmp_path)
     memory = payload["memory"]
