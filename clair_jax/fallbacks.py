@@ -12,12 +12,10 @@ and the shared directions are shrunk by how far each stands above the noise
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-import jax
-
 from clair_jax._compile import program
-
 from clair_jax.prox import singular_values
 from clair_jax.robust import masked_median, robust_units, scaled_norms, size_exponent
 from clair_jax.tuning import bulk_noise_level, optimal_shrinkage, stack_noise_level

@@ -191,13 +191,11 @@ def take_problems(tree, start, size, *, pad):
         on_device = []
 
     def cut(x):
-        xp = jnp if isinstance(x, jax.Array) else np
         part = x[start:start + size]
-        extra = size - part.shape[0]
-        if extra == 0:
-            return part
-        fill = xp.zeros((extra,) + part.shape[1:], part.dtype) if pad == "zeros" else xp.repeat(part[-1:], extra, 0)
-        return xp.concatenate([part, fill])
+        if pad == "repeat" or part.shape[0] == size:
+            return pad_layers(part, size)
+        xp = jnp if isinstance(x, jax.Array) else np
+        return xp.concatenate([part, xp.zeros((size - part.shape[0],) + part.shape[1:], part.dtype)])
 
     leaves = [cut(x) if i in on_device or isinstance(x, np.ndarray) else x for i, x in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(treedef, leaves)

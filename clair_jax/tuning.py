@@ -26,8 +26,6 @@ Why these rules (DESIGN.md §2):
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 
